@@ -633,9 +633,10 @@ def build_dataset(name: str, root, split: str, num_frames: int = 12, image_size:
 
     `train` defaults to split == "train": random frame per segment + random crop/flip; otherwise segment
     middles + center crop. `video_dir` defaults to root/"videos". For "csv", `root` is the CSV file. For
-    "synthetic", `root` is the world's folder (generated if needed; `world_kwargs` go to
-    make_synthetic_world) and split is "train", "test" or "stills"; its augmentation is off by default
-    because a flip would swap "left" and "right" in the captions. `len()` needs no decoding.
+    "synthetic", `root` is the world's folder and split is "train", "test" or "stills": an existing world is
+    used as it is, unless `world_kwargs` (make_synthetic_world's settings; `seed` is the world's seed too)
+    are given, which (re)generate it if its manifest differs. Its augmentation is off by default because a
+    flip would swap "left" and "right" in the captions. `len()` needs no decoding.
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"build_dataset: unknown dataset {name!r}; choose one of {DATASET_NAMES}")
@@ -659,7 +660,10 @@ def build_dataset(name: str, root, split: str, num_frames: int = 12, image_size:
         entries, locate, annotation_file = _csv_entries(root)
     else:
         _check_split("synthetic", split, {"train", "test", "stills"})
-        world = make_synthetic_world(root, **world_kwargs)
+        if world_kwargs or not (root / "world.json").is_file():
+            world = make_synthetic_world(root, **{"seed": seed, **world_kwargs})
+        else:
+            world = root  # reuse the world already there, whatever settings made it
         entries, locate, annotation_file = _csv_entries(world / f"{split}.csv")
         augment = False if augment is None else augment
     return _assemble(name, entries, locate, annotation_file, skip_missing, num_frames=num_frames,
