@@ -1,0 +1,30 @@
+"""Shared fixtures: the tiny CLIP in OpenAI's release format, and a randomly initialised ViT-B/32-shaped CLIP."""
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the modules live flat in the repo root
+
+from clip_model import CLIP, CLIPConfig, load  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def _tiny_clip():
+    return load(FIXTURES / "tiny_clip_openai_jit.pt")
+
+
+@pytest.fixture
+def tiny_clip(_tiny_clip):
+    """A fresh copy per test: VoP sets requires_grad flags on the CLIP it wraps."""
+    return copy.deepcopy(_tiny_clip)
+
+
+@pytest.fixture(scope="session")
+def vit_b32_clip():
+    torch.manual_seed(0)
+    return CLIP(CLIPConfig()).eval()  # ViT-B/32's shapes with random weights; nothing to download
