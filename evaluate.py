@@ -1,0 +1,478 @@
+"""Evaluate a VoP checkpoint (or zero-shot CLIP) on text-to-video and video-to-text retrieval.
+
+One job: turn a model and a test split into the paper's numbers (R@1, R@5, R@10, median and mean rank).
+
+1. `embed` - every caption and every unique video once, L2-normalised, float32 on the CPU.
+2. `text_to_video_counts` / `video_to_text_counts` - for each query, how many wrong candidates score higher
+   than the correct one (`greater`) and how many score exactly the same (`tied`). The similarity matrix is
+   built a chunk of rows at a time, never whole, so 100,000 x 100,000 fits in memory.
+3. `retrieval_metrics` - ranks and recalls from those counts, tie-aware: under random tie-breaking the
+   expected rank is greater + 1 + tied / 2 and R@K is the exact probability P(rank <= K). Counting a tie as a
+   hit (or as a miss) flatters (or punishes) models that map many videos to one point (CLIP4Clip#80).
+
+Conventions. Text -> video: caption i has exactly one correct video, `caption_video_index[i]`. Video -> text
+with several captions per video (MSVD): the correct caption is the best-scoring of the video's own captions,
+and the competitors are the captions of the other videos. `dsl=True` re-ranks with dual softmax (CAMoE,
+CLIP2Video); it uses the statistics of all test queries at once, so it is not the paper's protocol and is
+labelled as such wherever it is printed.
+
+Shapes: T captions, V videos, E embedding size, C rows of one chunk, N candidates per query.
+
+    python evaluate.py --checkpoint run/last.pt [--data msrvtt-9k --data-root data/msrvtt --split test]
+    python evaluate.py --zero-shot --clip ViT-B/32 --data msrvtt-9k --data-root data/msrvtt
+"""
+import argparse
+import dataclasses
+import pickle
+import sys
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader
+
+import clip_model
+import data
+from vop import VoP
+
+RECALL_AT = (1, 5, 10)
+SCORES_PER_CHUNK = 2**24  # default chunk: about 16M scores (64 MB in float32) whatever the number of candidates
+DSL_LABEL = "(DSL re-ranked; not the paper's protocol)"
+DATASET_NAMES = data.DATASET_NAMES
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Embeddings
+
+
+def _check_model_device(model: torch.nn.Module, device: torch.device) -> None:
+    parameter = next(model.parameters())
+    same = parameter.device.type == device.type and device.index in (None, parameter.device.index)
+    if not same:
+        raise ValueError(f"the model is on {parameter.device} but device={device}: move it first (model.to(device))")
+
+
+def embed(model: VoP, dataset: data.VideoTextDataset, batch_size: int = 32, num_workers: int = 0,
+          device="cpu", autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text_embeddings (T, E), video_embeddings (V, E)), float32 on the CPU, L2-normalised.
+
+    Every caption of `dataset.captions` and every unique video of `dataset.videos()` is encoded exactly once.
+    The model runs in eval mode without gradients; its previous train/eval mode is restored afterwards, so
+    train.py can call this between epochs. `autocast_dtype` (torch.float16 on CUDA, torch.bfloat16 on CPU)
+    runs the encoders under torch.autocast; the weights stay float32.
+    """
+    device = torch.device(device)
+    _check_model_device(model, device)
+    if len(dataset.captions) == 0 or len(dataset.video_ids) == 0:
+        raise ValueError(f"dataset {dataset.name!r} has no captions or no videos to evaluate")
+    autocast = torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    loader = DataLoader(dataset.videos(), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        worker_init_fn=data.worker_init_fn, pin_memory=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast:
+            video_embeddings = [model.encode_video(batch["video"].to(device, non_blocking=True)).float().cpu()
+                                for batch in loader]  # each (B, E)
+            text_embeddings = []
+            for start in range(0, len(dataset.captions), batch_size):
+                tokens = model.tokenize(list(dataset.captions[start:start + batch_size])).to(device)  # (B, L)
+                text_embeddings.append(model.encode_text(tokens).float().cpu())  # (B, E)
+    finally:
+        model.train(was_training)
+    return torch.cat(text_embeddings), torch.cat(video_embeddings)  # (T, E), (V, E)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Chunked scoring: (greater, tied) counts per query
+
+
+def _check_embeddings(queries: torch.Tensor, candidates: torch.Tensor) -> None:
+    if queries.ndim != 2 or candidates.ndim != 2 or queries.shape[1] != candidates.shape[1]:
+        raise ValueError(f"embeddings must be (Q, E) and (N, E) with the same E, got {tuple(queries.shape)} "
+                         f"and {tuple(candidates.shape)}")
+    for what, embeddings in (("query", queries), ("candidate", candidates)):
+        if len(embeddings) == 0:
+            raise ValueError(f"no {what} embeddings")
+        if not torch.isfinite(embeddings).all():
+            raise ValueError(f"{what} embeddings contain NaN or inf (did training diverge?)")
+
+
+def _chunk_rows(num_candidates: int, chunk_size: int | None) -> int:
+    if chunk_size is None:
+        return max(1, SCORES_PER_CHUNK // num_candidates)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    return chunk_size
+
+
+def similarity_chunks(queries: torch.Tensor, candidates: torch.Tensor, chunk_size: int | None = None,
+                      dsl: bool = False, temperature: float = 100.0):
+    """Yield (start, scores (C, N)) for consecutive chunks of query rows: cosine similarities, or with `dsl`
+    the dual-softmax scores  sims * softmax(sims * temperature, over the query axis).
+
+    queries (Q, E), candidates (N, E). The softmax over queries needs, for each candidate, the logsumexp of its
+    column over all Q queries: a first chunked pass accumulates it, the second yields the re-scored chunks.
+    """
+    rows = _chunk_rows(len(candidates), chunk_size)
+    queries = queries.to(torch.promote_types(queries.dtype, candidates.dtype))
+    candidates = candidates.to(queries.dtype)
+    column_logsumexp = None  # (N,)
+    if dsl:
+        column_logsumexp = torch.full((len(candidates),), -torch.inf, dtype=queries.dtype)
+        for start in range(0, len(queries), rows):
+            logits = temperature * (queries[start:start + rows] @ candidates.T)  # (C, N)
+            column_logsumexp = torch.logaddexp(column_logsumexp, torch.logsumexp(logits, dim=0))
+    for start in range(0, len(queries), rows):
+        sims = queries[start:start + rows] @ candidates.T  # (C, N)
+        if dsl:
+            sims = sims * torch.exp(temperature * sims - column_logsumexp)  # (C, N): softmax over all queries
+        yield start, sims
+
+
+def _count_wrong_above(scores: torch.Tensor, is_correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (C, N), is_correct (C, N) bool with at least one True per row -> (greater (C,), tied (C,)).
+
+    The reference score is the best correct candidate's; only wrong candidates count as competitors.
+    """
+    best_correct = scores.masked_fill(~is_correct, -torch.inf).amax(dim=1, keepdim=True)  # (C, 1)
+    wrong = ~is_correct
+    greater = ((scores > best_correct) & wrong).sum(dim=1)  # (C,)
+    tied = ((scores == best_correct) & wrong).sum(dim=1)  # (C,)
+    return greater, tied
+
+
+def _as_index(caption_video_index, num_captions: int, num_videos: int) -> torch.Tensor:
+    index = torch.as_tensor(caption_video_index, dtype=torch.long)  # (T,)
+    if index.shape != (num_captions,):
+        raise ValueError(f"caption_video_index must have one entry per caption ({num_captions}), "
+                         f"got shape {tuple(index.shape)}")
+    if len(index) and (index.min() < 0 or index.max() >= num_videos):
+        raise ValueError(f"caption_video_index must lie in 0..{num_videos - 1}, got {index.min()}..{index.max()}")
+    return index
+
+
+def text_to_video_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor, caption_video_index,
+                         dsl: bool = False, temperature: float = 100.0,
+                         chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greater (T,), tied (T,)): for caption i, the videos other than caption_video_index[i] that score
+    above / exactly at its correct video. text_embeddings (T, E), video_embeddings (V, E)."""
+    _check_embeddings(text_embeddings, video_embeddings)
+    correct_video = _as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
+    video_ids = torch.arange(len(video_embeddings))  # (V,)
+    greater, tied = [], []
+    for start, scores in similarity_chunks(text_embeddings, video_embeddings, chunk_size, dsl, temperature):
+        is_correct = video_ids[None, :] == correct_video[start:start + len(scores), None]  # (C, V)
+        chunk_greater, chunk_tied = _count_wrong_above(scores, is_correct)
+        greater.append(chunk_greater)
+        tied.append(chunk_tied)
+    return torch.cat(greater), torch.cat(tied)  # (T,), (T,)
+
+
+def video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor, caption_video_index,
+                         dsl: bool = False, temperature: float = 100.0,
+                         chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greater (V,), tied (V,)): for video j, the other videos' captions that score above / exactly at the
+    best of video j's own captions. text_embeddings (T, E), video_embeddings (V, E)."""
+    _check_embeddings(video_embeddings, text_embeddings)
+    owner_video = _as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
+    captionless = (torch.bincount(owner_video, minlength=len(video_embeddings)) == 0).nonzero().flatten()
+    if len(captionless):
+        raise ValueError(f"{len(captionless)} videos have no caption (first: video {captionless[0].item()}): "
+                         f"video -> text retrieval needs at least one per video")
+    greater, tied = [], []
+    for start, scores in similarity_chunks(video_embeddings, text_embeddings, chunk_size, dsl, temperature):
+        chunk_videos = torch.arange(start, start + len(scores))  # (C,)
+        is_correct = owner_video[None, :] == chunk_videos[:, None]  # (C, T)
+        chunk_greater, chunk_tied = _count_wrong_above(scores, is_correct)
+        greater.append(chunk_greater)
+        tied.append(chunk_tied)
+    return torch.cat(greater), torch.cat(tied)  # (V,), (V,)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Tie-aware ranks and metrics
+
+
+def expected_ranks(greater: torch.Tensor, tied: torch.Tensor) -> torch.Tensor:
+    """(Q,) float64: the correct item's rank averaged over random orders of the tied candidates."""
+    return greater.double() + 1 + tied.double() / 2
+
+
+def recall_probability(greater: torch.Tensor, tied: torch.Tensor, k: int) -> torch.Tensor:
+    """(Q,) float64: P(rank <= k). The correct item is equally likely at ranks greater+1 ... greater+tied+1."""
+    return ((k - greater.double()) / (tied.double() + 1)).clamp(0, 1)
+
+
+def text_to_video_ranks(text_embeddings, video_embeddings, caption_video_index, dsl: bool = False,
+                        temperature: float = 100.0, chunk_size: int | None = None) -> torch.Tensor:
+    """(T,) expected rank of each caption's video."""
+    return expected_ranks(*text_to_video_counts(text_embeddings, video_embeddings, caption_video_index, dsl,
+                                                temperature, chunk_size))
+
+
+def video_to_text_ranks(text_embeddings, video_embeddings, caption_video_index, dsl: bool = False,
+                        temperature: float = 100.0, chunk_size: int | None = None) -> torch.Tensor:
+    """(V,) expected rank of each video's best own caption."""
+    return expected_ranks(*video_to_text_counts(text_embeddings, video_embeddings, caption_video_index, dsl,
+                                                temperature, chunk_size))
+
+
+def _median(values: torch.Tensor) -> float:
+    """The usual median (mean of the two middle values for an even count; torch.median takes the lower)."""
+    ordered = values.sort().values
+    n = len(ordered)
+    return float((ordered[(n - 1) // 2] + ordered[n // 2]) / 2)
+
+
+def retrieval_metrics(greater: torch.Tensor, tied: torch.Tensor) -> dict:
+    """{"R@1", "R@5", "R@10"} in percent (expected recall), "MdR" and "MnR" (median / mean expected rank)."""
+    if len(greater) == 0 or greater.shape != tied.shape:
+        raise ValueError(f"need equally long, non-empty greater and tied counts, got {tuple(greater.shape)} "
+                         f"and {tuple(tied.shape)}")
+    ranks = expected_ranks(greater, tied)  # (Q,)
+    metrics = {f"R@{k}": 100 * float(recall_probability(greater, tied, k).mean()) for k in RECALL_AT}
+    metrics["MdR"] = _median(ranks)
+    metrics["MnR"] = float(ranks.mean())
+    return metrics
+
+
+def reversal_pair_accuracy(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor) -> float:
+    """Percent of captions whose own video beats its time-reversed twin (a tie counts 1/2); chance is 50.
+
+    Layout: caption i belongs to video i, and videos 2k, 2k+1 are a clip and its reversal. Order-blind models
+    see identical twins and score exactly 50. text_embeddings (T, E), video_embeddings (T, E), T even.
+    """
+    if text_embeddings.shape != video_embeddings.shape or len(text_embeddings) % 2:
+        raise ValueError(f"reversal pairs need one caption per video and an even count, got "
+                         f"{tuple(text_embeddings.shape)} captions and {tuple(video_embeddings.shape)} videos")
+    twin = torch.arange(len(video_embeddings)) ^ 1  # (T,): 0<->1, 2<->3, ...
+    own_score = (text_embeddings * video_embeddings).sum(dim=1)  # (T,)
+    twin_score = (text_embeddings * video_embeddings[twin]).sum(dim=1)  # (T,)
+    wins = (own_score > twin_score).double() + 0.5 * (own_score == twin_score).double()  # (T,)
+    return 100 * float(wins.mean())
+
+
+def _is_reversal_pair_layout(dataset) -> bool:
+    """The synthetic world's test split: one caption per video, videos named ..._a / ..._b alternately."""
+    ids = dataset.video_ids
+    return (dataset.name == "synthetic" and len(ids) % 2 == 0 and len(ids) > 0
+            and list(dataset.caption_video_index) == list(range(len(ids)))
+            and all(Path(video_id).stem.endswith(("_a", "_b")[i % 2]) for i, video_id in enumerate(ids)))
+
+
+def metrics_from_embeddings(text_embeddings, video_embeddings, caption_video_index, dsl: bool = False,
+                            dsl_temperature: float = 100.0, reversal_pairs: bool = False,
+                            chunk_size: int | None = None) -> dict:
+    """{"t2v": metrics, "v2t": metrics, "dsl": bool} and, with `reversal_pairs`, "pairs": percent."""
+    arguments = (text_embeddings, video_embeddings, caption_video_index, dsl, dsl_temperature, chunk_size)
+    results = {"t2v": retrieval_metrics(*text_to_video_counts(*arguments)),
+               "v2t": retrieval_metrics(*video_to_text_counts(*arguments)),
+               "dsl": dsl}
+    if reversal_pairs:
+        results["pairs"] = reversal_pair_accuracy(text_embeddings, video_embeddings)
+    return results
+
+
+def evaluate(model: VoP, dataset: data.VideoTextDataset, batch_size: int = 32, num_workers: int = 0,
+             device="cpu", autocast_dtype: torch.dtype | None = None, dsl: bool = False,
+             dsl_temperature: float = 100.0) -> dict:
+    """Embed `dataset` with `model` and score it: {"t2v": {...}, "v2t": {...}, "dsl": bool} plus "pairs"
+    (reversal_pair_accuracy) on the synthetic world's test split."""
+    text_embeddings, video_embeddings = embed(model, dataset, batch_size, num_workers, device, autocast_dtype)
+    return metrics_from_embeddings(text_embeddings, video_embeddings, dataset.caption_video_index, dsl,
+                                   dsl_temperature, reversal_pairs=_is_reversal_pair_layout(dataset))
+
+
+def format_results(results: dict, title: str) -> str:
+    """The paper's table: one row per direction, R@1 R@5 R@10 MdR MnR."""
+    if results.get("dsl"):
+        title = f"{title} {DSL_LABEL}"
+    width = max(len(title), len("video -> text")) + 2
+    lines = [f"{title:<{width}}{'R@1':>6}{'R@5':>6}{'R@10':>6}{'MdR':>6}{'MnR':>7}"]
+    for key, label in (("t2v", "text -> video"), ("v2t", "video -> text")):
+        m = results[key]
+        lines.append(f"{label:<{width}}{m['R@1']:6.1f}{m['R@5']:6.1f}{m['R@10']:6.1f}{m['MdR']:6.1f}{m['MnR']:7.1f}")
+    if "pairs" in results:
+        lines.append(f"reversal pairs: {results['pairs']:.1f}% (chance 50%)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Checkpoints and pictures
+
+
+def load_model_from_checkpoint(path, device="cpu") -> tuple[VoP, dict]:
+    """(VoP in eval mode on `device`, the checkpoint dict) from a file written by train.py."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (train.py writes <out_dir>/last.pt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # Our checkpoints hold only tensors and plain Python values; something else is in there.
+        warnings.warn(f"{path} holds more than tensors and plain values ({error}); loading it with "
+                      f"weights_only=False, which runs its pickled code: only do this with your own files")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    missing = [key for key in ("config", "vop_settings", "trainable") if key not in checkpoint]
+    if not isinstance(checkpoint, dict) or missing:
+        found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"{path} is not a VoP checkpoint: missing {missing}, found {found}")
+    clip = clip_model.load(checkpoint["config"]["clip"], device)
+    model = VoP(clip, **checkpoint["vop_settings"]).to(device)
+    model.load_trainable_state_dict(checkpoint["trainable"], checkpoint["vop_settings"])
+    return model.eval(), checkpoint
+
+
+def _to_pixels(video: torch.Tensor) -> np.ndarray:
+    """(F, 3, S, S) CLIP-normalised -> (F, S, S, 3) uint8 RGB: undo data.normalize."""
+    mean = torch.tensor(data.CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(data.CLIP_STD).view(1, 3, 1, 1)
+    pixels = (video.float() * std + mean).clamp(0, 1) * 255  # (F, 3, S, S)
+    return pixels.round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def draw_examples(dataset: data.VideoTextDataset, text_embeddings: torch.Tensor, video_embeddings: torch.Tensor,
+                  path, num_queries: int = 4, top_k: int = 5, frames_per_video: int = 4,
+                  thumb_size: int = 64) -> Image.Image:
+    """Save a PNG: per text query (evenly spread over the captions), its caption above its top-k videos as
+    strips of frames, the correct video framed green and the others grey. Returns the image.
+
+    Size: width  = gap + top_k * (frames * thumb_size + 2 * border + gap),
+          height = gap + num_queries * (caption_height + thumb_size + 2 * border + gap)
+    with frames = min(frames_per_video, dataset.num_frames), border 3, gap 8, caption_height 14.
+    """
+    border, gap, caption_height = 3, 8, 14
+    num_queries = min(num_queries, len(text_embeddings))
+    top_k = min(top_k, len(video_embeddings))
+    frames = min(frames_per_video, dataset.num_frames)
+    strip_width, strip_height = frames * thumb_size + 2 * border, thumb_size + 2 * border
+    row_height = caption_height + strip_height + gap
+    width = gap + top_k * (strip_width + gap)
+    canvas = Image.new("RGB", (width, gap + num_queries * row_height), "white")
+    draw = ImageDraw.Draw(canvas)
+    queries = torch.linspace(0, len(text_embeddings) - 1, num_queries).round().long()  # (num_queries,)
+    top_videos = (text_embeddings[queries] @ video_embeddings.T).topk(top_k, dim=1).indices  # (num_queries, k)
+    videos = dataset.videos()
+    max_chars = max(8, (width - 2 * gap) // 6)  # the default bitmap font is about 6 px per character
+    for row, (query, ranked) in enumerate(zip(queries.tolist(), top_videos.tolist())):
+        top = gap + row * row_height
+        caption = dataset.captions[query]
+        draw.text((gap, top), caption if len(caption) <= max_chars else caption[:max_chars - 3] + "...",
+                  fill="black")
+        correct = dataset.caption_video_index[query]
+        for column, video_index in enumerate(ranked):
+            left, strip_top = gap + column * (strip_width + gap), top + caption_height
+            colour = (40, 200, 60) if video_index == correct else (170, 170, 170)
+            draw.rectangle([left, strip_top, left + strip_width - 1, strip_top + strip_height - 1], fill=colour)
+            pixels = _to_pixels(videos[video_index]["video"])  # (F, S, S, 3)
+            shown = np.linspace(0, len(pixels) - 1, frames).round().astype(int)
+            for slot, frame in enumerate(shown):
+                thumb = Image.fromarray(pixels[frame]).resize((thumb_size, thumb_size), Image.BICUBIC)
+                canvas.paste(thumb, (left + border + slot * thumb_size, strip_top + border))
+    canvas.save(path)
+    return canvas
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Command line
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str | None = field(default=None, metadata={"help": "a train.py checkpoint (e.g. run/last.pt)"})
+    zero_shot: bool = field(default=False, metadata={"help": "evaluate plain CLIP (--clip) instead of a checkpoint"})
+    clip: str = field(default="ViT-B/32", metadata={"help": "CLIP name or file, for --zero-shot"})
+    data: str | None = field(default=None, metadata={"help": f"one of {', '.join(DATASET_NAMES)}; default: the checkpoint's"})
+    data_root: str | None = field(default=None, metadata={"help": "dataset folder; default: the checkpoint's"})
+    split: str = field(default="test", metadata={"help": "which split to evaluate"})
+    num_frames: int | None = field(default=None, metadata={"help": "frames per video; default: the model's (12 zero-shot)"})
+    batch_size: int = field(default=32, metadata={"help": "videos (and captions) per batch"})
+    num_workers: int = field(default=4, metadata={"help": "DataLoader workers decoding videos"})
+    device: str = field(default="auto", metadata={"help": "cuda, cpu, ...; auto picks cuda when available"})
+    precision: str = field(default="auto", metadata={"help": "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16"})
+    cache_dir: str | None = field(default=None, metadata={"help": "cache decoded test frames here"})
+    dsl: bool = field(default=False, metadata={"help": "dual-softmax re-ranking (not the paper's protocol)"})
+    dsl_temperature: float = field(default=100.0, metadata={"help": "DSL softmax temperature"})
+    examples: str | None = field(default=None, metadata={"help": "write a PNG of top-5 videos for a few queries"})
+
+
+def _field_type(annotation):
+    """`int | None` -> int: the type argparse should convert to."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(EvalConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f.type)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+    return parser
+
+
+def parse_config(argv=None) -> EvalConfig:
+    return EvalConfig(**vars(build_parser().parse_args(argv)))
+
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: choose auto, {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def main(argv=None) -> dict:
+    config = parse_config(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
+                          else config.device)
+    if config.zero_shot == (config.checkpoint is not None):
+        raise SystemExit("evaluate.py: give either --checkpoint PATH or --zero-shot (with --clip), not both")
+    if config.zero_shot:
+        if config.data is None or config.data_root is None:
+            raise SystemExit("evaluate.py: --zero-shot needs --data and --data-root")
+        model = VoP(clip_model.load(config.clip, device), tune="zero-shot",
+                    num_frames=config.num_frames or 12).to(device).eval()
+        trained = {}
+        model_name = f"zero-shot {config.clip}"
+    else:
+        model, checkpoint = load_model_from_checkpoint(config.checkpoint, device)
+        trained = checkpoint["config"]
+        model_name = config.checkpoint
+    name = config.data or trained.get("data")
+    root = config.data_root or trained.get("data_root")
+    if name is None or root is None:
+        raise SystemExit("evaluate.py: the checkpoint names no dataset; pass --data and --data-root")
+    dataset = data.build_dataset(name, root, config.split, num_frames=config.num_frames or model.num_frames,
+                                 image_size=model.clip.visual.input_resolution, train=False,
+                                 cache_dir=config.cache_dir)
+    print(f"{model_name} on {name} {config.split}: {len(dataset.captions)} captions, "
+          f"{len(dataset.video_ids)} videos", file=sys.stderr)
+    text_embeddings, video_embeddings = embed(model, dataset, config.batch_size, config.num_workers, device,
+                                              resolve_precision(config.precision, device))
+    results = metrics_from_embeddings(text_embeddings, video_embeddings, dataset.caption_video_index, config.dsl,
+                                      config.dsl_temperature, reversal_pairs=_is_reversal_pair_layout(dataset))
+    print(format_results(results, f"{name} {config.split}"))
+    if config.examples:
+        draw_examples(dataset, text_embeddings, video_embeddings, config.examples)
+        print(f"wrote {config.examples}", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()
