@@ -340,8 +340,8 @@ def _to_pixels(video: torch.Tensor) -> np.ndarray:
 def draw_examples(dataset: data.VideoTextDataset, text_embeddings: torch.Tensor, video_embeddings: torch.Tensor,
                   path, num_queries: int = 4, top_k: int = 5, frames_per_video: int = 4,
                   thumb_size: int = 64) -> Image.Image:
-    """Save a PNG: per text query (evenly spread over the captions), its caption above its top-k videos as
-    strips of frames, the correct video framed green and the others grey. Returns the image.
+    """Save a PNG: per text query (evenly spread over the captions), its caption above its top-k videos (by
+    cosine similarity) as strips of frames, the correct video framed green and the others grey. Returns the image.
 
     Size: width  = gap + top_k * (frames * thumb_size + 2 * border + gap),
           height = gap + num_queries * (caption_height + thumb_size + 2 * border + gap)
@@ -358,7 +358,7 @@ def draw_examples(dataset: data.VideoTextDataset, text_embeddings: torch.Tensor,
     draw = ImageDraw.Draw(canvas)
     queries = torch.linspace(0, len(text_embeddings) - 1, num_queries).round().long()  # (num_queries,)
     top_videos = (text_embeddings[queries] @ video_embeddings.T).topk(top_k, dim=1).indices  # (num_queries, k)
-    videos = dataset.videos()
+    videos, pixels_of = dataset.videos(), {}  # decode each shown video once, however often it is retrieved
     max_chars = max(8, (width - 2 * gap) // 6)  # the default bitmap font is about 6 px per character
     for row, (query, ranked) in enumerate(zip(queries.tolist(), top_videos.tolist())):
         top = gap + row * row_height
@@ -370,7 +370,9 @@ def draw_examples(dataset: data.VideoTextDataset, text_embeddings: torch.Tensor,
             left, strip_top = gap + column * (strip_width + gap), top + caption_height
             colour = (40, 200, 60) if video_index == correct else (170, 170, 170)
             draw.rectangle([left, strip_top, left + strip_width - 1, strip_top + strip_height - 1], fill=colour)
-            pixels = _to_pixels(videos[video_index]["video"])  # (F, S, S, 3)
+            if video_index not in pixels_of:
+                pixels_of[video_index] = _to_pixels(videos[video_index]["video"])  # (F, S, S, 3)
+            pixels = pixels_of[video_index]
             shown = np.linspace(0, len(pixels) - 1, frames).round().astype(int)
             for slot, frame in enumerate(shown):
                 thumb = Image.fromarray(pixels[frame]).resize((thumb_size, thumb_size), Image.BICUBIC)
@@ -383,23 +385,29 @@ def draw_examples(dataset: data.VideoTextDataset, text_embeddings: torch.Tensor,
 # 5. Command line
 
 
+def option(default, help: str):
+    """A config field with its command-line help."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class EvalConfig:
-    checkpoint: str | None = field(default=None, metadata={"help": "a train.py checkpoint (e.g. run/last.pt)"})
-    zero_shot: bool = field(default=False, metadata={"help": "evaluate plain CLIP (--clip) instead of a checkpoint"})
-    clip: str = field(default="ViT-B/32", metadata={"help": "CLIP name or file, for --zero-shot"})
-    data: str | None = field(default=None, metadata={"help": f"one of {', '.join(DATASET_NAMES)}; default: the checkpoint's"})
-    data_root: str | None = field(default=None, metadata={"help": "dataset folder; default: the checkpoint's"})
-    split: str = field(default="test", metadata={"help": "which split to evaluate"})
-    num_frames: int | None = field(default=None, metadata={"help": "frames per video; default: the model's (12 zero-shot)"})
-    batch_size: int = field(default=32, metadata={"help": "videos (and captions) per batch"})
-    num_workers: int = field(default=4, metadata={"help": "DataLoader workers decoding videos"})
-    device: str = field(default="auto", metadata={"help": "cuda, cpu, ...; auto picks cuda when available"})
-    precision: str = field(default="auto", metadata={"help": "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16"})
-    cache_dir: str | None = field(default=None, metadata={"help": "cache decoded test frames here"})
-    dsl: bool = field(default=False, metadata={"help": "dual-softmax re-ranking (not the paper's protocol)"})
-    dsl_temperature: float = field(default=100.0, metadata={"help": "DSL softmax temperature"})
-    examples: str | None = field(default=None, metadata={"help": "write a PNG of top-5 videos for a few queries"})
+    """Everything evaluate.py's command line can set; each field is the flag --field-name."""
+    checkpoint: str | None = option(None, "a train.py checkpoint (e.g. run/last.pt)")
+    zero_shot: bool = option(False, "evaluate plain CLIP (--clip) instead of a checkpoint")
+    clip: str = option("ViT-B/32", "CLIP name or file, for --zero-shot")
+    data: str | None = option(None, f"one of {', '.join(DATASET_NAMES)}; default: the checkpoint's")
+    data_root: str | None = option(None, "dataset folder; default: the checkpoint's")
+    split: str = option("test", "which split to evaluate")
+    num_frames: int | None = option(None, "frames per video; default: the model's (12 for --zero-shot)")
+    batch_size: int = option(32, "videos (and captions) per batch")
+    num_workers: int = option(4, "DataLoader workers decoding videos")
+    device: str = option("auto", "cuda, cpu, ...; auto picks cuda when available")
+    precision: str = option("auto", "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16 autocast")
+    cache_dir: str | None = option(None, "cache the decoded test frames here (faster repeated evaluation)")
+    dsl: bool = option(False, "dual-softmax re-ranking (not the paper's protocol)")
+    dsl_temperature: float = option(100.0, "DSL softmax temperature")
+    examples: str | None = option(None, "write a PNG of the top-5 videos for a few text queries")
 
 
 def _field_type(annotation):
