@@ -333,3 +333,16 @@ def test_examples_marks_the_correct_video_green(tiny_world, tmp_path):
     # Query 0 retrieves video 0 first (correct: green frame) then another (grey frame).
     assert image.getpixel((8, 8 + 14)) == (40, 200, 60)
     assert image.getpixel((8 + 2 * 16 + 6 + 8, 8 + 14)) == (170, 170, 170)
+
+
+def test_zero_shot_command_line(tiny_world, monkeypatch, capsys):
+    monkeypatch.setattr(VoP, "tokenize", fake_tokenize)
+    results = ev.main(["--zero-shot", "--clip", str(FIXTURES_CLIP), "--data", "synthetic", "--data-root",
+                       str(tiny_world), "--num-frames", "4", "--device", "cpu", "--num-workers", "0", "--dsl"])
+    assert results["dsl"] is True and 0 <= results["t2v"]["R@1"] <= 100
+    # (Not exactly 50: a reversed clip's sampled frames are other frames, compressed differently.)
+    assert 0 <= results["pairs"] <= 100
+    printed = capsys.readouterr().out
+    assert ev.DSL_LABEL in printed and "% (chance 50%)" in printed
+    with pytest.raises(SystemExit):
+        ev.main(["--zero-shot", "--clip", str(FIXTURES_CLIP)])  # no dataset to evaluate on
