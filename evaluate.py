@@ -76,7 +76,7 @@ def embed(model: VoP, dataset: data.VideoTextDataset, batch_size: int = 32, num_
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast:
+        with torch.no_grad(), autocast:  # not inference_mode: callers may reuse the tensors
             video_embeddings = [model.encode_video(batch["video"].to(device, non_blocking=True)).float().cpu()
                                 for batch in loader]  # each (B, E)
             text_embeddings = []
@@ -112,19 +112,21 @@ def _chunk_rows(num_candidates: int, chunk_size: int | None) -> int:
 
 
 def similarity_chunks(queries: torch.Tensor, candidates: torch.Tensor, chunk_size: int | None = None,
-                      dsl: bool = False, temperature: float = 100.0):
+                      dsl: bool = False, temperature: float = 100.0, score_device=None):
     """Yield (start, scores (C, N)) for consecutive chunks of query rows: cosine similarities, or with `dsl`
-    the dual-softmax scores  sims * softmax(sims * temperature, over the query axis).
+    the dual-softmax scores  sims * softmax(sims * temperature, over the query axis). The chunks are computed
+    on `score_device` (default: the embeddings' device): a GPU scores 100k x 100k in seconds, a CPU in minutes.
 
     queries (Q, E), candidates (N, E). The softmax over queries needs, for each candidate, the logsumexp of its
     column over all Q queries: a first chunked pass accumulates it, the second yields the re-scored chunks.
     """
     rows = _chunk_rows(len(candidates), chunk_size)
-    queries = queries.to(torch.promote_types(queries.dtype, candidates.dtype))
-    candidates = candidates.to(queries.dtype)
+    dtype = torch.promote_types(queries.dtype, candidates.dtype)
+    score_device = _score_device(score_device, queries)
+    queries, candidates = queries.to(score_device, dtype), candidates.to(score_device, dtype)
     column_logsumexp = None  # (N,)
     if dsl:
-        column_logsumexp = torch.full((len(candidates),), -torch.inf, dtype=queries.dtype)
+        column_logsumexp = torch.full((len(candidates),), -torch.inf, dtype=dtype, device=score_device)
         for start in range(0, len(queries), rows):
             logits = temperature * (queries[start:start + rows] @ candidates.T)  # (C, N)
             column_logsumexp = torch.logaddexp(column_logsumexp, torch.logsumexp(logits, dim=0))
@@ -147,6 +149,10 @@ def _count_wrong_above(scores: torch.Tensor, is_correct: torch.Tensor) -> tuple[
     return greater, tied
 
 
+def _score_device(score_device, embeddings: torch.Tensor) -> torch.device:
+    return embeddings.device if score_device is None else torch.device(score_device)
+
+
 def _as_index(caption_video_index, num_captions: int, num_videos: int) -> torch.Tensor:
     index = torch.as_tensor(caption_video_index, dtype=torch.long)  # (T,)
     if index.shape != (num_captions,):
@@ -158,25 +164,28 @@ def _as_index(caption_video_index, num_captions: int, num_videos: int) -> torch.
 
 
 def text_to_video_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor, caption_video_index,
-                         dsl: bool = False, temperature: float = 100.0,
-                         chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         dsl: bool = False, temperature: float = 100.0, chunk_size: int | None = None,
+                         score_device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(greater (T,), tied (T,)): for caption i, the videos other than caption_video_index[i] that score
     above / exactly at its correct video. text_embeddings (T, E), video_embeddings (V, E)."""
     _check_embeddings(text_embeddings, video_embeddings)
+    score_device = _score_device(score_device, text_embeddings)
     correct_video = _as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
-    video_ids = torch.arange(len(video_embeddings))  # (V,)
+    correct_video = correct_video.to(score_device)
+    video_ids = torch.arange(len(video_embeddings), device=score_device)  # (V,)
     greater, tied = [], []
-    for start, scores in similarity_chunks(text_embeddings, video_embeddings, chunk_size, dsl, temperature):
+    for start, scores in similarity_chunks(text_embeddings, video_embeddings, chunk_size, dsl, temperature,
+                                           score_device):
         is_correct = video_ids[None, :] == correct_video[start:start + len(scores), None]  # (C, V)
         chunk_greater, chunk_tied = _count_wrong_above(scores, is_correct)
-        greater.append(chunk_greater)
-        tied.append(chunk_tied)
+        greater.append(chunk_greater.cpu())
+        tied.append(chunk_tied.cpu())
     return torch.cat(greater), torch.cat(tied)  # (T,), (T,)
 
 
 def video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor, caption_video_index,
-                         dsl: bool = False, temperature: float = 100.0,
-                         chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         dsl: bool = False, temperature: float = 100.0, chunk_size: int | None = None,
+                         score_device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(greater (V,), tied (V,)): for video j, the other videos' captions that score above / exactly at the
     best of video j's own captions. text_embeddings (T, E), video_embeddings (V, E)."""
     _check_embeddings(video_embeddings, text_embeddings)
@@ -185,13 +194,16 @@ def video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: torch.
     if len(captionless):
         raise ValueError(f"{len(captionless)} videos have no caption (first: video {captionless[0].item()}): "
                          f"video -> text retrieval needs at least one per video")
+    score_device = _score_device(score_device, video_embeddings)
+    owner_video = owner_video.to(score_device)
     greater, tied = [], []
-    for start, scores in similarity_chunks(video_embeddings, text_embeddings, chunk_size, dsl, temperature):
-        chunk_videos = torch.arange(start, start + len(scores))  # (C,)
+    for start, scores in similarity_chunks(video_embeddings, text_embeddings, chunk_size, dsl, temperature,
+                                           score_device):
+        chunk_videos = torch.arange(start, start + len(scores), device=score_device)  # (C,)
         is_correct = owner_video[None, :] == chunk_videos[:, None]  # (C, T)
         chunk_greater, chunk_tied = _count_wrong_above(scores, is_correct)
-        greater.append(chunk_greater)
-        tied.append(chunk_tied)
+        greater.append(chunk_greater.cpu())
+        tied.append(chunk_tied.cpu())
     return torch.cat(greater), torch.cat(tied)  # (V,), (V,)
 
 
@@ -268,9 +280,10 @@ def _is_reversal_pair_layout(dataset) -> bool:
 
 def metrics_from_embeddings(text_embeddings, video_embeddings, caption_video_index, dsl: bool = False,
                             dsl_temperature: float = 100.0, reversal_pairs: bool = False,
-                            chunk_size: int | None = None) -> dict:
+                            chunk_size: int | None = None, score_device=None) -> dict:
     """{"t2v": metrics, "v2t": metrics, "dsl": bool} and, with `reversal_pairs`, "pairs": percent."""
-    arguments = (text_embeddings, video_embeddings, caption_video_index, dsl, dsl_temperature, chunk_size)
+    arguments = (text_embeddings, video_embeddings, caption_video_index, dsl, dsl_temperature, chunk_size,
+                 score_device)
     results = {"t2v": retrieval_metrics(*text_to_video_counts(*arguments)),
                "v2t": retrieval_metrics(*video_to_text_counts(*arguments)),
                "dsl": dsl}
@@ -286,7 +299,8 @@ def evaluate(model: VoP, dataset: data.VideoTextDataset, batch_size: int = 32, n
     (reversal_pair_accuracy) on the synthetic world's test split."""
     text_embeddings, video_embeddings = embed(model, dataset, batch_size, num_workers, device, autocast_dtype)
     return metrics_from_embeddings(text_embeddings, video_embeddings, dataset.caption_video_index, dsl,
-                                   dsl_temperature, reversal_pairs=_is_reversal_pair_layout(dataset))
+                                   dsl_temperature, reversal_pairs=_is_reversal_pair_layout(dataset),
+                                   score_device=device)
 
 
 def format_results(results: dict, title: str) -> str:
@@ -474,7 +488,8 @@ def main(argv=None) -> dict:
     text_embeddings, video_embeddings = embed(model, dataset, config.batch_size, config.num_workers, device,
                                               resolve_precision(config.precision, device))
     results = metrics_from_embeddings(text_embeddings, video_embeddings, dataset.caption_video_index, config.dsl,
-                                      config.dsl_temperature, reversal_pairs=_is_reversal_pair_layout(dataset))
+                                      config.dsl_temperature, reversal_pairs=_is_reversal_pair_layout(dataset),
+                                      score_device=device)
     print(format_results(results, f"{name} {config.split}"))
     if config.examples:
         draw_examples(dataset, text_embeddings, video_embeddings, config.examples)
