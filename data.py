@@ -43,8 +43,12 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpe
 
 # Seeking with CAP_PROP_POS_FRAMES makes FFmpeg jump to the previous keyframe and decode forward from there,
 # so each seek costs roughly a GOP of decoding plus a decoder flush. One sequential pass costs one decode per
-# frame up to the last wanted one. benchmarks/bench_data.py measured the break-even on this machine: seeking
-# only wins once the sequential pass would decode more than this many frames per wanted frame (see README).
+# frame up to the last wanted one. So which wins depends on the keyframe interval, which OpenCV does not
+# report. benchmarks/bench_data.py measures the cost of one seek in sequentially decoded frames: about a GOP.
+# H.264 files (the benchmarks' MSR-VTT, DiDeMo, ... downloads) use x264's 250-frame GOP, where a seek costs
+# ~100+ frames and the sequential pass was 3.4-6.3x faster for 12 frames of 15 s clips; OpenCV's own mp4v
+# output has a 12-frame GOP, where seeking wins (README). We default to the long-GOP rule: seek only when
+# the pass would decode more than this many frames per wanted frame; pass strategy="seek" for short-GOP files.
 SEEK_BREAK_EVEN_FRAMES_PER_WANTED = 150
 
 
