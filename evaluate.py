@@ -137,15 +137,18 @@ def similarity_chunks(queries: torch.Tensor, candidates: torch.Tensor, chunk_siz
         yield start, sims
 
 
-def _count_wrong_above(scores: torch.Tensor, is_correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores (C, N), is_correct (C, N) bool with at least one True per row -> (greater (C,), tied (C,)).
+def _count_wrong_above(scores: torch.Tensor, correct_columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (C, N); correct_columns (C, M): each row's correct candidates, padded with -1 (at least one per
+    row) -> (greater (C,), tied (C,)) over the wrong candidates, measured against the best correct score.
 
-    The reference score is the best correct candidate's; only wrong candidates count as competitors.
+    No correct candidate can beat the best correct one, so `greater` needs no mask; `tied` subtracts the
+    correct candidates that equal it. Only (C, M) gathers, no (C, N) mask: this is the hot loop.
     """
-    best_correct = scores.masked_fill(~is_correct, -torch.inf).amax(dim=1, keepdim=True)  # (C, 1)
-    wrong = ~is_correct
-    greater = ((scores > best_correct) & wrong).sum(dim=1)  # (C,)
-    tied = ((scores == best_correct) & wrong).sum(dim=1)  # (C,)
+    correct_scores = scores.gather(1, correct_columns.clamp(min=0))  # (C, M)
+    correct_scores = correct_scores.masked_fill(correct_columns < 0, -torch.inf)  # (C, M): padding never wins
+    best_correct = correct_scores.amax(dim=1, keepdim=True)  # (C, 1)
+    greater = (scores > best_correct).sum(dim=1)  # (C,)
+    tied = (scores == best_correct).sum(dim=1) - (correct_scores == best_correct).sum(dim=1)  # (C,)
     return greater, tied
 
 
@@ -163,21 +166,37 @@ def _as_index(caption_video_index, num_captions: int, num_videos: int) -> torch.
     return index
 
 
+def captions_of_videos(caption_video_index: torch.Tensor, num_videos: int) -> torch.Tensor:
+    """(V, M) caption indices of each video, padded with -1; M is the most captions any video has.
+
+    caption_video_index (T,) -> e.g. [0, 0, 1, 0] with 2 videos -> [[0, 1, 3], [2, -1, -1]].
+    """
+    counts = torch.bincount(caption_video_index, minlength=num_videos)  # (V,)
+    captionless = (counts == 0).nonzero().flatten()
+    if len(captionless):
+        raise ValueError(f"{len(captionless)} videos have no caption (first: video {captionless[0].item()}): "
+                         f"video -> text retrieval needs at least one per video")
+    order = torch.sort(caption_video_index, stable=True).indices  # (T,) captions grouped by video
+    owners = caption_video_index[order]  # (T,) sorted
+    first_of_video = torch.cumsum(counts, 0) - counts  # (V,) where each video's group starts in `order`
+    slot = torch.arange(len(order)) - first_of_video[owners]  # (T,) position within its video's group
+    table = torch.full((num_videos, int(counts.max())), -1, dtype=torch.long)  # (V, M)
+    table[owners, slot] = order
+    return table
+
+
 def text_to_video_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor, caption_video_index,
                          dsl: bool = False, temperature: float = 100.0, chunk_size: int | None = None,
                          score_device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(greater (T,), tied (T,)): for caption i, the videos other than caption_video_index[i] that score
     above / exactly at its correct video. text_embeddings (T, E), video_embeddings (V, E)."""
     _check_embeddings(text_embeddings, video_embeddings)
-    score_device = _score_device(score_device, text_embeddings)
     correct_video = _as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
-    correct_video = correct_video.to(score_device)
-    video_ids = torch.arange(len(video_embeddings), device=score_device)  # (V,)
+    correct_columns = correct_video[:, None].to(_score_device(score_device, text_embeddings))  # (T, 1)
     greater, tied = [], []
     for start, scores in similarity_chunks(text_embeddings, video_embeddings, chunk_size, dsl, temperature,
                                            score_device):
-        is_correct = video_ids[None, :] == correct_video[start:start + len(scores), None]  # (C, V)
-        chunk_greater, chunk_tied = _count_wrong_above(scores, is_correct)
+        chunk_greater, chunk_tied = _count_wrong_above(scores, correct_columns[start:start + len(scores)])
         greater.append(chunk_greater.cpu())
         tied.append(chunk_tied.cpu())
     return torch.cat(greater), torch.cat(tied)  # (T,), (T,)
@@ -190,18 +209,12 @@ def video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: torch.
     best of video j's own captions. text_embeddings (T, E), video_embeddings (V, E)."""
     _check_embeddings(video_embeddings, text_embeddings)
     owner_video = _as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
-    captionless = (torch.bincount(owner_video, minlength=len(video_embeddings)) == 0).nonzero().flatten()
-    if len(captionless):
-        raise ValueError(f"{len(captionless)} videos have no caption (first: video {captionless[0].item()}): "
-                         f"video -> text retrieval needs at least one per video")
-    score_device = _score_device(score_device, video_embeddings)
-    owner_video = owner_video.to(score_device)
+    own_captions = captions_of_videos(owner_video, len(video_embeddings))  # (V, M)
+    own_captions = own_captions.to(_score_device(score_device, video_embeddings))
     greater, tied = [], []
     for start, scores in similarity_chunks(video_embeddings, text_embeddings, chunk_size, dsl, temperature,
                                            score_device):
-        chunk_videos = torch.arange(start, start + len(scores), device=score_device)  # (C,)
-        is_correct = owner_video[None, :] == chunk_videos[:, None]  # (C, T)
-        chunk_greater, chunk_tied = _count_wrong_above(scores, is_correct)
+        chunk_greater, chunk_tied = _count_wrong_above(scores, own_captions[start:start + len(scores)])
         greater.append(chunk_greater.cpu())
         tied.append(chunk_tied.cpu())
     return torch.cat(greater), torch.cat(tied)  # (V,), (V,)

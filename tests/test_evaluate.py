@@ -116,6 +116,12 @@ def test_multi_caption_video_to_text():
     assert metrics["MdR"] == 1.5 and metrics["MnR"] == pytest.approx(5 / 3)
 
 
+def test_captions_of_videos_table():
+    table = ev.captions_of_videos(torch.tensor([0, 0, 1, 0]), 2)
+    assert table.tolist() == [[0, 1, 3], [2, -1, -1]]
+    assert ev.captions_of_videos(torch.tensor(MSVD_INDEX), 3).tolist() == [[0, 1, 2], [3, 4, -1], [5, 6, -1]]
+
+
 def test_video_without_caption_is_an_error():
     text, video = embeddings_for([[1.0, 0.0, 0.0]])
     with pytest.raises(ValueError, match="no caption"):
