@@ -351,7 +351,10 @@ def load_model_from_checkpoint(path, device="cpu") -> tuple[VoP, dict]:
     if not isinstance(checkpoint, dict) or missing:
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"{path} is not a VoP checkpoint: missing {missing}, found {found}")
-    clip = clip_model.load(checkpoint["config"]["clip"], device)
+    clip_name = checkpoint["config"].get("clip")
+    if not clip_name:
+        raise ValueError(f"{path} does not say which CLIP it was trained on (config['clip'] is {clip_name!r})")
+    clip = clip_model.load(clip_name, device)
     model = VoP(clip, **checkpoint["vop_settings"]).to(device)
     model.load_trainable_state_dict(checkpoint["trainable"], checkpoint["vop_settings"])
     return model.eval(), checkpoint

@@ -261,6 +261,9 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"trainable": {}}, tmp_path / "odd.pt")
     with pytest.raises(ValueError, match="not a VoP checkpoint"):
         ev.load_model_from_checkpoint(tmp_path / "odd.pt")
+    torch.save({"config": {"clip": None}, "vop_settings": {}, "trainable": {}}, tmp_path / "no_clip.pt")
+    with pytest.raises(ValueError, match="which CLIP"):
+        ev.load_model_from_checkpoint(tmp_path / "no_clip.pt")
 
 
 # ----------------------------------------------------------------------------------------------------------
