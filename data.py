@@ -23,6 +23,7 @@ import csv
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import warnings
@@ -32,7 +33,7 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 # OpenAI CLIP's preprocessing constants (clip/clip.py `_transform`).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -314,6 +315,15 @@ def worker_init_fn(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % 2**32)
 
 
+def make_loader(dataset, batch_size: int, num_workers: int = 0, **kwargs) -> DataLoader:
+    """A DataLoader set up for video decoding: one OpenCV thread per worker, and workers started by a fork
+    server rather than forked from a parent that has already decoded video (FFmpeg's thread pools do not
+    survive fork(): we saw 2 workers hang after the parent had read 720p clips)."""
+    context = "forkserver" if num_workers > 0 and "forkserver" in multiprocessing.get_all_start_methods() else None
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=worker_init_fn,
+                      multiprocessing_context=context, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 4. Datasets
 
@@ -349,21 +359,18 @@ class VideoTextDataset(Dataset):
         else:
             self.captions = list(captions)  # (N,)
             self.caption_video_index = list(caption_video_index)  # (N,) index into video_ids
-        self._rng = None
-        self._rng_owner_seed = None
+        self.epoch = 0
 
     def __len__(self):
         return len(self.captions)
 
-    def rng(self) -> np.random.Generator:
-        """This process's generator. DataLoader gives each worker (and each epoch's workers) a distinct
-        torch.initial_seed(), so re-deriving the generator when that seed changes gives every worker its own
-        stream while `seed` keeps runs reproducible."""
-        owner_seed = torch.initial_seed()
-        if self._rng is None or self._rng_owner_seed != owner_seed:
-            self._rng = np.random.default_rng([self.seed, owner_seed % 2**63])
-            self._rng_owner_seed = owner_seed
-        return self._rng
+    def set_epoch(self, epoch: int) -> None:
+        """Training draws (frames, crop, flip, caption) depend only on (seed, epoch, item), not on which
+        worker loads an item or what came before it: a resumed run sees exactly the same batches."""
+        self.epoch = epoch
+
+    def item_rng(self, item: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, item])
 
     def _cache_path(self, video_index: int) -> Path:
         path = self.video_paths[video_index]
@@ -371,8 +378,8 @@ class VideoTextDataset(Dataset):
         key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.num_frames}|{self.image_size}"
         return self.cache_dir / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
 
-    def load_video(self, video_index: int) -> torch.Tensor:
-        """Video j as (F, 3, S, S) float32."""
+    def load_video(self, video_index: int, rng: np.random.Generator | None = None) -> torch.Tensor:
+        """Video j as (F, 3, S, S) float32; `rng` draws the training frames and augmentation."""
         path = self.video_paths[video_index]
         deterministic = not self.train and not self.augment
         if deterministic and self.cache_dir is not None:
@@ -387,17 +394,18 @@ class VideoTextDataset(Dataset):
             np.save(partial, frames)
             os.replace(partial, cache_path)  # atomic: concurrent workers never see half a file
             return normalize(frames)
-        rng = self.rng()
+        rng = np.random.default_rng() if rng is None else rng
         frames = read_frames(path, self.num_frames, "rand" if self.train else "uniform", rng)  # (F, H, W, 3)
         return video_transform(frames, self.augment, self.image_size, rng)
 
     def __getitem__(self, item: int) -> dict:
         video_index = self.caption_video_index[item]
         caption = self.captions[item]
+        rng = self.item_rng(item)
         if self.one_caption_per_video and self.train:
             options = self.captions_per_video[video_index]
-            caption = options[int(self.rng().integers(len(options)))]
-        return {"video": self.load_video(video_index), "caption": caption,
+            caption = options[int(rng.integers(len(options)))]
+        return {"video": self.load_video(video_index, rng), "caption": caption,
                 "video_id": self.video_ids[video_index], "video_index": video_index}
 
     def videos(self) -> "VideoOnlyDataset":

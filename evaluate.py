@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader
 
 import clip_model
 import data
@@ -71,8 +70,8 @@ def embed(model: VoP, dataset: data.VideoTextDataset, batch_size: int = 32, num_
     if len(dataset.captions) == 0 or len(dataset.video_ids) == 0:
         raise ValueError(f"dataset {dataset.name!r} has no captions or no videos to evaluate")
     autocast = torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    loader = DataLoader(dataset.videos(), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        worker_init_fn=data.worker_init_fn, pin_memory=device.type == "cuda")
+    loader = data.make_loader(dataset.videos(), batch_size, num_workers, shuffle=False,
+                              pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
     try:

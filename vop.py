@@ -161,15 +161,17 @@ class VoP(nn.Module):
         return F.normalize(clip.text_head(x, eot_index), dim=-1)
 
     def _fit_text_budget(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Cut the padding after the batch's last [EOT]: under the causal mask nothing after a caption's
+        [EOT] reaches its read-out, so this changes no number, and captions (~10 tokens) no longer pay for
+        77 positions. Refuse captions that do not fit beside the prompts."""
         budget = self.text_context_length
-        if tokens.shape[1] > budget:
-            if tokens[:, budget:].any():
-                raise ValueError(
-                    f"captions of {tokens.shape[1]} tokens do not fit beside {self.text_prompts.num_tokens} text "
-                    f"prompts in CLIP's {self.clip.context_length} positions: tokenize with context_length={budget} "
-                    f"(VoP.tokenize does), which truncates long captions keeping [EOT]")
-            tokens = tokens[:, :budget]  # only padding is cut
-        return tokens
+        length = int(tokens.argmax(dim=-1).max()) + 1  # [EOT] has the largest id
+        if length > budget:
+            raise ValueError(
+                f"captions of {length} tokens do not fit beside {self.text_prompts.num_tokens} text prompts in "
+                f"CLIP's {self.clip.context_length} positions: tokenize with context_length={budget} (VoP.tokenize "
+                f"does), which truncates long captions keeping [EOT]")
+        return tokens[:, :length]
 
     # -- video ----------------------------------------------------------------------------------------------
 

@@ -1,9 +1,5 @@
 """Tests for data.py: frame sampling, decoding real (generated) files, transforms, the annotation layouts,
 and the synthetic motion world. Every video here is written by the test itself with cv2.VideoWriter."""
-import csv
-import json
-import pickle
-import shutil
 import struct
 
 import cv2

@@ -9,7 +9,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 import data
 
@@ -176,14 +175,23 @@ def test_evaluation_cache_serves_frames_without_decoding(tmp_path, tiny_video, m
     assert torch.equal(dataset[0]["video"], first)
 
 
-def test_training_items_differ_between_draws_and_collate_with_two_workers(tmp_path, tiny_video):
+def test_training_draws_depend_on_seed_epoch_and_item_only(tmp_path, tiny_video):
     place_videos(tiny_video, tmp_path, ["one.mp4", "two.mp4"])
     write_csv(tmp_path / "t.csv", ["video", "caption"], [["one.mp4", "x"], ["two.mp4", "y"]])
     dataset = data.build_dataset("csv", tmp_path / "t.csv", "train", num_frames=4, image_size=32)
-    assert not all(torch.equal(dataset[0]["video"], dataset[0]["video"]) for _ in range(5))
-    loader = DataLoader(dataset, batch_size=2, num_workers=2, worker_init_fn=data.worker_init_fn)
+    first = dataset[0]["video"]
+    dataset[1]  # drawing another item in between must not change item 0's draw
+    assert torch.equal(dataset[0]["video"], first)
+    epochs = []
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        epochs.append(dataset[0]["video"])
+    assert not all(torch.equal(epochs[0], other) for other in epochs[1:])  # each epoch draws anew
+    dataset.set_epoch(2)
+    loader = data.make_loader(dataset, batch_size=2, num_workers=2)  # workers draw what the main process does
     batch = next(iter(loader))
     assert batch["video"].shape == (2, 4, 3, 32, 32) and batch["caption"] == ["x", "y"]
+    assert torch.equal(batch["video"][0], epochs[2])
 
 
 # --- synthetic world --------------------------------------------------------------------------------------

@@ -1,0 +1,193 @@
+"""train.py: the loss, the schedule, distributed equivalence, checkpoints, resuming, and a failing run."""
+import dataclasses
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import data
+import train
+from clip_model import CLIP, CLIPConfig
+from vop import VoP
+
+# A CLIP small enough to train in seconds, with the real BPE vocabulary so captions tokenize for real.
+SMALL_CLIP = CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=16,
+                        context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                        transformer_layers=2)
+SMALL_WORLD = dict(num_videos=32, num_test_pairs=4, num_stills=8, frame_size=32, clip_frames=4)
+
+
+@pytest.fixture(scope="module")
+def small_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    clip_path = root / "small_clip.pt"
+    torch.save(CLIP(SMALL_CLIP).state_dict(), clip_path)
+    world = data.make_synthetic_world(root / "world", **SMALL_WORLD)
+    return clip_path, world
+
+
+def small_config(small_setup, out_dir, **overrides):
+    clip_path, world = small_setup
+    settings = dict(clip=str(clip_path), data="synthetic", data_root=str(world), prompts="pos", num_frames=4,
+                    batch_size=8, epochs=2, lr=5e-3, fn_layers=1, num_workers=0, out_dir=str(out_dir),
+                    log_every=1, eval_each_epoch=False)
+    return train.TrainConfig(**{**settings, **overrides})
+
+
+def read_log(out_dir):
+    with open(out_dir / "log.jsonl") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_contrastive_loss_by_hand():
+    video = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8]]), dim=-1)
+    text = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    logit_scale = torch.tensor(math.log(10.0))
+    logits = 10 * text @ video.t()  # rows: texts, columns: videos
+    by_hand = (-(logits.diag() - logits.logsumexp(1)).mean() - (logits.diag() - logits.logsumexp(0)).mean()) / 2
+    torch.testing.assert_close(train.contrastive_loss(video, text, logit_scale), by_hand)
+    assert train.contrastive_loss(video, text, logit_scale) < train.contrastive_loss(video.flip(0), text, logit_scale)
+
+
+def test_learning_rate_warms_up_then_decays_by_cosine():
+    total, peak = 100, 1e-3
+    lrs = [train.get_lr(step, total, peak, warmup=0.1) for step in range(total)]
+    assert lrs[0] == pytest.approx(peak / 10) and lrs[9] == pytest.approx(peak)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # linear warm-up
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then monotone decay
+    assert lrs[55] == pytest.approx(peak / 2, rel=0.02) and lrs[-1] < peak * 1e-3
+
+
+def test_config_flags_come_from_the_dataclass():
+    config = train.parse_config(["--prompts", "fn,ctx", "--lr", "0.01", "--no-eval-each-epoch", "--epochs", "3",
+                                 "--grad-checkpointing"])
+    assert (config.prompts, config.lr, config.eval_each_epoch, config.epochs) == ("fn,ctx", 0.01, False, 3)
+    assert config.grad_checkpointing and train.parse_config([]) == train.TrainConfig()
+    assert (config.batch_size, config.num_frames, config.weight_decay, config.grad_clip) == (32, 12, 0.2, 1.0)
+
+
+# -- distributed: 2 processes (gloo, CPU) against 1 process on the same global batch -----------------------
+
+def _losses_and_gradients(model, frames, tokens):
+    video, text = model(frames, tokens)
+    loss = train.contrastive_loss(train.gather_with_grad(video), train.gather_with_grad(text), model.logit_scale)
+    loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    train.sum_gradients_across_processes(trainable)
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _distributed_worker(rank, world_size, port, clip_state, frames, tokens, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    clip = CLIP(SMALL_CLIP)
+    clip.load_state_dict(clip_state)
+    torch.manual_seed(1)
+    model = VoP(clip, "pos,ctx", num_frames=frames.shape[1], fn_layers=1)
+    local = slice(rank * 2, rank * 2 + 2)
+    loss, gradients = _losses_and_gradients(model, frames[local], tokens[local])
+    torch.save({"loss": loss, "gradients": gradients}, f"{out_path}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
+    torch.manual_seed(0)
+    clip = CLIP(SMALL_CLIP)
+    frames = torch.randn(4, 3, 3, 32, 32)  # global batch of 4 videos: 2 per process
+    tokens = VoP(clip, num_frames=3).tokenize(["a red circle moves left", "a blue square moves up",
+                                               "a green triangle moves right", "a yellow circle moves down"])
+    out_path = tmp_path / "result"
+    mp.spawn(_distributed_worker, args=(2, _free_port(), clip.state_dict(), frames, tokens, str(out_path)),
+             nprocs=2, join=True)
+
+    torch.manual_seed(1)
+    single = VoP(clip, "pos,ctx", num_frames=3, fn_layers=1)
+    loss, gradients = _losses_and_gradients(single, frames, tokens)
+    for rank in range(2):
+        result = torch.load(f"{out_path}.{rank}")
+        torch.testing.assert_close(result["loss"], loss)
+        assert result["gradients"].keys() == gradients.keys()
+        for name, gradient in gradients.items():
+            torch.testing.assert_close(result["gradients"][name], gradient, atol=1e-6, rtol=1e-4, msg=name)
+
+
+# -- whole runs on the small synthetic world --------------------------------------------------------------
+
+def test_training_lowers_the_loss_and_saves_only_trainable_tensors(small_setup, tmp_path):
+    config = small_config(small_setup, tmp_path, epochs=4, lr=1e-2)
+    results = train.train(config)
+    losses = [record["loss"] for record in read_log(tmp_path) if "loss" in record]
+    assert len(losses) == 4 * (32 // 8)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4  # the last epoch's mean loss is below the first's
+    assert set(results) >= {"t2v", "v2t"}
+
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    model = train.build_vop(config, "cpu")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert set(checkpoint["trainable"]) == trainable  # no frozen CLIP weight in the file
+    assert checkpoint["step"] == 16 and checkpoint["config"]["prompts"] == "pos"
+    assert not (tmp_path / "last.pt.tmp").exists()
+
+
+def test_resume_continues_exactly(small_setup, tmp_path, monkeypatch):
+    straight = small_config(small_setup, tmp_path / "straight", save_every=1)
+    train.train(straight)
+
+    interrupted = small_config(small_setup, tmp_path / "interrupted", save_every=1)
+    real_loss, calls = train.contrastive_loss, []
+
+    def crash_at_step_6(*args):
+        calls.append(1)
+        if len(calls) == 6:  # mid-way through the second epoch
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(train, "contrastive_loss", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(interrupted)
+    monkeypatch.setattr(train, "contrastive_loss", real_loss)
+    assert torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)["step"] == 5
+    train.train(dataclasses.replace(interrupted, resume="auto"))
+
+    final_straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    final_resumed = torch.load(tmp_path / "interrupted" / "last.pt", weights_only=True)
+    assert final_resumed["step"] == final_straight["step"] == 8
+    for name, tensor in final_straight["trainable"].items():
+        torch.testing.assert_close(final_resumed["trainable"][name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+    losses_straight = [r["loss"] for r in read_log(tmp_path / "straight") if "loss" in r]
+    losses_resumed = [r["loss"] for r in read_log(tmp_path / "interrupted") if "loss" in r]
+    assert losses_resumed == pytest.approx(losses_straight, rel=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_setup, tmp_path, monkeypatch):
+    config = small_config(small_setup, tmp_path, save_every=1)
+    real_loss, calls = train.contrastive_loss, []
+
+    def nan_at_step_3(*args):
+        calls.append(1)
+        return real_loss(*args) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(train, "contrastive_loss", nan_at_step_3)
+    with pytest.raises(FloatingPointError, match="at step 2.*last good checkpoint"):
+        train.train(config)
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert checkpoint["step"] == 2
+    assert all(torch.isfinite(t).all() for t in checkpoint["trainable"].values())
+
+
+def test_resuming_with_another_prompt_configuration_is_refused(small_setup, tmp_path):
+    train.train(small_config(small_setup, tmp_path, epochs=1))
+    with pytest.raises(ValueError, match="video_prompts"):
+        train.train(small_config(small_setup, tmp_path, epochs=1, prompts="fn", resume="auto"))
