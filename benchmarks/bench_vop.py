@@ -207,8 +207,6 @@ def main_child(args: argparse.Namespace) -> None:
     torch.set_grad_enabled(True)
     result = run_variant(args.variant, args.batch, args.frames, args.steps, args.grad_checkpointing)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
-    with open("/tmp/bench_vop_partial.jsonl", "a") as f:  # TEMPORARY, remove before commit
-        f.write(json.dumps(result) + "\n")
 
 
 def parse_args() -> argparse.Namespace:
