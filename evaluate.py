@@ -447,10 +447,12 @@ def _field_type(annotation):
     return annotation
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def build_parser(config_class=None, description: str | None = None) -> argparse.ArgumentParser:
+    """argparse from a config dataclass (EvalConfig, or train.py's TrainConfig): each field is --field-name."""
+    config_class = config_class or EvalConfig
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(EvalConfig):
+    for f in dataclasses.fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f.type)
         if kind is bool:

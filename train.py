@@ -9,7 +9,6 @@ after a linear warm-up, gradient clipping, fp16 autocast + GradScaler on CUDA (b
 The checkpoint (out_dir/last.pt) holds the trainable tensors, the config, the optimizer and scaler state and
 the step; it is written atomically, so a crash never leaves half a file, and `--resume` continues from it.
 """
-import argparse
 import dataclasses
 import json
 import math
@@ -26,7 +25,7 @@ from torch.utils.data import DistributedSampler
 
 import clip_model
 import data
-from evaluate import evaluate, format_results
+from evaluate import build_parser, evaluate, format_results, option, resolve_precision
 from vop import TUNE_MODES, VoP, describe_parameters
 
 # The paper searched the learning rate per method in [1e-6, 1e-2] without giving the values; these are ours.
@@ -35,51 +34,43 @@ DEFAULT_LR = {"prompts": 1e-3, "full": 1e-6, "partial": 1e-5, "bias": 1e-4, "pro
 
 @dataclass
 class TrainConfig:
-    clip: str | None = None  # OpenAI model name (ViT-B/32, ...) or checkpoint path; with no --data: the demo
-    data: str | None = None  # msrvtt-9k, msrvtt-7k, didemo, activitynet, lsmdc, msvd, csv, synthetic
-    data_root: str | None = None  # the dataset's folder (the CSV file for --data csv)
-    train_split: str = "train"
-    test_split: str = "test"
-    prompts: str = ""  # comma list of pos, ctx, fn; empty = plain VoP
-    tune: str = "prompts"  # prompts, full, partial, bias, proj, zero-shot
-    num_frames: int = 12
-    batch_size: int = 32  # global batch: split over the processes under torchrun
-    epochs: int = 5
-    lr: float | None = None  # None: DEFAULT_LR[tune]
-    weight_decay: float = 0.2
-    warmup: float = 0.1  # fraction of the steps spent warming up linearly
-    grad_clip: float = 1.0
-    fn_layers: int = 8  # K of VoP^F: layers run per frame before the video-wide ones
-    num_text_prompts: int = 8
-    num_visual_prompts: int = 8
-    video_prompt_length: int = 4
-    amp: str = "auto"  # auto (fp16 on CUDA, none on CPU), fp16, bf16, none
-    grad_checkpointing: bool = False
-    one_caption_per_video: bool = False  # an epoch = every video once, not every (video, caption) pair
-    num_workers: int = 4
-    device: str = "auto"
-    out_dir: str = "runs/vop"
-    resume: str | None = None  # a checkpoint path, or "auto" for out_dir/last.pt if it exists
-    log_every: int = 20
-    save_every: int = 0  # also save every N steps (0: at the end of each epoch only)
-    eval_each_epoch: bool = True
-    eval_batch_size: int = 32
-    eval_cache_dir: str | None = None  # on-disk cache of the evaluation frames
-    skip_missing: bool = False
-    seed: int = 0
+    """Everything train.py's command line can set; each field is the flag --field-name."""
+    clip: str | None = option(None, "OpenAI CLIP name (ViT-B/32, ...) or checkpoint file; with no --data: the demo")
+    data: str | None = option(None, "msrvtt-9k, msrvtt-7k, didemo, activitynet, lsmdc, msvd, csv or synthetic")
+    data_root: str | None = option(None, "the dataset's folder (the CSV file for --data csv)")
+    train_split: str = option("train", "split to train on")
+    test_split: str = option("test", "split evaluated after each epoch")
+    prompts: str = option("", "video prompts: a comma list of pos, ctx, fn; empty = plain VoP")
+    tune: str = option("prompts", "what learns: prompts, full, partial, bias, proj, or zero-shot (nothing)")
+    num_frames: int = option(12, "frames sampled per video")
+    batch_size: int = option(32, "global batch (split over the processes under torchrun)")
+    epochs: int = option(5, "passes over every (video, caption) pair")
+    lr: float | None = option(None, "peak learning rate; default: DEFAULT_LR for the --tune mode")
+    weight_decay: float = option(0.2, "AdamW weight decay (matrices only)")
+    warmup: float = option(0.1, "fraction of the steps spent warming up linearly")
+    grad_clip: float = option(1.0, "clip the gradient norm to this")
+    fn_layers: int = option(8, "K of VoP^F: layers run per frame before the video-wide ones")
+    num_text_prompts: int = option(8, "text prompt tokens per layer")
+    num_visual_prompts: int = option(8, "visual prompt tokens per layer")
+    video_prompt_length: int = option(4, "of the visual tokens, how many the video prompts make")
+    precision: str = option("auto", "autocast: auto (fp16 + GradScaler on CUDA, fp32 on CPU), fp32, fp16, bf16")
+    grad_checkpointing: bool = option(False, "recompute the frozen blocks' activations in backward")
+    one_caption_per_video: bool = option(False, "an epoch visits every video once, with a random caption")
+    num_workers: int = option(4, "DataLoader workers decoding videos")
+    device: str = option("auto", "cuda, cpu, ...; auto picks cuda when available")
+    out_dir: str = option("runs/vop", "where last.pt and log.jsonl go")
+    resume: str | None = option(None, "a checkpoint to continue from, or auto for out_dir/last.pt if present")
+    log_every: int = option(20, "steps between progress lines")
+    save_every: int = option(0, "also save every N steps (0: at the end of each epoch only)")
+    eval_each_epoch: bool = option(True, "evaluate after every epoch (always after the last)")
+    eval_batch_size: int = option(32, "batch size of evaluation")
+    eval_cache_dir: str | None = option(None, "cache the decoded evaluation frames here")
+    skip_missing: bool = option(False, "skip listed videos that are missing (with one warning)")
+    seed: int = option(0, "seed of the prompts' initialisation and of every data draw")
 
 
-def parse_config(argv=None, config_class=TrainConfig):
-    """argparse built from the dataclass: every field is a --flag with the field's default."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for field in dataclasses.fields(config_class):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
-        else:
-            kind = next((k for k in (int, float) if field.type in (k, k | None)), str)
-            parser.add_argument(flag, type=kind, default=field.default)
-    return config_class(**vars(parser.parse_args(argv)))
+def parse_config(argv=None) -> "TrainConfig":
+    return TrainConfig(**vars(build_parser(TrainConfig, __doc__.split("\n\n")[0]).parse_args(argv)))
 
 
 # -- distributed helpers (active only under torchrun, when RANK is set) -------------------------------------
@@ -126,12 +117,6 @@ def get_lr(step: int, total_steps: int, base_lr: float, warmup: float) -> float:
         return base_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def autocast_dtype(amp: str, device: torch.device):
-    if amp == "auto":
-        return torch.float16 if device.type == "cuda" else None
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "none": None}[amp]
 
 
 def save_atomically(obj, path: Path):
@@ -188,7 +173,7 @@ def train(config: TrainConfig) -> dict:
         f"{describe_parameters(model)}", rank)
 
     test_set = build_split(config, config.test_split, train=False, image_size=image_size)
-    amp_dtype = autocast_dtype(config.amp, device)
+    amp_dtype = resolve_precision(config.precision, device)
 
     def run_evaluation(tag: str) -> dict:
         results = evaluate(model, test_set, batch_size=config.eval_batch_size, num_workers=config.num_workers,
@@ -196,8 +181,11 @@ def train(config: TrainConfig) -> dict:
         log(format_results(results, f"{tag} ({config.data} {config.test_split}, {len(test_set)} captions)"), rank)
         return results
 
+    trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if config.tune == "zero-shot" or config.epochs == 0:
-        return run_evaluation("zero-shot" if config.tune == "zero-shot" else "untrained") if rank == 0 else {}
+        if rank != 0:
+            return {}
+        return {**run_evaluation("zero-shot" if config.tune == "zero-shot" else "untrained"), "trainable": 0}
 
     train_set = build_split(config, config.train_split, train=True, image_size=image_size)
     local_batch = config.batch_size // world_size
@@ -263,7 +251,7 @@ def train(config: TrainConfig) -> dict:
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss is {loss.item()} at step {step} (epoch {epoch + 1}): stopping. The last good checkpoint "
-                    f"{checkpoint_path} is intact. Try a lower --lr, or --amp bf16 / none.")
+                    f"{checkpoint_path} is intact. Try a lower --lr, or --precision bf16 / fp32.")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             sum_gradients_across_processes(trainable)
@@ -301,7 +289,7 @@ def train(config: TrainConfig) -> dict:
         log_file.close()
     if rank == 0:
         log(f"saved {checkpoint_path} ({checkpoint_path.stat().st_size / 1e6:.1f} MB)")
-    return results
+    return {**results, "trainable": trainable_count}
 
 
 def main(argv=None):
