@@ -18,7 +18,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
@@ -54,8 +53,7 @@ def videos_per_second(paths, strategy: str, repeats: int = 2) -> float:
 
 def pipeline_videos_per_second(csv_path: Path, workers: int, epochs: int = 2) -> float:
     dataset = data.build_dataset("csv", csv_path, "train", num_frames=12, image_size=224)
-    loader = DataLoader(dataset, batch_size=2, num_workers=workers, worker_init_fn=data.worker_init_fn,
-                        timeout=300 if workers else 0)
+    loader = data.make_loader(dataset, batch_size=2, num_workers=workers, timeout=300 if workers else 0)
     start = time.perf_counter()
     count = 0
     for _ in range(epochs):

@@ -215,3 +215,23 @@ def test_checkpoint_round_trip(tiny_clip):
     videos = tiny_videos()
     with torch.no_grad():
         torch.testing.assert_close(restored.encode_video(videos), saved.encode_video(videos))
+
+
+def test_checkpoints_of_small_prompt_sets_stay_small(vit_b32_clip):
+    """Only trainable tensors are saved: VoP^{F+P} on ViT-B/32 is ~1.6 MB, not CLIP's 600 MB."""
+    import io
+    buffer = io.BytesIO()
+    torch.save(VoP(vit_b32_clip, "fn,pos", num_frames=12).trainable_state_dict(), buffer)
+    assert buffer.tell() < 2_000_000
+
+
+@pytest.mark.parametrize("video_prompts", ["", "fn,ctx"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_clip, video_prompts):
+    gradients = []
+    for grad_checkpointing in (False, True):
+        model = tiny_vop(tiny_clip, video_prompts, grad_checkpointing=grad_checkpointing).train()
+        video_embeddings, text_embeddings = model(tiny_videos(), tiny_tokens())
+        (text_embeddings @ video_embeddings.t()).trace().backward()
+        gradients.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, msg=name)
