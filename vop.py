@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from clip_model import CLIP
 from prompts import ContextPrompts, FunctionPrompts, PositionPrompts, TextPrompts, VisualPrompts
+from tokenizer import tokenize
 
 VIDEO_PROMPTS = ("pos", "ctx", "fn")
 TUNE_MODES = ("prompts", "zero-shot", "full", "partial", "bias", "proj")
@@ -143,7 +144,6 @@ class VoP(nn.Module):
         return self.clip.context_length - self.text_prompts.num_tokens
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:  # -> (B, 77 - P)
-        from tokenizer import tokenize
         return tokenize(captions, context_length=self.text_context_length)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, E), L2-normalised
