@@ -185,6 +185,19 @@ def captions_of_videos(caption_video_index: torch.Tensor, num_videos: int) -> to
     return table
 
 
+def _counts_per_query(queries: torch.Tensor, candidates: torch.Tensor, correct_columns: torch.Tensor, dsl: bool,
+                      temperature: float, chunk_size: int | None, score_device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greater (Q,), tied (Q,)) for queries (Q, E) against candidates (N, E), chunk by chunk.
+    correct_columns (Q, M): each query's correct candidates, padded with -1."""
+    correct_columns = correct_columns.to(_score_device(score_device, queries))
+    greater, tied = [], []
+    for start, scores in similarity_chunks(queries, candidates, chunk_size, dsl, temperature, score_device):
+        chunk_greater, chunk_tied = _count_wrong_above(scores, correct_columns[start:start + len(scores)])
+        greater.append(chunk_greater.cpu())
+        tied.append(chunk_tied.cpu())
+    return torch.cat(greater), torch.cat(tied)
+
+
 def text_to_video_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor, caption_video_index,
                          dsl: bool = False, temperature: float = 100.0, chunk_size: int | None = None,
                          score_device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,14 +205,8 @@ def text_to_video_counts(text_embeddings: torch.Tensor, video_embeddings: torch.
     above / exactly at its correct video. text_embeddings (T, E), video_embeddings (V, E)."""
     _check_embeddings(text_embeddings, video_embeddings)
     correct_video = _as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
-    correct_columns = correct_video[:, None].to(_score_device(score_device, text_embeddings))  # (T, 1)
-    greater, tied = [], []
-    for start, scores in similarity_chunks(text_embeddings, video_embeddings, chunk_size, dsl, temperature,
-                                           score_device):
-        chunk_greater, chunk_tied = _count_wrong_above(scores, correct_columns[start:start + len(scores)])
-        greater.append(chunk_greater.cpu())
-        tied.append(chunk_tied.cpu())
-    return torch.cat(greater), torch.cat(tied)  # (T,), (T,)
+    return _counts_per_query(text_embeddings, video_embeddings, correct_video[:, None], dsl, temperature,
+                             chunk_size, score_device)
 
 
 def video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor, caption_video_index,
@@ -210,14 +217,8 @@ def video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: torch.
     _check_embeddings(video_embeddings, text_embeddings)
     owner_video = _as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
     own_captions = captions_of_videos(owner_video, len(video_embeddings))  # (V, M)
-    own_captions = own_captions.to(_score_device(score_device, video_embeddings))
-    greater, tied = [], []
-    for start, scores in similarity_chunks(video_embeddings, text_embeddings, chunk_size, dsl, temperature,
-                                           score_device):
-        chunk_greater, chunk_tied = _count_wrong_above(scores, own_captions[start:start + len(scores)])
-        greater.append(chunk_greater.cpu())
-        tied.append(chunk_tied.cpu())
-    return torch.cat(greater), torch.cat(tied)  # (V,), (V,)
+    return _counts_per_query(video_embeddings, text_embeddings, own_captions, dsl, temperature, chunk_size,
+                             score_device)
 
 
 # ----------------------------------------------------------------------------------------------------------
