@@ -35,13 +35,6 @@ TUNE = dict(data="synthetic", num_frames=8, batch_size=32, epochs=8, lr=1e-2, fn
             log_every=16, eval_each_epoch=False)
 
 
-def _user_overrides(config: train.TrainConfig) -> dict:
-    """The fields the user set on the command line (those that differ from TrainConfig's defaults)."""
-    defaults = train.TrainConfig()
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-            if getattr(config, f.name) != getattr(defaults, f.name)}
-
-
 def pretrained_tiny_clip(world: Path, root: Path, overrides: dict) -> Path:
     """Path of the tiny CLIP pretrained on the world's stills; trained once, then reused."""
     settings = {"clip": dataclasses.asdict(TINY_CLIP), "pretrain": PRETRAIN, "world": WORLD}
@@ -57,7 +50,7 @@ def pretrained_tiny_clip(world: Path, root: Path, overrides: dict) -> Path:
     torch.save(clip_model.CLIP(TINY_CLIP).state_dict(), initial)
     out_dir = root / f"pretrain_{key}"
     config = train.TrainConfig(clip=str(initial), data_root=str(world), out_dir=str(out_dir),
-                               **{**PRETRAIN, **{k: v for k, v in overrides.items() if k in ("device", "amp")}})
+                               **{**PRETRAIN, **{k: v for k, v in overrides.items() if k in ("device", "precision")}})
     train.train(config)
     trainable = torch.load(out_dir / "last.pt", weights_only=True)["trainable"]
     state_dict = {name.removeprefix("clip."): tensor for name, tensor in trainable.items()}
@@ -68,9 +61,9 @@ def pretrained_tiny_clip(world: Path, root: Path, overrides: dict) -> Path:
     return path
 
 
-def run(config: train.TrainConfig, evaluate_before: bool = True) -> dict:
+def run(overrides: dict, evaluate_before: bool = True) -> dict:
+    """The demo; `overrides` are the TrainConfig fields the user set (train.given_options)."""
     started = time.time()
-    overrides = _user_overrides(config)
     root = DEMO_ROOT
     root.mkdir(parents=True, exist_ok=True)
     print("[demo] no --clip and no --data: running the synthetic demo (see demo.py). It makes its own data and "
@@ -107,10 +100,10 @@ def run_all(argv=None) -> str:
     lines = ["| method | trainable | t2v R@1 | t2v R@5 | t2v MnR | v2t R@1 | reversal pairs | seconds |",
              "|---|---|---|---|---|---|---|---|"]
     for tune, prompts in ALL_ROWS:
-        base = train.parse_config(list(argv or []) + ["--tune", tune, "--prompts", prompts])
-        config = dataclasses.replace(base, out_dir=f"runs/demo-all/{tune}-{prompts or 'vop'}")
+        overrides = {**train.given_options(argv), "tune": tune, "prompts": prompts,
+                     "out_dir": f"runs/demo-all/{tune}-{prompts or 'vop'}"}
         started = time.time()
-        results = run(config, evaluate_before=False)
+        results = run(overrides, evaluate_before=False)
         name = "zero-shot CLIP" if tune == "zero-shot" else f"VoP {prompts}" if prompts else "VoP"
         t2v, v2t = results["t2v"], results["v2t"]
         lines.append(f"| {name} | {results.get('trainable', 0):,} | {t2v['R@1']:.1f} | {t2v['R@5']:.1f} | "
@@ -126,4 +119,4 @@ if __name__ == "__main__":
     if "--all" in sys.argv:
         run_all([arg for arg in sys.argv[1:] if arg != "--all"])
     else:
-        run(train.parse_config(sys.argv[1:]))
+        run(train.given_options(sys.argv[1:]))

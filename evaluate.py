@@ -448,18 +448,22 @@ def _field_type(annotation):
     return annotation
 
 
-def build_parser(config_class=None, description: str | None = None) -> argparse.ArgumentParser:
-    """argparse from a config dataclass (EvalConfig, or train.py's TrainConfig): each field is --field-name."""
+def build_parser(config_class=None, description: str | None = None,
+                 only_given: bool = False) -> argparse.ArgumentParser:
+    """argparse from a config dataclass (EvalConfig, or train.py's TrainConfig): each field is --field-name.
+    With `only_given`, parsing returns just the options present on the command line."""
     config_class = config_class or EvalConfig
     parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     argument_default=argparse.SUPPRESS if only_given else None)
     for f in dataclasses.fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f.type)
+        default = {} if only_given else {"default": f.default}
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"], **default)
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, type=kind, help=f.metadata["help"], **default)
     return parser
 
 

@@ -73,6 +73,11 @@ def parse_config(argv=None) -> "TrainConfig":
     return TrainConfig(**vars(build_parser(TrainConfig, __doc__.split("\n\n")[0]).parse_args(argv)))
 
 
+def given_options(argv=None) -> dict:
+    """Only the TrainConfig fields set on the command line (the demo keeps its own settings for the rest)."""
+    return vars(build_parser(TrainConfig, only_given=True).parse_args(argv))
+
+
 # -- distributed helpers (active only under torchrun, when RANK is set) -------------------------------------
 
 def setup_distributed(device: str) -> tuple[int, int]:
@@ -298,7 +303,7 @@ def main(argv=None):
         if config.clip is not None:
             raise SystemExit("--clip given without --data: name a dataset (see README), or give neither for the demo")
         import demo
-        return demo.run(config)
+        return demo.run(given_options(argv))
     return train(config)
 
 
