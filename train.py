@@ -83,6 +83,8 @@ def given_options(argv=None) -> dict:
 def setup_distributed(device: str) -> tuple[int, int]:
     if "RANK" not in os.environ:
         return 0, 1
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
