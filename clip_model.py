@@ -293,7 +293,7 @@ def download(name: str, download_root: str | os.PathLike | None = None) -> Path:
     return target
 
 
-def _read_state_dict(path: Path) -> dict:
+def read_state_dict(path: Path) -> dict:
     """The weights of a file that is either an OpenAI release (TorchScript archive) or a torch.save'd dict."""
     if not path.is_file():
         raise FileNotFoundError(f"CLIP checkpoint {path} does not exist; pass a model name "
@@ -328,5 +328,5 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
         path = download(str(name_or_path), download_root)
     else:
         path = Path(name_or_path).expanduser()
-    return build_model(_read_state_dict(path)).to(device)
+    return build_model(read_state_dict(path)).to(device)
 

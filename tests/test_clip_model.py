@@ -39,14 +39,14 @@ def test_release_file_matches_openai_reference(expected):
 
 
 def test_plain_state_dict_matches_openai_reference(expected, tmp_path):
-    state_dict = torch.jit.load(str(RELEASE_FILE), map_location="cpu").state_dict()
+    state_dict = clip_model.read_state_dict(RELEASE_FILE)
     path = tmp_path / "tiny.pt"
     torch.save(state_dict, path)
     check_against_reference(load(path), expected)
 
 
 def test_parameter_names_are_openai_keys():
-    state_dict = torch.jit.load(str(RELEASE_FILE), map_location="cpu").state_dict()
+    state_dict = clip_model.read_state_dict(RELEASE_FILE)
     model = load(RELEASE_FILE)
     released = set(state_dict) - {"input_resolution", "context_length", "vocab_size"}
     assert set(model.state_dict()) == released
@@ -127,7 +127,7 @@ def test_unknown_name_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
 
 def test_named_model_is_checked_against_its_sha256(tmp_path, monkeypatch):
     """A cached file whose digest matches is used; one that does not is fetched again."""
-    state_dict = torch.jit.load(str(RELEASE_FILE), map_location="cpu").state_dict()
+    state_dict = clip_model.read_state_dict(RELEASE_FILE)
     payload_path = tmp_path / "payload.pt"
     torch.save(state_dict, payload_path)
     payload = payload_path.read_bytes()
