@@ -3,7 +3,7 @@
 What it measures, for a ViT-B/32-shaped CLIP with random weights (`clip_model.CLIP(CLIPConfig())`):
 one training step = forward of a batch of videos (default 4 videos x 12 frames of 224 x 224; see DEFAULT_BATCH
 for why not 8) and of as many
-captions, the symmetric InfoNCE loss
+captions, the symmetric InfoNCE loss of train.py (`train.contrastive_loss`)
 
     logits = model.logit_scale.exp() * text @ video.T
     loss   = (CE(logits, arange(B)) + CE(logits.T, arange(B))) / 2,
@@ -35,9 +35,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import clip_model  # noqa: E402
+from train import contrastive_loss  # noqa: E402  (the loss train.py trains with)
 from vop import VoP  # noqa: E402
 
 FULL = "full"
@@ -88,19 +88,12 @@ def random_captions(n: int, seed: int = 0) -> list[str]:
     return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (10,), generator=generator)) for _ in range(n)]
 
 
-def info_nce(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch of matching (caption i, video i) pairs; inputs are L2-normalised."""
-    logits = logit_scale.exp() * text @ video.T  # (B captions, B videos)
-    targets = torch.arange(len(logits))
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-
-
 def training_step(model: VoP, optimizer: torch.optim.Optimizer, frames: torch.Tensor,
                   tokens: torch.Tensor) -> float:
     """Forward, loss, backward and one optimiser step; returns the loss."""
     optimizer.zero_grad(set_to_none=True)
     video, text = model(frames, tokens)
-    loss = info_nce(video, text, model.logit_scale)
+    loss = contrastive_loss(video, text, model.logit_scale)
     loss.backward()
     optimizer.step()
     return loss.item()

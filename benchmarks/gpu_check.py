@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import clip_model  # noqa: E402
+from train import contrastive_loss  # noqa: E402  (the loss train.py trains with)
 from vop import VoP  # noqa: E402
 
 VARIANTS = ["", "fn,pos", "fn,ctx", "pos,ctx", "full"]
@@ -93,13 +93,6 @@ def random_captions(n: int, generator: torch.Generator) -> list[str]:
     return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (10,), generator=generator)) for _ in range(n)]
 
 
-def info_nce(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over matching (caption i, video i) pairs; embeddings are L2-normalised."""
-    logits = logit_scale.exp() * text.float() @ video.float().T  # (B captions, B videos), in float32
-    targets = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-
-
 def build_model(variant: str, settings: Settings) -> VoP:
     """VoP (or full fine-tuning) on a fresh ViT-B/32-shaped CLIP with random weights, in training mode."""
     clip = clip_model.CLIP(clip_model.CLIPConfig())
@@ -125,7 +118,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.fp16):
             video, text = self.model(frames, tokens)
-            loss = info_nce(video, text, self.model.logit_scale)
+            loss = contrastive_loss(video.float(), text.float(), self.model.logit_scale)  # loss in float32
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.parameters, max_norm=1.0)
