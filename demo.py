@@ -1,7 +1,7 @@
-"""The demo that runs anywhere: `python train.py --prompts pos,ctx` with no --clip and no --data.
+"""The demo that runs anywhere: `python demo.py --prompts pos,ctx` needs no CLIP weights and no dataset.
 
 No CLIP weights or datasets can be assumed, so the demo makes both, with the project's own code:
-1. the synthetic motion world of data.py: coloured shapes moving left/right/up/down, written as real video
+1. a synthetic motion world: coloured shapes moving left/right/up/down, written as real video
    files; its test split is made of reversal pairs (a clip and the same clip played backwards, with the
    opposite direction in the caption), on which any order-blind model is at chance;
 2. a tiny CLIP pretrained on the world's still images ("a red square at the top left") by train.py itself
@@ -9,17 +9,155 @@ No CLIP weights or datasets can be assumed, so the demo makes both, with the pro
 3. VoP prompt tuning of that frozen tiny CLIP on the moving clips, evaluated before and after.
 Settings you pass on the command line (e.g. --epochs, --lr, --out-dir) override the demo's.
 """
+import csv
 import dataclasses
 import hashlib
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
 
 import clip_model
-import data
 import train
+from video_io import write_video
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. The synthetic motion world
+
+WORLD_COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (235, 220, 40)}  # RGB
+WORLD_SHAPES = ("circle", "square", "triangle")
+WORLD_DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y grows down
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+# A 3 x 3 grid of places for the stills, named as a person would: (row, column) -> words after "a red square".
+WORLD_PLACES = {(0, 0): "at the top left", (0, 1): "at the top", (0, 2): "at the top right",
+                (1, 0): "on the left", (1, 1): "in the center", (1, 2): "on the right",
+                (2, 0): "at the bottom left", (2, 1): "at the bottom", (2, 2): "at the bottom right"}
+WORLD_FORMAT_VERSION = 1
+
+
+def draw_shape(frame_size: int, shape: str, colour_rgb, centre_xy, radius: float) -> np.ndarray:
+    """One frame: a filled shape on black. Returns (frame_size, frame_size, 3) uint8 RGB."""
+    frame = np.zeros((frame_size, frame_size, 3), np.uint8)
+    # Draw at 8x sub-pixel precision (shift=3) so slow motion still moves the shape smoothly.
+    cx, cy, r = (int(round(v * 8)) for v in (centre_xy[0], centre_xy[1], radius))
+    colour = tuple(int(c) for c in colour_rgb)
+    if shape == "circle":
+        cv2.circle(frame, (cx, cy), r, colour, -1, cv2.LINE_AA, 3)
+    elif shape == "square":
+        side = int(r * 0.85)
+        cv2.rectangle(frame, (cx - side, cy - side), (cx + side, cy + side), colour, -1, cv2.LINE_AA, 3)
+    elif shape == "triangle":
+        points = np.array([[cx, cy - r], [cx - r, cy + int(r * 0.8)], [cx + r, cy + int(r * 0.8)]], np.int32)
+        cv2.fillPoly(frame, [points], colour, cv2.LINE_AA, 3)
+    else:
+        raise ValueError(f"draw_shape: unknown shape {shape!r}; choose one of {WORLD_SHAPES}")
+    return frame
+
+
+def _motion_clip(rng, frame_size: int, clip_frames: int, colour: str, shape: str, direction: str) -> np.ndarray:
+    """A shape crossing most of the frame in `direction`. Returns (T, frame_size, frame_size, 3) uint8 RGB."""
+    radius = frame_size * 0.17
+    low, high = radius + 1, frame_size - 1 - radius  # the centre's range that keeps the shape inside
+    jitter = 0.1 * (high - low)
+    start, end = low + rng.uniform(0, jitter), high - rng.uniform(0, jitter)  # along the motion axis
+    across = rng.uniform(low, high)  # the fixed coordinate across the motion
+    dx, dy = WORLD_DIRECTIONS[direction]
+    frames = []
+    for t in np.linspace(0.0, 1.0, clip_frames):
+        along = start + t * (end - start)
+        along = along if dx + dy > 0 else frame_size - 1 - along  # left/up run from high to low
+        centre = (along, across) if dx else (across, along)
+        frames.append(draw_shape(frame_size, shape, WORLD_COLOURS[colour], centre, radius))
+    return np.stack(frames)
+
+
+def _write_csv(path: Path, rows) -> None:
+    partial = path.with_suffix(".csv.tmp")
+    with open(partial, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["video", "caption"])
+        writer.writerows(rows)
+    os.replace(partial, path)
+
+
+def make_synthetic_world(root, seed: int = 0, num_videos: int = 512, num_test_pairs: int = 80,
+                         num_stills: int = 2000, frame_size: int = 32, clip_frames: int = 16, fps: float = 8.0) -> Path:
+    """Write a small, deterministic video-text world under `root` and return `root`.
+
+    - train.csv: `num_videos` clips "a <colour> <shape> moves <direction>" (4 colours x 3 shapes x 4 directions).
+    - test.csv: `num_test_pairs` reversal pairs: clip B is clip A's frames in reverse order and its caption
+      names the opposite direction, so a model that ignores frame order is at chance on this split.
+    - stills.csv: `num_stills` single images "a <colour> <shape> <place>" (3 x 3 places) for pretraining a
+      tiny image-text CLIP on the same world.
+    Videos are real mp4v files (cv2.VideoWriter), so the whole decoding path is exercised. A manifest
+    (world.json, written last) records the settings: a complete world with the same settings is reused.
+    """
+    root = Path(root)
+    settings = {"format": WORLD_FORMAT_VERSION, "seed": seed, "num_videos": num_videos,
+                "num_test_pairs": num_test_pairs, "num_stills": num_stills, "frame_size": frame_size,
+                "clip_frames": clip_frames, "fps": fps}
+    manifest = root / "world.json"
+    if manifest.is_file() and all((root / f"{split}.csv").is_file() for split in ("train", "test", "stills")):
+        with open(manifest, encoding="utf-8") as handle:
+            if json.load(handle) == settings:
+                return root
+    if frame_size % 2:
+        raise ValueError(f"make_synthetic_world: frame_size must be even (mp4v needs it), got {frame_size}")
+    for folder in ("train", "test", "stills"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    manifest.unlink(missing_ok=True)  # an interrupted run leaves no manifest, so it is redone next time
+    rng = np.random.default_rng(seed)
+    colours, directions = list(WORLD_COLOURS), list(WORLD_DIRECTIONS)
+
+    def random_object():
+        return colours[rng.integers(len(colours))], WORLD_SHAPES[rng.integers(len(WORLD_SHAPES))]
+
+    train_rows = []
+    for number in range(num_videos):
+        colour, shape = random_object()
+        direction = directions[number % len(directions)]  # balanced directions
+        clip = _motion_clip(rng, frame_size, clip_frames, colour, shape, direction)  # (T, s, s, 3)
+        name = f"train/{number:05d}.mp4"
+        write_video(root / name, clip, fps)
+        train_rows.append((name, f"a {colour} {shape} moves {direction}"))
+
+    test_rows = []
+    for number in range(num_test_pairs):
+        colour, shape = random_object()
+        direction = directions[number % len(directions)]
+        clip = _motion_clip(rng, frame_size, clip_frames, colour, shape, direction)  # (T, s, s, 3)
+        for suffix, frames, words in (("a", clip, direction), ("b", clip[::-1], OPPOSITE[direction])):
+            name = f"test/pair{number:04d}_{suffix}.mp4"
+            write_video(root / name, frames, fps)
+            test_rows.append((name, f"a {colour} {shape} moves {words}"))
+
+    still_rows = []
+    cell = frame_size / 3
+    for number in range(num_stills):
+        colour, shape = random_object()
+        row, column = int(rng.integers(3)), int(rng.integers(3))
+        centre = ((column + 0.5) * cell + rng.uniform(-1, 1), (row + 0.5) * cell + rng.uniform(-1, 1))
+        image = draw_shape(frame_size, shape, WORLD_COLOURS[colour], centre, frame_size * 0.14)  # (s, s, 3)
+        name = f"stills/{number:05d}.png"
+        cv2.imwrite(str(root / name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        still_rows.append((name, f"a {colour} {shape} {WORLD_PLACES[(row, column)]}"))
+
+    _write_csv(root / "train.csv", train_rows)
+    _write_csv(root / "test.csv", test_rows)
+    _write_csv(root / "stills.csv", still_rows)
+    with open(manifest, "w", encoding="utf-8") as handle:
+        json.dump(settings, handle, indent=1)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. The demo: pretrain a tiny CLIP on the stills, prompt-tune it on the clips
 
 DEMO_ROOT = Path("~/.cache/vop/demo").expanduser()
 WORLD = dict(seed=0, num_videos=512, num_test_pairs=80, num_stills=2000, frame_size=32, clip_frames=8)
@@ -66,10 +204,10 @@ def run(overrides: dict, evaluate_before: bool = True) -> dict:
     started = time.time()
     root = DEMO_ROOT
     root.mkdir(parents=True, exist_ok=True)
-    print("[demo] no --clip and no --data: running the synthetic demo (see demo.py). It makes its own data and "
-          "its own tiny CLIP, so it needs no download.")
+    print("[demo] the synthetic demo (see demo.py): it makes its own data and its own tiny CLIP, so it needs no "
+          "download.")
     print("[demo] step 1: the synthetic motion world (real mp4 files, 32x32 px, 8 frames per clip).")
-    world = data.make_synthetic_world(root / "world", **WORLD)
+    world = make_synthetic_world(root / "world", **WORLD)
     clip_path = pretrained_tiny_clip(world, root, overrides)
 
     tuned = train.TrainConfig(**{**dataclasses.asdict(train.TrainConfig()), **TUNE,
@@ -113,10 +251,13 @@ def run_all(argv=None) -> str:
     return table
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv=None):
+    """`python demo.py [train.py's flags]`, or `python demo.py --all` for the README's table."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--all" in argv:
+        return run_all([arg for arg in argv if arg != "--all"])
+    return run(train.given_options(argv))
 
-    if "--all" in sys.argv:
-        run_all([arg for arg in sys.argv[1:] if arg != "--all"])
-    else:
-        run(train.given_options(sys.argv[1:]))
+
+if __name__ == "__main__":
+    main()

@@ -302,10 +302,8 @@ def train(config: TrainConfig) -> dict:
 def main(argv=None):
     config = parse_config(argv)
     if config.data is None:
-        if config.clip is not None:
-            raise SystemExit("--clip given without --data: name a dataset (see README), or give neither for the demo")
-        import demo
-        return demo.run(given_options(argv))
+        raise SystemExit("train.py: --data is required (see the README for the datasets); to try VoP with no "
+                         "weights and no data, run the demo: python demo.py --prompts pos,ctx")
     return train(config)
 
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import data
+import video_io
+from helpers import msrvtt_root, place_videos, write_csv, write_tiny_video
 
 NUM_FRAMES_IN_FILE = 40
 LEVEL_STEP = 6  # frame i is grey level 6 * i on its right part, so the decoded frame tells its own index
@@ -35,7 +37,7 @@ CODECS = [("mp4", "mp4v"), ("avi", "MJPG"), ("mkv", "FFV1")]
 def videos(tmp_path_factory):
     """One 40-frame, 64x48 video per container/codec."""
     folder = tmp_path_factory.mktemp("videos")
-    return {suffix: data.write_video(folder / f"index.{suffix}", index_video_frames(), 30, fourcc)
+    return {suffix: video_io.write_video(folder / f"index.{suffix}", index_video_frames(), 30, fourcc)
             for suffix, fourcc in CODECS}
 
 
@@ -92,8 +94,8 @@ def test_seek_and_sequential_strategies_return_identical_frames(videos, suffix):
 
 
 def test_auto_strategy_seeks_only_for_few_frames_from_long_files():
-    assert data.choose_strategy(450, 12) == "sequential"
-    assert data.choose_strategy(100_000, 12) == "seek"
+    assert video_io.choose_strategy(450, 12) == "sequential"
+    assert video_io.choose_strategy(100_000, 12) == "seek"
 
 
 def test_header_frame_count_that_lies_is_not_trusted(videos, tmp_path):
@@ -127,7 +129,7 @@ def test_unreadable_files_raise_an_error_naming_the_file(videos, tmp_path):
     cut_before_index = tmp_path / "cut.mp4"  # mp4v from OpenCV writes its index (moov) at the end
     cut_before_index.write_bytes(content[: len(content) // 2])
     for path in (not_a_video, cut_before_index, tmp_path / "absent.mp4"):
-        with pytest.raises(data.VideoReadError, match=path.name):
+        with pytest.raises(video_io.VideoReadError, match=path.name):
             data.read_frames(path, 4)
 
 
@@ -180,3 +182,54 @@ def test_worker_init_fn_limits_opencv_to_one_thread():
         assert cv2.getNumThreads() == 1
     finally:
         cv2.setNumThreads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_video(tmp_path_factory):
+    return write_tiny_video(tmp_path_factory.mktemp("clip"))
+
+
+# --- the dataset ------------------------------------------------------------------------------------------
+
+
+def test_items_have_the_documented_shape_and_keys(tmp_path, tiny_video):
+    root = msrvtt_root(tmp_path, tiny_video)
+    for split in ("train", "test"):
+        item = data.build_dataset("msrvtt-9k", root, split, num_frames=4, image_size=32)[1]
+        assert item["video"].shape == (4, 3, 32, 32) and item["video"].dtype == torch.float32
+        assert isinstance(item["caption"], str) and item["video_id"] in ("video0", "video3")
+
+
+
+def test_evaluation_cache_serves_frames_without_decoding(tmp_path, tiny_video, monkeypatch):
+    place_videos(tiny_video, tmp_path, ["one.mp4"])
+    write_csv(tmp_path / "c.csv", ["video", "caption"], [["one.mp4", "a clip"]])
+    dataset = data.build_dataset("csv", tmp_path / "c.csv", "train", train=False, num_frames=3, image_size=32,
+                                 cache_dir=tmp_path / "cache")
+    first = dataset[0]["video"]
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although the frames are cached")
+
+    monkeypatch.setattr(data, "read_frames", no_decoding)
+    assert torch.equal(dataset[0]["video"], first)
+
+
+def test_training_draws_depend_on_seed_epoch_and_item_only(tmp_path, tiny_video):
+    place_videos(tiny_video, tmp_path, ["one.mp4", "two.mp4"])
+    write_csv(tmp_path / "t.csv", ["video", "caption"], [["one.mp4", "x"], ["two.mp4", "y"]])
+    dataset = data.build_dataset("csv", tmp_path / "t.csv", "train", num_frames=4, image_size=32)
+    first = dataset[0]["video"]
+    dataset[1]  # drawing another item in between must not change item 0's draw
+    assert torch.equal(dataset[0]["video"], first)
+    epochs = []
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        epochs.append(dataset[0]["video"])
+    assert not all(torch.equal(epochs[0], other) for other in epochs[1:])  # each epoch draws anew
+    dataset.set_epoch(2)
+    loader = data.make_loader(dataset, batch_size=2, num_workers=2)  # workers draw what the main process does
+    batch = next(iter(loader))
+    assert batch["video"].shape == (2, 4, 3, 32, 32) and batch["caption"] == ["x", "y"]
+    assert torch.equal(batch["video"][0], epochs[2])

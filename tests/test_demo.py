@@ -1,6 +1,8 @@
 """The demo end to end, shrunk: world, tiny-CLIP pretraining with train.py, prompt tuning, evaluation."""
+import numpy as np
 import pytest
 
+import data
 import demo
 import train
 
@@ -12,7 +14,7 @@ def test_demo_runs_end_to_end_and_caches_its_clip(tmp_path, monkeypatch, capsys)
                                             frame_size=32, clip_frames=8))
     monkeypatch.setattr(demo, "PRETRAIN", {**demo.PRETRAIN, "epochs": 1, "batch_size": 32})
     monkeypatch.setattr(demo, "TUNE", {**demo.TUNE, "epochs": 1, "batch_size": 16})
-    results = train.main(["--prompts", "pos,ctx", "--out-dir", str(tmp_path / "run")])
+    results = demo.main(["--prompts", "pos,ctx", "--out-dir", str(tmp_path / "run")])
     output = capsys.readouterr().out
     assert "pretraining a tiny CLIP" in output and "reversal pairs" in output
     assert set(results) >= {"t2v", "v2t", "pairs"} and 0 <= results["pairs"] <= 100
@@ -20,3 +22,55 @@ def test_demo_runs_end_to_end_and_caches_its_clip(tmp_path, monkeypatch, capsys)
 
     demo.run({"prompts": "fn", "out_dir": str(tmp_path / "run2")}, evaluate_before=False)  # the second run reuses the pretrained tiny CLIP
     assert "using the tiny CLIP pretrained earlier" in capsys.readouterr().out
+
+
+# --- the synthetic world ----------------------------------------------------------------------------------
+
+SMALL_WORLD = dict(num_videos=8, num_test_pairs=4, num_stills=12)
+
+
+def horizontal_centre(frames):
+    """x of the bright object's centre of mass in each frame. (F, H, W, 3) -> (F,)"""
+    weight = frames.astype(float).sum(axis=(1, 3))  # (F, W)
+    return (weight * np.arange(frames.shape[2])).sum(1) / weight.sum(1)
+
+
+def test_synthetic_world_test_split_is_made_of_time_reversal_pairs(tmp_path):
+    world = demo.make_synthetic_world(tmp_path / "world", **SMALL_WORLD)
+    test = data.build_dataset("synthetic", world, "test")
+    assert len(test) == 8
+    for a in range(0, len(test), 2):
+        caption_a, caption_b = test.captions[a], test.captions[a + 1]
+        *object_a, direction_a = caption_a.split()
+        *object_b, direction_b = caption_b.split()
+        assert object_a == object_b and demo.OPPOSITE[direction_a] == direction_b
+        clip_a = data.read_frames(test.video_paths[a], 16)  # all 16 frames, in order
+        clip_b = data.read_frames(test.video_paths[a + 1], 16)
+        assert np.abs(clip_a[::-1].astype(int) - clip_b).mean() < 2  # B is A backwards (up to mp4v loss)
+        assert np.abs(clip_a.astype(int) - clip_b).mean() > 5
+        if direction_a in ("left", "right"):  # the caption says where the object really goes
+            x = horizontal_centre(clip_a)
+            assert (x[-1] - x[0] > 10) == (direction_a == "right")
+
+
+def test_synthetic_world_is_deterministic_reused_and_has_stills(tmp_path):
+    first = demo.make_synthetic_world(tmp_path / "one", seed=3, **SMALL_WORLD)
+    second = demo.make_synthetic_world(tmp_path / "two", seed=3, **SMALL_WORLD)
+    for name in ("train.csv", "test.csv", "stills.csv", "train/00005.mp4"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+    stamp = (first / "train.csv").stat().st_mtime_ns
+    demo.make_synthetic_world(first, seed=3, **SMALL_WORLD)
+    assert (first / "train.csv").stat().st_mtime_ns == stamp  # same settings: reused, not rewritten
+    demo.make_synthetic_world(first, seed=4, **SMALL_WORLD)
+    assert (first / "train.csv").read_bytes() != (second / "train.csv").read_bytes()
+
+    stamp = (second / "train.csv").stat().st_mtime_ns
+    stills = data.build_dataset("synthetic", second, "stills", num_frames=1, image_size=32)
+    assert (second / "train.csv").stat().st_mtime_ns == stamp  # no settings given: the world there is used
+    assert len(stills) == 12 and stills[0]["video"].shape == (1, 3, 32, 32)
+    words = stills.captions[0].split()
+    assert words[0] == "a" and words[1] in demo.WORLD_COLOURS and words[2] in demo.WORLD_SHAPES
+    assert " ".join(words[3:]) in demo.WORLD_PLACES.values()
+    train = data.build_dataset("synthetic", second, "train", num_frames=4, image_size=32)
+    assert len(train) == 8 and all(c.split()[-1] in demo.WORLD_DIRECTIONS for c in train.captions)
+    assert not train.augment  # a flip would swap "left" and "right"

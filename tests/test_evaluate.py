@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import data
+import demo
 import evaluate as ev
 from vop import VoP
 
@@ -282,7 +283,7 @@ def fake_tokenize(self, captions):
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    data.make_synthetic_world(root, num_videos=8, num_test_pairs=3, num_stills=4, frame_size=32, clip_frames=8)
+    demo.make_synthetic_world(root, num_videos=8, num_test_pairs=3, num_stills=4, frame_size=32, clip_frames=8)
     return root
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import data
+import demo
 import train
 from clip_model import CLIP, CLIPConfig
 from vop import VoP
@@ -27,7 +28,7 @@ def small_setup(tmp_path_factory):
     torch.manual_seed(0)
     clip_path = root / "small_clip.pt"
     torch.save(CLIP(SMALL_CLIP).state_dict(), clip_path)
-    world = data.make_synthetic_world(root / "world", **SMALL_WORLD)
+    world = demo.make_synthetic_world(root / "world", **SMALL_WORLD)
     return clip_path, world
 
 

@@ -1,0 +1,304 @@
+"""The benchmarks' annotation files: which videos a split has, and their captions.
+
+Skip on a first reading: VoP itself only needs (video file, caption) pairs; this module reads them out of the
+layouts the community distributes (CLIP4Clip / X-Pool), checks them, and names the file and line of anything
+wrong. `read_annotations(name, root, split)` is its one entry point; the layouts are in the README.
+
+    msrvtt-9k / msrvtt-7k   MSRVTT_data.json + MSRVTT_train.{9k,7k}.csv; test: MSRVTT_JSFUSION_test.csv (1k-A)
+    didemo, activitynet     paragraph-to-video: a video's sentences joined into one query
+    lsmdc                   tab-separated clip id, 4 timestamps, sentence
+    msvd                    raw-captions.pkl + {split}_list.txt; several captions per video
+    csv                     your own: a headed CSV "video,caption[,split]"
+    synthetic               the demo's world (demo.py): {split}.csv in the world's folder
+"""
+import csv
+import json
+import os
+import pickle
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from video_io import VIDEO_SUFFIXES
+
+DATASET_NAMES = ("msrvtt-9k", "msrvtt-7k", "didemo", "activitynet", "lsmdc", "msvd", "csv", "synthetic")
+
+
+class AnnotationError(ValueError):
+    """An annotation file that does not match its documented layout."""
+
+
+@dataclass
+class Annotations:
+    """One split: its unique videos in evaluation order, and every caption with the index of its video."""
+    video_ids: list  # (V,) str, unique
+    video_paths: list  # (V,) Path
+    captions: list  # (T,) str
+    caption_video_index: list  # (T,) int into video_ids
+    annotation_file: Path
+
+
+def read_annotations(name: str, root, split: str, video_dir=None, skip_missing: bool = False) -> Annotations:
+    """The videos and captions of one split of benchmark `name` (see DATASET_NAMES), read from `root`.
+
+    `video_dir` defaults to root/"videos" (searched recursively by file stem); for "csv", `root` is the CSV
+    file and paths are relative to it; for "synthetic", `root` is the world's folder. Listed videos that are
+    absent raise FileNotFoundError, or with `skip_missing` are left out with one warning that counts them.
+    """
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}")
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"data root {root} does not exist: pass the dataset's folder (the CSV file for "
+                                f"csv); the README shows each dataset's layout")
+    video_dir = Path(video_dir) if video_dir is not None else root / "videos"
+    if name in ("msrvtt-9k", "msrvtt-7k"):
+        train_csv = "MSRVTT_train.9k.csv" if name == "msrvtt-9k" else "MSRVTT_train.7k.csv"
+        entries, locate, annotation_file = _msrvtt_entries(root, split, train_csv, video_dir)
+    elif name == "didemo":
+        entries, locate, annotation_file = _didemo_entries(root, split, video_dir)
+    elif name == "activitynet":
+        entries, locate, annotation_file = _activitynet_entries(root, split, video_dir)
+    elif name == "lsmdc":
+        entries, locate, annotation_file = _lsmdc_entries(root, split, video_dir)
+    elif name == "msvd":
+        entries, locate, annotation_file = _msvd_entries(root, split, video_dir)
+    elif name == "csv":
+        _check_split("csv", split, set(CSV_SPLITS))
+        entries, locate, annotation_file = _csv_entries(root, split)
+    else:
+        _check_split("synthetic", split, {"train", "test", "stills"})
+        entries, locate, annotation_file = _csv_entries(root / f"{split}.csv", None)
+    return _assemble(entries, locate, annotation_file, skip_missing)
+
+
+# --- the layouts: each reader returns (entries, locate, annotation_file), where entries are
+# (video_id, caption, "file:line") in item order and locate(video_id) is the path the video should have.
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found. See the README's dataset folder trees.")
+    return path
+
+
+def _read_csv_rows(path: Path, required_columns, delimiter=","):
+    """Yield (line number, row dict) of a headed CSV; a missing column is an AnnotationError naming the file."""
+    # utf-8-sig: a CSV saved by Excel starts with a byte-order mark, which must not become part of "video".
+    with open(_require_file(path, "annotation file"), newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        header = reader.fieldnames or []
+        missing = [column for column in required_columns if column not in header]
+        if missing:
+            raise AnnotationError(f"{path}:1: missing column(s) {missing}; the header is {header}. "
+                                  f"Expected a header with {list(required_columns)}.")
+        for row in reader:
+            yield reader.line_num, row
+
+
+def _video_index(video_dir: Path) -> dict:
+    """Map a video's file stem to its path, searching `video_dir` recursively (LSMDC nests per movie,
+    DiDeMo mixes extensions)."""
+    if not video_dir.is_dir():
+        raise FileNotFoundError(f"{video_dir}: video folder not found. Pass video_dir=... or see the README's "
+                                "dataset folder trees.")
+    found = {}
+    for folder, _, files in os.walk(video_dir):
+        for file_name in files:
+            stem, suffix = os.path.splitext(file_name)
+            if suffix.lower() in VIDEO_SUFFIXES:
+                found.setdefault(stem, Path(folder) / file_name)
+    return found
+
+
+def _locator(video_dir: Path, default_suffix: str):
+    index = _video_index(video_dir)
+    return lambda video_id: index.get(video_id, video_dir / f"{video_id}{default_suffix}")
+
+
+def _check_split(name: str, split: str, allowed) -> None:
+    if split not in allowed:
+        raise ValueError(f"{name} has no split {split!r}: choose one of {', '.join(sorted(allowed))}")
+
+
+def _msrvtt_entries(root: Path, split: str, train_csv: str, video_dir: Path):
+    _check_split("msrvtt", split, {"train", "test"})
+    if split == "test":
+        # The 1k-A ("JSFusion") test: 1,000 rows, one caption per video; the same for the 9k and 7k splits.
+        test_csv = root / "MSRVTT_JSFUSION_test.csv"
+        entries = [(row["video_id"].strip(), row["sentence"], f"{test_csv}:{line}")
+                   for line, row in _read_csv_rows(test_csv, ["video_id", "sentence"])]
+        return entries, _locator(video_dir, ".mp4"), test_csv
+    data_json = _require_file(root / "MSRVTT_data.json", "MSR-VTT caption file")
+    with open(data_json, encoding="utf-8") as handle:
+        sentences = json.load(handle).get("sentences")
+    if not isinstance(sentences, list):
+        raise AnnotationError(f"{data_json}: expected a top-level 'sentences' list (CLIP4Clip's MSRVTT_data.json)")
+    captions_of = {}
+    for number, sentence in enumerate(sentences):
+        if "video_id" not in sentence or "caption" not in sentence:
+            raise AnnotationError(f"{data_json}: sentences[{number}] lacks 'video_id' or 'caption': {sentence}")
+        captions_of.setdefault(sentence["video_id"], []).append(
+            (sentence["caption"], f"{data_json}: sentences[{number}]"))
+    split_csv = root / train_csv
+    entries = []
+    for line, row in _read_csv_rows(split_csv, ["video_id"]):
+        video_id = row["video_id"].strip()
+        if video_id not in captions_of:
+            raise AnnotationError(f"{split_csv}:{line}: video {video_id!r} has no caption in {data_json}")
+        entries.extend((video_id, caption, where) for caption, where in captions_of[video_id])
+    return entries, _locator(video_dir, ".mp4"), split_csv
+
+
+def _didemo_entries(root: Path, split: str, video_dir: Path):
+    _check_split("didemo", split, {"train", "val", "test"})
+    data_json = _require_file(root / f"{split}_data.json", "DiDeMo annotation file")
+    with open(data_json, encoding="utf-8") as handle:
+        moments = json.load(handle)
+    sentences_of = {}  # video id -> [(sentence, where)], in file order
+    for number, moment in enumerate(moments):
+        if "video" not in moment or "description" not in moment:
+            raise AnnotationError(f"{data_json}: entry [{number}] lacks 'video' or 'description': {moment}")
+        video_id = os.path.splitext(moment["video"])[0]
+        sentences_of.setdefault(video_id, []).append((moment["description"], f"{data_json}: entry [{number}]"))
+    return _paragraphs(sentences_of), _locator(video_dir, ".mp4"), data_json
+
+
+def _paragraphs(sentences_of: dict) -> list:
+    """Paragraph-to-video retrieval: a video's sentences joined, in order, into one query."""
+    entries = []
+    for video_id, sentences in sentences_of.items():
+        for sentence, where in sentences:
+            if not str(sentence).strip():
+                raise AnnotationError(f"{where}: empty sentence for video {video_id!r}; fix or delete it")
+        paragraph = " ".join(str(sentence).strip() for sentence, _ in sentences)
+        entries.append((video_id, paragraph, sentences[0][1]))
+    return entries
+
+
+def _activitynet_entries(root: Path, split: str, video_dir: Path):
+    _check_split("activitynet", split, {"train", "val", "test"})
+    # The paper tests on val_1 (CLIP4Clip's layout has no separate test annotations).
+    captions_json = _require_file(root / ("train.json" if split == "train" else "val_1.json"),
+                                  "ActivityNet Captions file")
+    with open(captions_json, encoding="utf-8") as handle:
+        videos = json.load(handle)
+    ids_json = root / ("train_ids.json" if split == "train" else "val_ids.json")
+    if ids_json.is_file():
+        with open(ids_json, encoding="utf-8") as handle:
+            video_order = [video_id for video_id in json.load(handle) if video_id in videos]
+    else:
+        video_order = list(videos)
+    sentences_of = {}
+    for video_id in video_order:
+        record = videos[video_id]
+        if "sentences" not in record:
+            raise AnnotationError(f"{captions_json}: video {video_id!r} lacks 'sentences'")
+        sentences_of[video_id] = [(sentence, f"{captions_json}: {video_id}.sentences[{number}]")
+                                  for number, sentence in enumerate(record["sentences"])]
+    return _paragraphs(sentences_of), _locator(video_dir, ".mp4"), captions_json
+
+
+LSMDC_FILES = {"train": "LSMDC16_annos_training.csv", "val": "LSMDC16_annos_val.csv",
+               "test": "LSMDC16_challenge_1000_publictect.csv"}
+
+
+def _lsmdc_entries(root: Path, split: str, video_dir: Path):
+    _check_split("lsmdc", split, set(LSMDC_FILES))
+    # Tab-separated, no header: clip id, start, end (aligned), start, end (extracted), sentence.
+    annotation = _require_file(root / LSMDC_FILES[split], "LSMDC annotation file")
+    entries = []
+    with open(annotation, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) != 6:
+                raise AnnotationError(f"{annotation}:{line_number}: expected 6 tab-separated fields (clip id, 4 "
+                                      f"timestamps, sentence), found {len(fields)}")
+            entries.append((fields[0].strip(), fields[5], f"{annotation}:{line_number}"))
+    return entries, _locator(video_dir, ".avi"), annotation
+
+
+def _msvd_entries(root: Path, split: str, video_dir: Path):
+    _check_split("msvd", split, {"train", "val", "test"})
+    captions_pkl = _require_file(root / "raw-captions.pkl", "MSVD caption file")
+    with open(captions_pkl, "rb") as handle:
+        tokenized = pickle.load(handle)  # video id -> list of token lists (CLIP4Clip's raw-captions.pkl)
+    id_list = _require_file(root / f"{split}_list.txt", "MSVD split list")
+    entries = []
+    with open(id_list, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            video_id = line.strip()
+            if not video_id:
+                continue
+            if video_id not in tokenized:
+                raise AnnotationError(f"{id_list}:{line_number}: video {video_id!r} has no caption in {captions_pkl}")
+            for number, tokens in enumerate(tokenized[video_id]):
+                caption = " ".join(tokens) if isinstance(tokens, (list, tuple)) else str(tokens)
+                entries.append((video_id, caption, f"{id_list}:{line_number} ({captions_pkl}: {video_id}[{number}])"))
+    return entries, _locator(video_dir, ".avi"), id_list
+
+
+CSV_SPLITS = ("train", "val", "test")
+
+
+def _csv_entries(csv_path: Path, split: str | None):
+    """The generic format: a headed CSV with `video,caption` rows, video paths relative to the CSV's folder;
+    rows naming the same video give it several captions. An optional `split` column (train, val or test)
+    says where each row belongs. Without it every row is a training row: evaluating on them must be asked
+    for (split "train"), so that nobody reports training rows as test results by accident.
+    `split` None (the synthetic world, one file per split) takes every row."""
+    rows = list(_read_csv_rows(csv_path, ["video", "caption"]))
+    has_split_column = bool(rows) and "split" in rows[0][1]
+    if split is not None and not has_split_column and split != "train":
+        raise AnnotationError(
+            f"{csv_path} has no 'split' column, so all its rows are training rows and there is no {split!r} "
+            f"split: add a column split (train/val/test), or evaluate on the training rows by asking for split "
+            f"'train' (--test-split train / --split train)")
+    entries = []
+    for line, row in rows:
+        if split is not None and has_split_column:
+            row_split = (row["split"] or "").strip()
+            if row_split not in CSV_SPLITS:
+                raise AnnotationError(f"{csv_path}:{line}: split {row_split!r} is none of {', '.join(CSV_SPLITS)}")
+            if row_split != split:
+                continue
+        entries.append(((row["video"] or "").strip(), row["caption"], f"{csv_path}:{line}"))
+    if split is not None and has_split_column and not entries:
+        present = sorted({(row["split"] or "").strip() for _, row in rows})
+        raise AnnotationError(f"{csv_path}: no row of split {split!r}; the file has {', '.join(present)}")
+    return entries, (lambda video_id: csv_path.parent / video_id), csv_path
+
+
+def _assemble(entries, locate, annotation_file, skip_missing) -> Annotations:
+    """Check captions and videos and group captions by video (no video is decoded)."""
+    video_ids, video_paths, index_of, missing = [], [], {}, {}
+    captions, caption_video_index = [], []
+    for video_id, caption, where in entries:
+        if not video_id:
+            raise AnnotationError(f"{where}: empty video name; fix or delete this line")
+        if caption is None or not str(caption).strip():
+            raise AnnotationError(f"{where}: empty caption for video {video_id!r}; fix or delete this line")
+        if video_id in missing:
+            continue
+        if video_id not in index_of:
+            path = Path(locate(video_id))
+            if not path.is_file():
+                missing[video_id] = (where, path)
+                continue
+            index_of[video_id] = len(video_ids)
+            video_ids.append(video_id)
+            video_paths.append(path)
+        captions.append(str(caption).strip())
+        caption_video_index.append(index_of[video_id])
+    if missing:
+        first_id, (first_where, first_path) = next(iter(missing.items()))
+        summary = (f"{len(missing)} of {len(missing) + len(video_ids)} videos listed in {annotation_file} are "
+                   f"missing (first: {first_id!r} at {first_where}, expected at {first_path})")
+        if not skip_missing:
+            raise FileNotFoundError(f"{summary}. Add the videos, fix the paths, or pass skip_missing=True.")
+        warnings.warn(f"{summary}; skipping them (skip_missing=True).", stacklevel=3)
+    if not captions:
+        raise AnnotationError(f"{annotation_file}: no usable (video, caption) pair")
+    return Annotations(video_ids, video_paths, captions, caption_video_index, Path(annotation_file))
