@@ -1,10 +1,13 @@
-"""CLIP against OpenAI's reference outputs, architecture inference, and loading errors."""
+"""CLIP against OpenAI's reference outputs, architecture inference, the activation and head settings, and what
+`load` records. Reading the other formats, and refusing unsafe files, is tested in test_clip_weights.py."""
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
 import clip_model
+import clip_weights
 from clip_model import CLIPConfig, build_model, load
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -14,6 +17,11 @@ RELEASE_FILE = FIXTURES / "tiny_clip_openai_jit.pt"
 @pytest.fixture(scope="module")
 def expected():
     return torch.load(FIXTURES / "tiny_clip_expected.pt")
+
+
+@pytest.fixture(scope="module")
+def release_state_dict():
+    return clip_weights.read_state_dict(RELEASE_FILE)
 
 
 def assert_close_relative(actual, reference, rtol=1e-5):
@@ -33,27 +41,33 @@ def check_against_reference(model, expected):
 def test_release_file_matches_openai_reference(expected):
     model = load(RELEASE_FILE)
     assert not model.training and model.dtype == torch.float32
-    config = expected["config"]
-    assert model.config == CLIPConfig(**config)
+    assert model.config == CLIPConfig(**expected["config"])
+    assert model.config.activation == "quick_gelu"
     check_against_reference(model, expected)
 
 
-def test_plain_state_dict_matches_openai_reference(expected, tmp_path):
-    state_dict = clip_model.read_state_dict(RELEASE_FILE)
+def test_plain_state_dict_matches_openai_reference(expected, release_state_dict, tmp_path):
     path = tmp_path / "tiny.pt"
-    torch.save(state_dict, path)
+    torch.save(release_state_dict, path)
+    check_against_reference(load(path), expected)
+    torch.save({"epoch": 3, "state_dict": release_state_dict}, path)  # a training checkpoint's layout
     check_against_reference(load(path), expected)
 
 
-def test_parameter_names_are_openai_keys():
-    state_dict = clip_model.read_state_dict(RELEASE_FILE)
+def test_parameter_names_are_openai_keys(release_state_dict):
     model = load(RELEASE_FILE)
-    released = set(state_dict) - {"input_resolution", "context_length", "vocab_size"}
+    released = set(release_state_dict) - {"input_resolution", "context_length", "vocab_size"}
     assert set(model.state_dict()) == released
 
 
 def vit_b32_state_dict():
     return clip_model.CLIP(CLIPConfig()).state_dict()
+
+
+def small_state_dict():
+    return clip_model.CLIP(CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=1, vision_width=64,
+                                      vision_patch_size=16, vocab_size=100, transformer_width=64,
+                                      transformer_heads=1, transformer_layers=1)).state_dict()
 
 
 def test_vit_b32_shape_builds_and_encodes():
@@ -80,23 +94,46 @@ def test_text_is_causal_and_read_at_eot():
         assert not torch.allclose(model.encode_text(tokens), model.encode_text(changed_before))
 
 
-def test_missing_file_names_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
-        load(tmp_path / "nope.pt")
+def test_config_defaults_follow_openai_and_validate():
+    config = CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=128, vision_patch_size=16,
+                        context_length=77, vocab_size=100, transformer_width=64, transformer_heads=1,
+                        transformer_layers=2)
+    assert (config.vision_heads, config.vision_mlp_width, config.transformer_mlp_width) == (2, 512, 256)
+    assert config.activation == "quick_gelu"
+    with pytest.raises(ValueError, match="vision_heads"):
+        CLIPConfig(vision_width=768, vision_heads=5)
+    with pytest.raises(ValueError, match="swish"):
+        CLIPConfig(activation="swish")
 
 
-def test_file_of_neither_format(tmp_path):
-    path = tmp_path / "notes.pt"
-    path.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="neither an OpenAI CLIP release file"):
-        load(path)
+def test_gelu_is_a_real_switch(release_state_dict, expected, tmp_path):
+    """The same weights give other numbers under GELU, and a state dict file takes the activation from load."""
+    quick, gelu = build_model(release_state_dict), build_model(release_state_dict, activation="gelu")
+    assert isinstance(gelu.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
+    with torch.no_grad():
+        assert not torch.allclose(quick.encode_image(expected["images"]), gelu.encode_image(expected["images"]))
+        assert not torch.allclose(quick.encode_text(expected["text"]), gelu.encode_text(expected["text"]))
+    path = tmp_path / "tiny.pt"
+    torch.save(release_state_dict, path)
+    loaded = load(path, activation="gelu")
+    assert loaded.config.activation == loaded.source["activation"] == "gelu"
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(expected["images"]), gelu.encode_image(expected["images"]))
 
 
-def test_pickled_non_state_dict(tmp_path):
-    path = tmp_path / "list.pt"
-    torch.save([1, 2, 3], path)
-    with pytest.raises(ValueError, match="not a CLIP state dict"):
-        load(path)
+def test_head_counts_are_real(release_state_dict, expected):
+    """Head counts the tensors cannot tell change the numbers, so they must come from a config."""
+    default = build_model(release_state_dict)
+    assert default.config.transformer_heads == 2  # width 128 // 64
+    four_heads = build_model(release_state_dict, transformer_heads=4, vision_heads=4)
+    assert four_heads.visual.transformer.resblocks[0].attn.heads == 4
+    with torch.no_grad():
+        assert not torch.allclose(default.encode_text(expected["text"]), four_heads.encode_text(expected["text"]))
+
+
+def test_config_sizes_must_agree_with_the_tensors(release_state_dict):
+    with pytest.raises(ValueError, match="vision_width"):
+        build_model(release_state_dict, vision_width=256)
 
 
 def test_missing_and_unexpected_keys_are_listed():
@@ -105,57 +142,41 @@ def test_missing_and_unexpected_keys_are_listed():
     state_dict["visual.extra_head.weight"] = torch.zeros(3)
     with pytest.raises(ValueError) as error:
         build_model(state_dict)
-    assert "missing keys: visual.ln_post.bias" in str(error.value)
-    assert "unexpected keys: visual.extra_head.weight" in str(error.value)
+    assert "visual.ln_post.bias" in str(error.value) and "visual.extra_head.weight" in str(error.value)
 
 
-def test_resnet_state_dict_is_refused():
-    state_dict = vit_b32_state_dict()
+def test_resnet_state_dict_is_refused(tmp_path):
+    state_dict = small_state_dict()
     state_dict["visual.layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
-    with pytest.raises(ValueError, match="only ViT backbones are supported"):
+    torch.save(state_dict, tmp_path / "RN50.pt")
+    with pytest.raises(ValueError, match=r"RN50\.pt.*ResNet"):
+        load(tmp_path / "RN50.pt")
+
+
+def test_image_tower_alone_is_refused():
+    state_dict = {k: v for k, v in small_state_dict().items() if k.startswith("visual.")}
+    with pytest.raises(ValueError, match="text tower"):
         build_model(state_dict)
 
 
-def test_unknown_name_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise OSError("network unreachable")
+def test_source_is_plain_data_that_rebuilds_the_same_model(tmp_path, release_state_dict):
+    path = tmp_path / "tiny.pt"
+    torch.save(release_state_dict, path)
+    for name, fmt in ((RELEASE_FILE, "openai-release"), (path, "state-dict")):
+        model = load(name, activation="quick_gelu")
+        source = json.loads(json.dumps(model.source))  # what a checkpoint stores
+        assert source == model.source and all(isinstance(v, str) for v in source.values())
+        assert source["format"] == fmt and source["path"] == str(Path(name).absolute())
+        assert source["sha256"] == clip_weights.file_sha256(Path(name))
+        again = load(source["clip"], activation=source["activation"], sha256=source["sha256"])
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
 
-    monkeypatch.setattr(clip_model.urllib.request, "urlopen", offline)
-    with pytest.raises(RuntimeError, match=r"--clip .*ViT-B-32\.pt"):
-        load("ViT-B/32", download_root=tmp_path)
+
+def test_other_weights_than_recorded_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=RELEASE_FILE.name):
+        load(RELEASE_FILE, sha256="0" * 64)
 
 
-def test_named_model_is_checked_against_its_sha256(tmp_path, monkeypatch):
-    """A cached file whose digest matches is used; one that does not is fetched again."""
-    state_dict = clip_model.read_state_dict(RELEASE_FILE)
-    payload_path = tmp_path / "payload.pt"
-    torch.save(state_dict, payload_path)
-    payload = payload_path.read_bytes()
-    digest = clip_model._sha256(payload_path)
-    monkeypatch.setitem(clip_model.OPENAI_MODELS, "tiny", f"https://example.invalid/{digest}/tiny.pt")
-
-    class Response:
-        def __init__(self):
-            self.data = payload
-
-        def read(self, n):
-            chunk, self.data = self.data[:n], self.data[n:]
-            return chunk
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *args):
-            return False
-
-    calls = []
-    monkeypatch.setattr(clip_model.urllib.request, "urlopen", lambda *a, **k: calls.append(a) or Response())
-    cache = tmp_path / "cache"
-    assert load("tiny", download_root=cache).config.vision_layers == 3
-    assert load("tiny", download_root=cache).config.vision_layers == 3
-    assert len(calls) == 1  # the second load found the verified file in the cache
-
-    (cache / "tiny.pt").write_bytes(b"corrupted")
-    monkeypatch.setitem(clip_model.OPENAI_MODELS, "tiny", f"https://example.invalid/{'0' * 64}/tiny.pt")
-    with pytest.raises(RuntimeError, match="SHA-256 does not match"):
-        load("tiny", download_root=cache)
+def test_activation_contradicting_a_config_is_refused():
+    with pytest.raises(ValueError, match="open_clip_config.json"):
+        load(FIXTURES / "tiny_clip_open_clip", activation="quick_gelu")  # its config says GELU

@@ -1,0 +1,569 @@
+"""Reading CLIP weights in the formats people hold, without running code from any file. Skip on a first reading.
+
+`read_weights(name_or_path)` returns the tensors under OpenAI's parameter names (clip_model.py's), plus what the
+file's config says that the tensors cannot (head counts, activation); clip_model.load builds the model from it.
+
+    format          what it is                                                  heads, activation from
+    openai-release  OpenAI's release: a name such as "ViT-B/32" (downloaded     OpenAI's rules: width // 64
+                    once, SHA-256 checked), or its .pt file (TorchScript zip)   heads, QuickGELU
+    state-dict      tensors with OpenAI's names and no config: a torch.save'd   the same rules; for files
+                    dict (or one under "state_dict"), or a .safetensors file    the caller may say "gelu"
+    transformers    Hugging Face CLIPModel: a folder with config.json and       config.json: hidden_act,
+                    model.safetensors or pytorch_model.bin (or shards), the     num_attention_heads
+                    weights file itself, or a hub cache folder models--org--name
+    open_clip       open_clip_model.safetensors or open_clip_pytorch_model.bin  open_clip_config.json: heads,
+                    with open_clip_config.json next to it, or their folder      head_width, quick_gelu (else GELU)
+
+No file runs code. A torch.save'd file is read by `torch.load(weights_only=True)`, which unpickles tensors and
+plain containers only and refuses anything else; there is no fallback. OpenAI's TorchScript archive is a zip of
+a pickled module tree (data.pkl) and raw tensor storages (data/0, data/1, ...): it is read here as data, by an
+unpickler that admits only tensor rebuilding and plain containers and turns each of the archive's own classes
+(`__torch__.*`) into an inert placeholder that keeps its state, never by torch.jit (which would run the
+archive's TorchScript). A .safetensors file is an 8-byte length, a JSON header and raw little-endian tensors:
+the reader below is 40 lines, validates every offset and size, and spares the project a dependency.
+"""
+import collections
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import re
+import urllib.request
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# OpenAI's public release files; the path component before the file name is the file's SHA-256.
+
+class WeightsError(ValueError):
+    """A weights file or folder that cannot be read safely, or is not a CLIP this project can build."""
+
+
+OPENAI_MODELS = {
+    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+}
+DEFAULT_CACHE = Path("~/.cache/vop").expanduser()
+
+# The weights files looked for in a folder, in this order (the first found is read).
+WEIGHTS_FILES = ("open_clip_model.safetensors", "model.safetensors", "open_clip_pytorch_model.bin",
+                 "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class Weights:
+    """One CLIP's tensors under OpenAI's names, and where they came from."""
+    state_dict: dict  # OpenAI's parameter names -> tensors (as stored: fp16 stays fp16 until build_model)
+    format: str  # "openai-release" | "state-dict" | "transformers" | "open_clip"
+    name: str  # the model name, or the absolute path that was asked for (a file or a folder)
+    path: Path  # the weights file read (the shard index, for sharded weights)
+    sha256: str  # of the weights file (of all shards in name order, for sharded weights)
+    config: dict = field(default_factory=dict)  # CLIPConfig fields the file's config gives
+    config_path: Path | None = None  # that config file
+
+
+def read_weights(name_or_path: str | os.PathLike, download_root: str | os.PathLike | None = None) -> Weights:
+    """The tensors of OpenAI's model `name_or_path`, or of the weights file or folder at that path."""
+    if str(name_or_path) in OPENAI_MODELS:
+        path = download(str(name_or_path), download_root)
+        sha256 = OPENAI_MODELS[str(name_or_path)].split("/")[-2]  # download has just checked it
+        return Weights(read_state_dict(path), "openai-release", str(name_or_path), path, sha256,
+                       config={"activation": "quick_gelu"})
+    if not str(name_or_path).strip():
+        raise WeightsError("no CLIP weights were named (an empty name or path)")
+    asked = Path(name_or_path).expanduser().absolute()
+    if not asked.exists():
+        raise FileNotFoundError(f"CLIP weights {asked} do not exist; pass a model name ({', '.join(OPENAI_MODELS)}), "
+                                f"a weights file or a folder holding one")
+    path = find_weights_file(asked) if asked.is_dir() else asked
+    kind = file_kind(path)
+    tensors = read_state_dict(path)
+    weights = Weights(tensors, "state-dict", str(asked), path, "")
+    beside = path.parent
+    if any(name.startswith(("vision_model.", "text_model.")) for name in tensors):
+        weights.format, weights.config_path = "transformers", beside / "config.json"
+        for tower, prefix in (("text", "text_model."), ("image", "vision_model.")):
+            if not any(name.startswith(prefix) for name in tensors):
+                raise WeightsError(f"{path} has no {tower} tower (no {prefix}* tensors): VoP needs a full CLIPModel, "
+                                 f"with both towers")
+        if not weights.config_path.is_file():
+            raise FileNotFoundError(f"{path} holds transformers CLIP weights, but {weights.config_path} is missing: "
+                                    f"it gives the head counts and activation; put the model's config.json there")
+        weights.config = transformers_config(weights.config_path)
+        weights.state_dict = transformers_to_openai(tensors)
+    elif (beside / "open_clip_config.json").is_file() or path.name.startswith("open_clip"):
+        weights.format, weights.config_path = "open_clip", beside / "open_clip_config.json"
+        if not weights.config_path.is_file():
+            raise FileNotFoundError(f"{path} is an open_clip checkpoint, but {weights.config_path} is missing: it "
+                                    f"gives the activation (GELU unless quick_gelu) and head widths; put the "
+                                    f"model's open_clip_config.json there")
+        weights.config = open_clip_config(weights.config_path)
+        # open_clip's CustomTextCLIP keeps the text tower under `text.`, and some models save logit_scale with
+        # shape (1,); the tensors are the same.
+        weights.state_dict = {name.removeprefix("text."): tensor for name, tensor in tensors.items()}
+        if "logit_scale" in weights.state_dict and weights.state_dict["logit_scale"].numel() == 1:
+            weights.state_dict["logit_scale"] = weights.state_dict["logit_scale"].reshape(())
+    elif kind == "torchscript":
+        weights.format = "openai-release"
+    weights.sha256 = file_sha256(*shard_files(path)) if kind == "shard-index" else file_sha256(path)
+    return weights
+
+
+def find_weights_file(folder: Path) -> Path:
+    """The weights file in `folder` (a Hugging Face hub cache folder is followed to its snapshot)."""
+    if (folder / "snapshots").is_dir():  # ~/.cache/huggingface/hub/models--org--name
+        ref = folder / "refs" / "main"
+        main = folder / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+        snapshots = sorted(p for p in (folder / "snapshots").iterdir() if p.is_dir())
+        if main is not None and main.is_dir():
+            folder = main
+        elif len(snapshots) == 1:
+            folder = snapshots[0]
+        else:
+            raise FileNotFoundError(f"{folder} is a Hugging Face cache folder with {len(snapshots)} snapshots and no "
+                                    f"refs/main: pass one of them: {', '.join(str(p) for p in snapshots) or '(none)'}")
+    for name in WEIGHTS_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    present = sorted(p.name for p in folder.iterdir())
+    raise FileNotFoundError(f"{folder} holds no CLIP weights file: looked for {', '.join(WEIGHTS_FILES)}; it holds "
+                            f"{', '.join(present[:12]) or 'nothing'}{' ...' if len(present) > 12 else ''}. Pass the "
+                            f"weights file itself if it has another name")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One file's tensors, under the names it stores them
+# ---------------------------------------------------------------------------------------------------------
+
+def file_kind(path: Path) -> str:
+    """"torchscript", "torch" (torch.save), "safetensors" or "shard-index", from the file's first bytes."""
+    size = path.stat().st_size
+    if size == 0:
+        raise WeightsError(f"{path} is empty (0 bytes): an interrupted download or copy? Fetch the file again")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK\x03\x04"):  # a zip: torch.save's format, and TorchScript's, which adds constants.pkl
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as error:
+            raise WeightsError(f"{path} is a damaged zip archive ({error}): a truncated copy? Fetch it again") from error
+        return "torchscript" if any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in names) else "torch"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if head.startswith(b"\x80"):  # a bare pickle: torch.save's legacy format
+        return "torch"
+    if path.name.endswith(".index.json"):
+        return "shard-index"
+    raise WeightsError(f"{path} is not a weights file this code reads: neither a torch.save / TorchScript zip, a "
+                     f"pickle, a .safetensors file nor a shard index (it starts with {head[:8]!r})")
+
+
+def read_state_dict(path: Path) -> dict:
+    """The tensors of one weights file, under the names it stores them (no renaming)."""
+    kind = file_kind(path)
+    if kind == "torchscript":
+        return read_torchscript(path)
+    if kind == "safetensors":
+        return read_safetensors(path)
+    if kind == "shard-index":
+        tensors = {}
+        for shard in shard_files(path):
+            tensors.update(read_state_dict(shard))
+        return tensors
+    obj = _torch_load_weights_only(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # a training checkpoint
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a CLIP state dict of tensors")
+    not_tensors = [name for name, value in obj.items() if not torch.is_tensor(value)]
+    if not_tensors:
+        raise WeightsError(f"{path} is not a CLIP state dict of tensors: {not_tensors[:5]} are not tensors")
+    if all(name.startswith("module.") for name in obj):  # saved from a DistributedDataParallel wrapper
+        obj = {name.removeprefix("module."): tensor for name, tensor in obj.items()}
+    return obj
+
+
+def _torch_load_weights_only(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error)) or re.search(r"(Unsupported operand \d+)", str(error))
+        what = f"it asks for {found.group(1)}" if found else str(error).strip().splitlines()[-1]
+        raise WeightsError(f"{path} was refused: {what}, which is not tensor data. Weights files are read with "
+                         f"torch.load(weights_only=True) only, since unpickling anything more can run code from "
+                         f"the file") from error
+    except Exception as error:
+        raise WeightsError(f"{path} cannot be read as a torch.save file: "
+                         f"{type(error).__name__}: {str(error).strip() or 'no detail'}") from error
+
+
+def shard_files(index_path: Path) -> list[Path]:
+    """The shard files a *.index.json names (transformers' sharded weights), in name order."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise WeightsError(f"{index_path} is not a shard index with a weight_map: {error}") from error
+    if not names or any(not isinstance(n, str) or Path(n).name != n or n.endswith(".json") for n in names):
+        raise WeightsError(f"{index_path}: its weight_map must name shard files in its own folder, got {names[:5]}")
+    missing = [n for n in names if not (index_path.parent / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{index_path} names shards that are not there: {', '.join(missing)}")
+    return [index_path.parent / n for n in names]
+
+
+def file_sha256(*paths: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# safetensors: an 8-byte little-endian header length, a JSON header, then the raw little-endian tensors
+# ---------------------------------------------------------------------------------------------------------
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+_MAX_HEADER = 100_000_000  # the safetensors library's own bound
+
+
+def read_safetensors(path: Path) -> dict:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header_length = int.from_bytes(f.read(8), "little")
+        if size < 8 or not 2 <= header_length <= min(size - 8, _MAX_HEADER):
+            raise WeightsError(f"{path}: safetensors header length {header_length} does not fit a {size}-byte file")
+        try:
+            header = json.loads(f.read(header_length))
+        except ValueError as error:
+            raise WeightsError(f"{path}: the safetensors header is not valid JSON ({error})") from error
+        if not isinstance(header, dict):
+            raise WeightsError(f"{path}: the safetensors header is not a JSON object")
+        data_start, data_size = 8 + header_length, size - 8 - header_length
+        tensors = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+            except (KeyError, TypeError, ValueError) as error:
+                raise WeightsError(f"{path}: tensor {name!r} has a bad header entry {entry!r:.200} (dtypes read: "
+                                 f"{', '.join(SAFETENSORS_DTYPES)})") from error
+            if not all(isinstance(n, int) and n >= 0 for n in [*shape, begin, end]) or not begin <= end <= data_size:
+                raise WeightsError(f"{path}: tensor {name!r}: shape {shape} or offsets {[begin, end]} are not valid "
+                                 f"for a data section of {data_size} bytes")
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            if end - begin != math.prod(shape) * itemsize:
+                raise WeightsError(f"{path}: tensor {name!r} of shape {shape} and dtype {entry['dtype']} needs "
+                                 f"{math.prod(shape) * itemsize} bytes, its offsets span {end - begin}")
+            buffer = bytearray(end - begin)
+            f.seek(data_start + begin)
+            f.readinto(buffer)
+            flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+            tensors[name] = flat.reshape(shape)
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------------------
+# OpenAI's TorchScript release, read as data
+# ---------------------------------------------------------------------------------------------------------
+
+class ArchiveObject:
+    """Stands in for every class a TorchScript archive names (`__torch__.*`): it keeps the pickled state (a
+    module's attributes: tensors, submodules, flags) and has no behaviour of its own."""
+
+    def __init__(self, *args):
+        self.state = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+_STORAGE_DTYPES = {"DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
+                   "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """What `torch._utils._rebuild_tensor_v2` does for plain tensors: a view of a storage (bounds checked)."""
+    if not (torch.is_tensor(storage) and isinstance(storage_offset, int)
+            and all(isinstance(n, int) for n in (*size, *stride))):
+        raise pickle.UnpicklingError("a tensor record that is not (storage, offset, size, stride)")
+    return storage.as_strided(tuple(size), tuple(stride), storage_offset)
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    """Unpickles a TorchScript archive's data.pkl admitting only tensors, plain containers and placeholders."""
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(io.BytesIO(archive.read(prefix + "data.pkl")))
+        self.archive, self.prefix, self.storages = archive, prefix, {}
+
+    def find_class(self, module, name):
+        if module == "__torch__" or module.startswith("__torch__."):
+            return ArchiveObject
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]  # a dtype: what persistent_load needs to read the storage
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}, which is not tensor data")
+
+    def persistent_load(self, record):  # ("storage", dtype, key, location, numel): the bytes in data/<key>
+        if not (isinstance(record, tuple) and len(record) == 5 and record[0] == "storage"
+                and isinstance(record[1], torch.dtype) and isinstance(record[2], str) and isinstance(record[4], int)):
+            raise pickle.UnpicklingError(f"an unknown storage record {record!r:.100}")
+        _, dtype, key, _, numel = record
+        if key not in self.storages:
+            raw = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+            if len(raw) != numel * torch.empty((), dtype=dtype).element_size():
+                raise pickle.UnpicklingError(f"storage data/{key} holds {len(raw)} bytes, not {numel} x {dtype}")
+            self.storages[key] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        return self.storages[key]
+
+
+def read_torchscript(path: Path) -> dict:
+    """The parameters and buffers of a TorchScript archive (e.g. OpenAI's release), named as its state_dict()
+    names them, read without torch.jit: nothing in the file runs."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            pickles = [n for n in names if n.rsplit("/", 1)[-1] == "data.pkl" and n.count("/") <= 1]
+            if len(pickles) != 1:
+                raise pickle.UnpicklingError(f"it holds {len(pickles)} top-level data.pkl, not 1")
+            prefix = pickles[0][:-len("data.pkl")]
+            if prefix + "byteorder" in names and archive.read(prefix + "byteorder") != b"little":
+                raise pickle.UnpicklingError("its tensors are stored big-endian")
+            root = _TensorUnpickler(archive, prefix).load()
+    except Exception as error:  # anything unexpected in a crafted or damaged file: one message naming it
+        raise WeightsError(f"{path} was refused as a TorchScript archive: {error}. Its tensors are read as data "
+                         f"only (never with torch.jit, which would run its code)") from error
+    if not isinstance(root, ArchiveObject):
+        raise WeightsError(f"{path}: its data.pkl holds a {type(root).__name__}, not a TorchScript module")
+    tensors = {}
+    _collect_tensors(root, "", tensors, set())
+    return tensors
+
+
+def _collect_tensors(module: ArchiveObject, prefix: str, out: dict, seen: set):
+    """Walk the module tree: tensor attributes are the parameters and buffers (a traced module, as OpenAI's,
+    keeps no other tensors), other placeholders the submodules."""
+    if id(module) in seen or not isinstance(module.state, dict):
+        return
+    seen.add(id(module))
+    for name, value in module.state.items():
+        if torch.is_tensor(value):
+            out[prefix + name] = value
+        elif isinstance(value, ArchiveObject):
+            _collect_tensors(value, f"{prefix}{name}.", out, seen)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face transformers' CLIPModel
+# ---------------------------------------------------------------------------------------------------------
+
+# transformers' names -> OpenAI's, by prefix; a layer's index stays where it is. The two projections are
+# nn.Linear weights (E, D) there and matrices (D, E) here, so they are transposed as well.
+TRANSFORMERS_TO_OPENAI = {
+    "vision_model.embeddings.class_embedding": "visual.class_embedding",
+    "vision_model.embeddings.patch_embedding.": "visual.conv1.",
+    "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+    "vision_model.pre_layrnorm.": "visual.ln_pre.",  # sic: transformers' spelling
+    "vision_model.encoder.layers.": "visual.transformer.resblocks.",
+    "vision_model.post_layernorm.": "visual.ln_post.",
+    "visual_projection.weight": "visual.proj",  # transposed
+    "text_model.embeddings.token_embedding.": "token_embedding.",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.encoder.layers.": "transformer.resblocks.",
+    "text_model.final_layer_norm.": "ln_final.",
+    "text_projection.weight": "text_projection",  # transposed
+}
+# ... and inside each residual block. q_proj, k_proj and v_proj are then packed into in_proj_weight / _bias.
+TRANSFORMERS_BLOCK_TO_OPENAI = {"self_attn.": "attn.", "layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.",
+                                "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj."}
+
+
+def _replace_prefix(name: str, table: dict) -> str:
+    for old, new in table.items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def transformers_to_openai(state_dict: dict) -> dict:
+    """A transformers CLIPModel state dict under OpenAI's names. Names it does not know are kept, so that
+    build_model lists them as unexpected."""
+    renamed = {}
+    for name, tensor in state_dict.items():
+        if name.endswith("position_ids"):  # a constant arange that older transformers versions saved
+            continue
+        name = _replace_prefix(name, TRANSFORMERS_TO_OPENAI)
+        tower, found, rest = name.partition("resblocks.")
+        if found:
+            layer, _, inner = rest.partition(".")
+            name = f"{tower}resblocks.{layer}.{_replace_prefix(inner, TRANSFORMERS_BLOCK_TO_OPENAI)}"
+        renamed[name] = tensor
+    for name in [n for n in renamed if ".attn.q_proj." in n]:
+        block, kind = name.split(".attn.q_proj.")  # kind: weight or bias
+        parts = [f"{block}.attn.{p}_proj.{kind}" for p in "qkv"]
+        if all(p in renamed for p in parts):
+            renamed[f"{block}.attn.in_proj_{kind}"] = torch.cat([renamed.pop(p) for p in parts])  # (3D, ...)
+    for name in ("visual.proj", "text_projection"):
+        if name in renamed and renamed[name].dim() == 2:
+            renamed[name] = renamed[name].t().contiguous()  # (E, D) -> (D, E)
+    return renamed
+
+
+# transformers' defaults, for the keys its save_pretrained leaves out of config.json when they equal them.
+_TRANSFORMERS_TEXT = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                          num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
+                          layer_norm_eps=1e-5)
+_TRANSFORMERS_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def transformers_config(path: Path) -> dict:
+    """CLIPConfig fields from a transformers CLIPModel config.json."""
+    config = _read_json(path)
+    model_type = config.get("model_type")
+    if model_type in ("clip_vision_model", "clip_text_model"):
+        raise WeightsError(f"{path}: model_type {model_type!r} is one tower only: VoP needs a full CLIPModel "
+                         f"(model_type 'clip') with both")
+    if model_type != "clip":
+        raise WeightsError(f"{path}: model_type {model_type!r} is not transformers' CLIP (model_type 'clip'); only "
+                         f"CLIP's ViT architecture is supported")
+    text = {**_TRANSFORMERS_TEXT, **(config.get("text_config") or config.get("text_config_dict") or {})}
+    vision = {**_TRANSFORMERS_VISION, **(config.get("vision_config") or config.get("vision_config_dict") or {})}
+    activations = {text["hidden_act"], vision["hidden_act"]}
+    if len(activations) != 1 or not activations <= {"quick_gelu", "gelu"}:
+        raise WeightsError(f"{path}: hidden_act {text['hidden_act']!r} (text) / {vision['hidden_act']!r} (vision) is "
+                         f"not supported: both towers must use 'quick_gelu' or both 'gelu'")
+    if text["layer_norm_eps"] != 1e-5 or vision["layer_norm_eps"] != 1e-5:
+        raise WeightsError(f"{path}: layer_norm_eps other than 1e-5 is not supported")
+    return dict(embed_dim=config.get("projection_dim", 512), image_resolution=vision["image_size"],
+                vision_patch_size=vision["patch_size"], vision_width=vision["hidden_size"],
+                vision_layers=vision["num_hidden_layers"], vision_heads=vision["num_attention_heads"],
+                vision_mlp_width=vision["intermediate_size"], context_length=text["max_position_embeddings"],
+                vocab_size=text["vocab_size"], transformer_width=text["hidden_size"],
+                transformer_layers=text["num_hidden_layers"], transformer_heads=text["num_attention_heads"],
+                transformer_mlp_width=text["intermediate_size"], activation=activations.pop())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# open_clip
+# ---------------------------------------------------------------------------------------------------------
+
+# open_clip settings that change what the same tensors compute (or add tensors), with the values this CLIP
+# implements; any other value is refused rather than silently computed differently.
+_OPEN_CLIP_FIXED = {
+    "model_cfg": {"init_logit_bias": (None,), "multimodal_cfg": (None,)},
+    "vision_cfg": {"ls_init_value": (None,), "attentional_pool": (False,), "no_ln_pre": (False,),
+                   "pos_embed_type": ("learnable",), "final_ln_after_pool": (False,), "pool_type": ("tok",),
+                   "global_average_pool": (False,), "input_patchnorm": (False,), "act_kwargs": (None, {}),
+                   "norm_kwargs": (None, {}), "block_type": (None, "default"), "qk_norm": (False,),
+                   "scaled_cosine_attn": (False,), "scale_heads": (False,), "scale_attn_inner": (False,),
+                   "scale_attn": (False,), "scale_fc": (False,), "timm_model_name": (None,)},
+    "text_cfg": {"text_arch": ("clip",), "variable_text": (False,), "ls_init_value": (None,), "embed_cls": (False,),
+                 "no_causal_mask": (False,), "final_ln_after_pool": (False,), "pool_type": ("argmax",),
+                 "proj_bias": (False,), "proj_type": ("linear", None), "act_kwargs": (None, {}),
+                 "norm_kwargs": (None, {}), "block_type": (None, "default"), "qk_norm": (False,),
+                 "scaled_cosine_attn": (False,), "scale_heads": (False,), "scale_attn_inner": (False,),
+                 "scale_attn": (False,), "scale_fc": (False,), "hf_model_name": (None,)},
+}
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def open_clip_config(path: Path) -> dict:
+    """CLIPConfig fields from an open_clip_config.json (or a bare open_clip model config)."""
+    config = _read_json(path)
+    model = config.get("model_cfg", config)
+    vision, text = model.get("vision_cfg"), model.get("text_cfg")
+    if not isinstance(vision, dict) or not isinstance(text, dict) or "embed_dim" not in model:
+        raise WeightsError(f"{path} lacks embed_dim, vision_cfg or text_cfg: not an open_clip image-text model")
+    if isinstance(vision.get("layers"), (list, tuple)):
+        raise WeightsError(f"{path}: vision_cfg.layers {vision['layers']} describes a ResNet image tower; only ViT "
+                         f"backbones are supported")
+    for part, settings in (("model_cfg", model), ("vision_cfg", vision), ("text_cfg", text)):
+        for key, allowed in _OPEN_CLIP_FIXED[part].items():
+            if settings.get(key, allowed[0]) not in allowed:
+                raise WeightsError(f"{path}: {part}.{key} = {settings[key]!r} is an architecture this CLIP does not "
+                                 f"implement (it computes {key} = {allowed[0]!r})")
+    preprocess = config.get("preprocess_cfg") or {}
+    for key, openai in (("mean", OPENAI_MEAN), ("std", OPENAI_STD)):
+        values = preprocess.get(key, openai)
+        if not (isinstance(values, (list, tuple)) and len(values) == 3
+                and all(isinstance(a, (int, float)) and abs(a - b) < 1e-4 for a, b in zip(values, openai))):
+            warnings.warn(f"{path}: preprocess_cfg.{key} {values} is not OpenAI's {list(openai)}, with which this "
+                          f"project normalises frames (data.py): features will be somewhat off", stacklevel=2)
+    image_size = vision.get("image_size", 224)
+    if isinstance(image_size, (list, tuple)):
+        if len(set(image_size)) != 1:
+            raise WeightsError(f"{path}: vision_cfg.image_size {image_size} is not square; only square images work")
+        image_size = image_size[0]
+    vision_width, head_width = vision.get("width", 768), vision.get("head_width", 64)
+    if vision_width % head_width:
+        raise WeightsError(f"{path}: vision_cfg.width {vision_width} is not a multiple of head_width {head_width}")
+    text_width = text.get("width", 512)
+    return dict(embed_dim=model["embed_dim"], image_resolution=image_size,
+                vision_patch_size=vision.get("patch_size", 16), vision_width=vision_width,
+                vision_layers=vision.get("layers", 12), vision_heads=vision_width // head_width,
+                vision_mlp_width=int(vision_width * vision.get("mlp_ratio", 4.0)),
+                context_length=text.get("context_length", 77), vocab_size=text.get("vocab_size", 49408),
+                transformer_width=text_width, transformer_layers=text.get("layers", 12),
+                transformer_heads=text.get("heads", 8),
+                transformer_mlp_width=int(text_width * text.get("mlp_ratio", 4.0)),
+                activation="quick_gelu" if model.get("quick_gelu", False) else "gelu")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise WeightsError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path} holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# OpenAI's release files by name
+# ---------------------------------------------------------------------------------------------------------
+
+def download(name: str, download_root: str | os.PathLike | None = None) -> Path:
+    """Path of OpenAI's release file for model `name`, downloaded once and checked against its SHA-256."""
+    url = OPENAI_MODELS[name]
+    expected_sha = url.split("/")[-2]
+    root = Path(download_root).expanduser() if download_root else DEFAULT_CACHE
+    target = root / os.path.basename(url)
+    if target.is_file() and file_sha256(target) == expected_sha:
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise WeightsError(
+            f"could not download CLIP {name} ({error}). Download {url} by hand, put it at {target} "
+            f"(or anywhere) and pass --clip {target}") from error
+    if file_sha256(partial) != expected_sha:
+        partial.unlink()
+        raise WeightsError(f"downloaded {url} but its SHA-256 does not match {expected_sha}; try again")
+    partial.replace(target)
+    return target
