@@ -9,7 +9,8 @@ weights are never touched here.
     ContextPrompts    `ctx`, VoP^C: tokens generated per frame from the video's [CLS]s (Sec. 3.3.2)
     FunctionPrompts   `fn`,  VoP^F: video-level tokens for the upper, video-wide layers (Sec. 3.3.3)
 
-Legend: B videos, F frames, T tokens made per layer, D width of the tower the tokens enter.
+Legend: B videos, F frames, P prompt tokens made per layer, S tokens of a frame, D width of the tower the
+tokens enter.
 """
 import torch
 from torch import nn
@@ -22,14 +23,14 @@ def prompt_table(*shape: int) -> nn.Parameter:
 
 
 class DeepPrompts(nn.Module):
-    """T learnable tokens for each layer of a tower ("deep" prompts: a fresh set enters every layer)."""
+    """P learnable tokens for each layer of a tower ("deep" prompts: a fresh set enters every layer)."""
 
     def __init__(self, num_layers: int, num_tokens: int, width: int):
         super().__init__()
         self.num_tokens = num_tokens
-        self.tokens = prompt_table(num_layers, num_tokens, width)  # (layers, T, D)
+        self.tokens = prompt_table(num_layers, num_tokens, width)  # (layers, P, D)
 
-    def forward(self, layer: int) -> torch.Tensor:  # -> (T, D)
+    def forward(self, layer: int) -> torch.Tensor:  # -> (P, D)
         return self.tokens[layer]
 
 
@@ -43,21 +44,21 @@ class VisualPrompts(DeepPrompts):
 
 
 class PositionPrompts(nn.Module):
-    """VoP^P: frames at the same relative position j share T tokens across all videos, so the prompts
+    """VoP^P: frames at the same relative position j share P tokens across all videos, so the prompts
     tell each frame where it sits in the video (mean pooling alone cannot)."""
 
     def __init__(self, num_layers: int, num_frames: int, num_tokens: int, width: int):
         super().__init__()
         self.num_tokens = num_tokens
-        self.tokens = prompt_table(num_layers, num_frames, num_tokens, width)  # (layers, F, T, D)
+        self.tokens = prompt_table(num_layers, num_frames, num_tokens, width)  # (layers, F, P, D)
 
-    def forward(self, layer: int) -> torch.Tensor:  # -> (F, T, D)
+    def forward(self, layer: int) -> torch.Tensor:  # -> (F, P, D)
         return self.tokens[layer]
 
 
 class ContextPrompts(nn.Module):
     """VoP^C: a context-modelling module (1-layer BiLSTM) reads the [CLS] tokens of one video's frames as
-    they enter a layer, and a linear layer turns each frame's context into T prompt tokens for that frame.
+    they enter a layer, and a linear layer turns each frame's context into P prompt tokens for that frame.
     One BiLSTM and one linear layer serve all layers (the paper shares them)."""
 
     def __init__(self, num_tokens: int, width: int):
@@ -66,7 +67,7 @@ class ContextPrompts(nn.Module):
         self.context = nn.LSTM(width, width, num_layers=1, batch_first=True, bidirectional=True)
         self.to_tokens = nn.Linear(2 * width, num_tokens * width)
 
-    def forward(self, cls_tokens: torch.Tensor) -> torch.Tensor:  # (B, F, D) -> (B, F, T, D)
+    def forward(self, cls_tokens: torch.Tensor) -> torch.Tensor:  # (B, F, D) -> (B, F, P, D)
         B, F, D = cls_tokens.shape
         context, _ = self.context(cls_tokens)  # (B, F, 2D)
         return self.to_tokens(context).view(B, F, self.num_tokens, D)
@@ -75,14 +76,18 @@ class ContextPrompts(nn.Module):
 class FunctionPrompts(nn.Module):
     """VoP^F: the upper layers of the frozen image tower are given a new function, attending across the
     whole video at once. A learned frame position embedding marks which frame each token came from, and
-    T video-level tokens per upper layer are placed after the F [CLS] tokens of the video sequence."""
+    P video-level tokens per upper layer are placed after the F [CLS] tokens of the video sequence."""
 
     def __init__(self, num_video_layers: int, num_frames: int, num_tokens: int, width: int):
         super().__init__()
         self.num_tokens = num_tokens
-        self.tokens = prompt_table(num_video_layers, num_tokens, width)  # (layers above K, T, D)
+        self.tokens = prompt_table(num_video_layers, num_tokens, width)  # (layers above K, P, D)
         # Zero start: the video-wide layers begin from exactly the per-frame features CLIP would see.
         self.frame_position = nn.Parameter(torch.zeros(num_frames, width))  # (F, D)
 
-    def forward(self, video_layer: int) -> torch.Tensor:  # -> (T, D)
+    def forward(self, video_layer: int) -> torch.Tensor:  # -> (P, D)
         return self.tokens[video_layer]
+
+    def add_frame_position(self, frames: torch.Tensor) -> torch.Tensor:  # (B, F, S, D) -> (B, F, S, D)
+        """Mark every token with the frame it came from, before the frames are joined into one sequence."""
+        return frames + self.frame_position[:, None].to(frames.dtype)

@@ -7,18 +7,18 @@ import torch.nn.functional as F
 
 from clip_model import CLIP, CLIPConfig
 from prompts import ContextPrompts, FunctionPrompts, PositionPrompts, TextPrompts, VisualPrompts
-from vop import VoP, count_parameters, describe_parameters, parse_video_prompts
+from vop import VoP, VoPConfig, count_parameters, describe_parameters, parse_video_prompts
 
 ALL_COMBINATIONS = [",".join(c) for r in range(4) for c in itertools.combinations(("pos", "ctx", "fn"), r)]
 TINY_FRAMES = 4
 SOT, EOT = 998, 999  # the tiny fixture CLIP's vocabulary of 1,000
 
 
-def tiny_vop(clip, video_prompts="", **kwargs):
+def tiny_vop(clip, video_prompts="", grad_checkpointing=False, **kwargs):
     torch.manual_seed(0)
     kwargs.setdefault("num_frames", TINY_FRAMES)
     kwargs.setdefault("fn_layers", 2)  # the tiny CLIP has 3 visual layers
-    return VoP(clip, video_prompts, **kwargs)
+    return VoP(clip, VoPConfig(video_prompts, **kwargs), grad_checkpointing=grad_checkpointing)
 
 
 def tiny_videos(num_videos=2, num_frames=TINY_FRAMES, seed=1):
@@ -48,7 +48,7 @@ def test_prompt_module_shapes():
 def test_parse_video_prompts():
     assert parse_video_prompts("fn, pos") == ("pos", "fn") == parse_video_prompts(["pos", "fn"])
     assert parse_video_prompts("") == ()
-    with pytest.raises(ValueError, match="unknown video prompt"):
+    with pytest.raises(ValueError, match="time"):
         parse_video_prompts("pos,time")
 
 
@@ -66,7 +66,7 @@ def test_shapes_on_tiny_clip(tiny_clip, video_prompts):
 
 @pytest.mark.parametrize("video_prompts", ALL_COMBINATIONS)
 def test_shapes_on_vit_b32(vit_b32_clip, video_prompts):
-    model = VoP(vit_b32_clip, video_prompts, num_frames=3)
+    model = VoP(vit_b32_clip, VoPConfig(video_prompts, num_frames=3))
     with torch.no_grad():
         video_embeddings = model.encode_video(torch.randn(1, 3, 3, 224, 224))
         text_embeddings = model.encode_text(model.tokenize(["a dog runs on the grass"]))
@@ -83,14 +83,14 @@ PAPER_COUNTS = {  # METHOD.md: trainable parameters on ViT-B/32 with 12 frames
 @pytest.mark.parametrize("video_prompts", PAPER_COUNTS)
 def test_trainable_parameter_counts_match_the_paper(video_prompts):
     with torch.device("meta"):  # counting needs shapes only
-        model = VoP(CLIP(CLIPConfig()), video_prompts, num_frames=12)
+        model = VoP(CLIP(CLIPConfig()), VoPConfig(video_prompts, num_frames=12))
     assert count_parameters(model)[0] == PAPER_COUNTS[video_prompts]
 
 
 def test_baseline_modes_train_what_they_say():
     with torch.device("meta"):
         clip = CLIP(CLIPConfig())
-        counts = {tune: count_parameters(VoP(clip, tune=tune))[0]
+        counts = {tune: count_parameters(VoP(clip, VoPConfig(tune=tune)))[0]
                   for tune in ("zero-shot", "full", "partial", "bias", "proj")}
     total = sum(p.numel() for p in clip.parameters())
     assert counts["zero-shot"] == 0
@@ -99,14 +99,14 @@ def test_baseline_modes_train_what_they_say():
     assert counts["partial"] == sum(p.numel() for p in clip.visual.transformer.resblocks[-1].parameters()) + \
         sum(p.numel() for p in clip.transformer.resblocks[-1].parameters())
     assert counts["bias"] == sum(p.numel() for n, p in clip.named_parameters() if n.endswith("bias"))
-    with pytest.raises(ValueError, match="need tune='prompts'"):
-        VoP(clip, "pos", tune="full")
+    with pytest.raises(ValueError, match="video_prompts.*tune"):
+        VoPConfig("pos", tune="full")
 
 
 def test_describe_parameters_reads_like_the_paper():
     with torch.device("meta"):
-        text = describe_parameters(VoP(CLIP(CLIPConfig()), num_frames=12))
-    assert text.startswith("0.12M trainable (122,880), 0.081% of 151.40M")
+        text = describe_parameters(VoP(CLIP(CLIPConfig())))
+    assert text.startswith("0.12M trainable (122,880), 0.081% of all 151.40M")
 
 
 def test_without_prompt_tokens_vop_is_plain_clip(tiny_clip):
@@ -198,20 +198,32 @@ def test_gradients_reach_exactly_the_trainable_parameters(tiny_clip, video_promp
     assert not model.logit_scale.requires_grad
 
 
-def test_checkpoint_of_another_configuration_is_refused(tiny_clip):
+def test_tensors_of_another_configuration_are_refused(tiny_clip):
     saved = tiny_vop(tiny_clip, "pos")
     target = tiny_vop(tiny_clip, "fn")
-    with pytest.raises(ValueError, match=r"video_prompts: checkpoint \['pos'\], model \['fn'\]"):
-        target.load_trainable_state_dict(saved.trainable_state_dict(), saved.settings)
     with pytest.raises(ValueError, match="position_prompts.tokens"):
         target.load_trainable_state_dict(saved.trainable_state_dict())
+
+
+def test_config_is_checked_and_canonical():
+    assert VoPConfig("fn, pos") == VoPConfig(("pos", "fn")) and VoPConfig().video_prompts == ()
+    for bad, field in ((dict(num_frames=0), "num_frames"), (dict(tune="all"), "tune"),
+                       (dict(video_prompts="pos", video_prompt_length=9), "video_prompt_length"),
+                       (dict(num_text_prompts=-1), "num_text_prompts")):
+        with pytest.raises(ValueError, match=field):
+            VoPConfig(**bad)
+    with torch.device("meta"):
+        clip = CLIP(CLIPConfig())
+        for k in (0, 12):  # K = 12 would be plain VoP
+            with pytest.raises(ValueError, match="fn_layers"):
+                VoP(clip, VoPConfig("fn", fn_layers=k))
 
 
 def test_checkpoint_round_trip(tiny_clip):
     saved = tiny_vop(tiny_clip, "pos,ctx")
     torch.manual_seed(5)
-    restored = VoP(tiny_clip, "pos,ctx", num_frames=TINY_FRAMES, fn_layers=2)
-    restored.load_trainable_state_dict(saved.trainable_state_dict(), saved.settings)
+    restored = VoP(tiny_clip, saved.config)
+    restored.load_trainable_state_dict(saved.trainable_state_dict())
     videos = tiny_videos()
     with torch.no_grad():
         torch.testing.assert_close(restored.encode_video(videos), saved.encode_video(videos))
@@ -221,7 +233,7 @@ def test_checkpoints_of_small_prompt_sets_stay_small(vit_b32_clip):
     """Only trainable tensors are saved: VoP^{F+P} on ViT-B/32 is ~1.6 MB, not CLIP's 600 MB."""
     import io
     buffer = io.BytesIO()
-    torch.save(VoP(vit_b32_clip, "fn,pos", num_frames=12).trainable_state_dict(), buffer)
+    torch.save(VoP(vit_b32_clip, VoPConfig("fn,pos")).trainable_state_dict(), buffer)
     assert buffer.tell() < 2_000_000
 
 
