@@ -187,7 +187,7 @@ def pretrained_tiny_clip(world: Path, root: Path, overrides: dict) -> Path:
     initial = root / "tiny_clip_init.pt"
     torch.save(clip_model.CLIP(TINY_CLIP).state_dict(), initial)
     out_dir = root / f"pretrain_{key}"
-    config = train.TrainConfig(clip=str(initial), data_root=str(world), out_dir=str(out_dir),
+    config = train.TrainConfig(clip=str(initial), data_root=str(world), out_dir=str(out_dir), overwrite=True,
                                **{**PRETRAIN, **{k: v for k, v in overrides.items() if k in ("device", "precision")}})
     train.train(config)
     trainable = torch.load(out_dir / "last.pt", weights_only=True)["trainable"]
@@ -210,9 +210,10 @@ def run(overrides: dict, evaluate_before: bool = True) -> dict:
     world = make_synthetic_world(root / "world", **WORLD)
     clip_path = pretrained_tiny_clip(world, root, overrides)
 
+    # The demo's runs are disposable: each starts afresh in runs/demo, unless asked to --resume.
     tuned = train.TrainConfig(**{**dataclasses.asdict(train.TrainConfig()), **TUNE,
                                  "clip": str(clip_path), "data_root": str(world), "out_dir": "runs/demo",
-                                 **overrides})
+                                 "overwrite": not overrides.get("resume"), **overrides})
     if evaluate_before or tuned.tune == "zero-shot":
         print(f"[demo] step 3: the tiny CLIP before any tuning. The test split is {WORLD['num_test_pairs']} "
               "reversal pairs: 'moves left' and 'moves right' are the same frames in opposite order, so a model "

@@ -1,0 +1,151 @@
+"""Command-line plumbing for train.py and evaluate.py: a config dataclass becomes argparse flags, every flag is
+checked before any work starts, and expected user errors print as one line instead of a traceback.
+
+Skip on a first reading. Each config field is declared with `option(default, help, check=..., choices=...)`;
+`parse_config` builds the parser, parses, and refuses a bad value with argparse's one-line error naming the
+flag (exit status 2). `run_command` runs a script's main() and turns the errors a user can fix (a missing
+file, a wrong format, a mismatched checkpoint, a busy folder) into one line naming the thing and the fix;
+anything else keeps its traceback, since that is a bug to report.
+"""
+import argparse
+import dataclasses
+import math
+import sys
+import types
+import typing
+from dataclasses import field
+
+import torch
+
+import annotations
+import checkpoints
+import video_io
+
+try:  # the weight readers' own error type, where clip_model has one
+    from clip_weights import WeightsError as _WeightsError
+except ImportError:  # pragma: no cover
+    _WeightsError = None
+
+
+class ConfigError(ValueError):
+    """A combination of flags that cannot work, found after parsing (e.g. needs the backbone's size)."""
+
+
+# The errors a user can fix by changing a flag or a file; they print as one line.
+USER_ERRORS = tuple(error for error in (
+    ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, annotations.AnnotationError,
+    video_io.VideoReadError, checkpoints.CheckpointError, checkpoints.RunFolderError, _WeightsError)
+    if error is not None)
+
+
+# -- declaring and checking options -------------------------------------------------------------------------
+
+def option(default, help: str, check=None, choices=None):
+    """A config field with its command-line help, an optional check (see below) and allowed values."""
+    return field(default=default, metadata={"help": help, "check": check, "choices": choices})
+
+
+def at_least(low):
+    return (f">= {low}", lambda value: value >= low)
+
+
+def greater_than(low):
+    return (f"> {low}", lambda value: value > low)
+
+
+def between(low, high):
+    return (f"between {low} and {high}", lambda value: low <= value <= high)
+
+
+def _check_value(value, check) -> str | None:
+    """None if `value` passes `check`, else what it must be."""
+    if check is None or value is None:
+        return None
+    description, predicate = check
+    if isinstance(value, float) and math.isnan(value):
+        return f"a number {description}"
+    return None if predicate(value) else description
+
+
+def _field_type(annotation):
+    """`int | None` -> int: the type argparse should convert to."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def build_parser(config_class, description: str, only_given: bool = False) -> argparse.ArgumentParser:
+    """argparse from a config dataclass: each field is --field-name. With `only_given`, parsing returns just
+    the options present on the command line."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     argument_default=argparse.SUPPRESS if only_given else None)
+    for f in dataclasses.fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f.type)
+        default = {} if only_given else {"default": f.default}
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"], **default)
+        else:
+            parser.add_argument(flag, type=kind, help=f.metadata["help"], choices=f.metadata.get("choices"),
+                                **default)
+    return parser
+
+
+def parse_config(config_class, argv=None, description: str = ""):
+    """Parse argv into a `config_class`; a value that fails its field's check is argparse's error (exit 2)."""
+    parser = build_parser(config_class, description)
+    values = vars(parser.parse_args(argv))
+    for f in dataclasses.fields(config_class):
+        problem = _check_value(values[f.name], f.metadata.get("check"))
+        if problem:
+            parser.error(f"argument --{f.name.replace('_', '-')}: must be {problem}, got {values[f.name]!r}")
+    return config_class(**values)
+
+
+def check_config(config) -> None:
+    """The same checks for a config built in Python (tests, the demo): a ConfigError naming the field."""
+    for f in dataclasses.fields(config):
+        problem = _check_value(getattr(config, f.name), f.metadata.get("check"))
+        if problem:
+            raise ConfigError(f"--{f.name.replace('_', '-')}: must be {problem}, got {getattr(config, f.name)!r}")
+        choices = f.metadata.get("choices")
+        if choices and getattr(config, f.name) is not None and getattr(config, f.name) not in choices:
+            raise ConfigError(f"--{f.name.replace('_', '-')}: must be one of {', '.join(map(str, choices))}, "
+                              f"got {getattr(config, f.name)!r}")
+
+
+def flag_error(error: ValueError, flag_of: dict | None = None) -> ConfigError:
+    """'fn_layers: must be ...' (a VoPConfig / VoP message naming its field) -> '--fn-layers: must be ...';
+    `flag_of` maps fields whose flag has another name (video_prompts -> prompts)."""
+    text = str(error)
+    name, separator, rest = text.partition(":")
+    if separator and name.isidentifier():
+        name = (flag_of or {}).get(name, name)
+        return ConfigError(f"--{name.replace('_', '-')}:{rest}")
+    return ConfigError(text)
+
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of --precision: auto is fp16 on CUDA (with a GradScaler) and none (fp32) elsewhere."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision: unknown {precision!r}; choose auto, {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+# -- running a command ------------------------------------------------------------------------------------
+
+def run_command(main, argv=None, program: str | None = None):
+    """main(argv), with the errors a user can fix printed as one line (exit status 2); the rest keep their
+    traceback."""
+    program = program or sys.argv[0].rsplit("/", 1)[-1]
+    try:
+        return main(argv)
+    except USER_ERRORS as error:
+        message = str(error) or type(error).__name__
+        print(f"{program}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,261 @@
+"""Off the happy path: files that would run code, broken videos, failing evaluations, busy or used output
+folders, mismatched resumes, bad flags. Every test asserts what is written, refused or counted."""
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoints
+import cli
+import data
+import demo
+import evaluate as ev
+import train
+from clip_model import CLIP
+from test_train import SMALL_CLIP, SMALL_WORLD, read_log, small_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    torch.manual_seed(0)
+    clip_path = root / "small_clip.pt"
+    torch.save(CLIP(SMALL_CLIP).state_dict(), clip_path)
+    world = demo.make_synthetic_world(root / "world", **SMALL_WORLD)
+    return clip_path, world
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def crafted_pickle(tmp_path) -> tuple[Path, Path]:
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "evil.pt"
+    torch.save({"config": {}, "vop_config": {}, "trainable": RunsCode(marker)}, path)
+    return path, marker
+
+
+def exit_status(function, *args) -> int:
+    with pytest.raises(SystemExit) as stopped:
+        function(*args)
+    return stopped.value.code
+
+
+# -- no file runs code ------------------------------------------------------------------------------------
+
+def test_crafted_pickles_run_nothing_anywhere(small_setup, tmp_path, capsys):
+    evil, marker = crafted_pickle(tmp_path)
+    assert exit_status(cli.run_command, ev.main, ["--checkpoint", str(evil)], "evaluate.py") == 2
+    assert "evil.pt" in capsys.readouterr().err
+    config = small_config(small_setup, tmp_path / "run", epochs=1)
+    for changed in ({"clip": str(evil)}, {"resume": str(evil)}):
+        with pytest.raises((checkpoints.CheckpointError, ValueError)) as refused:
+            train.train(dataclasses.replace(config, **changed))
+        assert "evil.pt" in str(refused.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"just some text\n" * 10, b"PK\x03\x04 cut short"])
+def test_unreadable_checkpoints_are_named(tmp_path, content):
+    path = tmp_path / "odd.pt"
+    path.write_bytes(content)
+    with pytest.raises(checkpoints.CheckpointError, match="odd.pt"):
+        checkpoints.load_checkpoint(path)
+    with pytest.raises(checkpoints.CheckpointError, match="folder"):
+        checkpoints.load_checkpoint(tmp_path)
+
+
+# -- broken videos ----------------------------------------------------------------------------------------
+
+def world_with_broken_videos(world: Path, folder: Path, broken_test: bool = False) -> Path:
+    """A copy of the world's CSVs (pointing at its videos) plus three unreadable training videos: empty, not a
+    video, and an mp4 cut before its index. With `broken_test`, the test split gets one too."""
+    folder.mkdir()
+    good = next((world / "train").glob("*.mp4")).read_bytes()
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "text.mp4").write_text("not a video\n" * 50)
+    (folder / "cut.mp4").write_bytes(good[: len(good) // 3])
+    broken = [("empty.mp4", "a red circle moves left"), ("text.mp4", "a blue square moves up"),
+              ("cut.mp4", "a green triangle moves down")]
+    for split in ("train", "test"):
+        lines = (world / f"{split}.csv").read_text().splitlines()
+        rows = [lines[0]] + [f"{world / line.split(',')[0]},{line.split(',', 1)[1]}" for line in lines[1:]]
+        if split == "train" or broken_test:
+            rows += [f"{folder / name},{caption}" for name, caption in (broken if split == "train" else broken[:1])]
+        (folder / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_unreadable_training_videos_are_left_out_and_listed(small_setup, tmp_path, capsys):
+    clip_path, world = small_setup
+    root = world_with_broken_videos(world, tmp_path / "broken")
+    config = small_config(small_setup, tmp_path / "run", data_root=str(root), epochs=1)
+    results = train.train(config)
+    assert "t2v" in results
+    listed = (tmp_path / "run" / "skipped_videos.txt").read_text()
+    assert all(name in listed for name in ("empty.mp4", "text.mp4", "cut.mp4"))
+    assert "3 of" in capsys.readouterr().out  # one warning that counts them
+    probe_cache = tmp_path / "run" / "video_probe.json"
+    assert probe_cache.is_file()
+    stamp = probe_cache.stat().st_mtime_ns
+    train.train(dataclasses.replace(config, overwrite=True))  # a rerun reads the probe cache
+    assert probe_cache.stat().st_mtime_ns == stamp
+
+
+def test_an_unreadable_test_video_stops_the_run_before_training(small_setup, tmp_path):
+    clip_path, world = small_setup
+    root = world_with_broken_videos(world, tmp_path / "broken", broken_test=True)
+    config = small_config(small_setup, tmp_path / "run", data_root=str(root), epochs=1)
+    with pytest.raises(Exception, match="empty.mp4") as stopped:
+        train.train(config)
+    assert isinstance(stopped.value, cli.USER_ERRORS)
+    assert "empty.mp4" in (tmp_path / "run" / "unreadable_test_videos.txt").read_text()
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "run.lock").exists()
+
+
+# -- never lose a trained epoch ---------------------------------------------------------------------------
+
+def test_a_failing_evaluation_keeps_the_epoch_and_resume_evaluates_it(small_setup, tmp_path, monkeypatch, capsys):
+    config = small_config(small_setup, tmp_path, epochs=1)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the test set's disk went away")
+
+    monkeypatch.setattr(train, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        train.train(config)
+    assert "python evaluate.py --checkpoint" in capsys.readouterr().out
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert saved["step"] == 32 // 8 and saved["history"] == []  # the epoch is saved, its evaluation is not
+    monkeypatch.undo()
+    results = train.train(dataclasses.replace(config, resume="auto"))  # evaluates the trained epoch only
+    assert "t2v" in results
+    assert len([r for r in read_log(tmp_path) if "loss" in r]) == 32 // 8  # no step was trained twice
+    assert len(torch.load(tmp_path / "last.pt", weights_only=True)["history"]) == 1
+
+
+# -- a run owns its folder --------------------------------------------------------------------------------
+
+def test_a_used_folder_is_refused_unless_resumed_or_overwritten(small_setup, tmp_path):
+    config = small_config(small_setup, tmp_path, epochs=1)
+    train.train(config)
+    first = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(checkpoints.RunFolderError, match="--overwrite"):
+        train.train(config)
+    assert (tmp_path / "last.pt").read_bytes() == first  # untouched
+    train.train(dataclasses.replace(config, overwrite=True, seed=1))
+    assert (tmp_path / "last.pt").read_bytes() != first
+
+
+def test_a_folder_in_use_is_refused_and_a_stale_lock_is_cleared(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "run.lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
+        with pytest.raises(checkpoints.RunFolderError, match=str(holder.pid)):
+            with checkpoints.RunFolder(tmp_path):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with checkpoints.RunFolder(tmp_path) as folder:  # its process is gone: the lock is stale
+        assert (tmp_path / "run.lock").read_text().split()[0] == str(os.getpid())
+        with pytest.raises(checkpoints.RunFolderError, match="in use"):  # and now we hold it
+            checkpoints.RunFolder(tmp_path).__enter__()
+    assert not (tmp_path / "run.lock").exists() and not folder.held
+
+
+def test_two_runs_at_once_on_one_folder(small_setup, tmp_path):
+    """A second process started while the first trains is refused; the first finishes and its log is its own."""
+    config = small_config(small_setup, tmp_path, epochs=2)
+    script = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import train; "
+              f"train.train(train.TrainConfig(**{dataclasses.asdict(config)!r}))")
+    first = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    try:
+        lock = tmp_path / "run.lock"
+        for _ in range(600):
+            if lock.exists() or first.poll() is not None:
+                break
+            subprocess.run(["sleep", "0.05"])
+        if first.poll() is None:
+            with pytest.raises(checkpoints.RunFolderError):
+                train.train(config)
+    finally:
+        assert first.wait(timeout=120) == 0
+    assert [r["step"] for r in read_log(tmp_path) if "loss" in r] == list(range(1, 9))
+
+
+# -- resume only what can be resumed ----------------------------------------------------------------------
+
+def test_resume_refuses_another_backbone_batch_or_dataset_and_a_finished_run_says_so(small_setup, tmp_path, capsys):
+    clip_path, world = small_setup
+    config = small_config(small_setup, tmp_path, epochs=1)
+    train.train(config)
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)["run"]
+    assert len(saved["backbone_sha256"]) == 64 and saved["data"] == "synthetic" and saved["batch_size"] == 8
+
+    torch.manual_seed(5)
+    other_clip = tmp_path / "other_clip.pt"
+    torch.save(CLIP(SMALL_CLIP).state_dict(), other_clip)
+    other_world = tmp_path / "other_world"
+    shutil.copytree(world, other_world)
+    for changed, named in (({"clip": str(other_clip)}, "backbone_sha256"), ({"batch_size": 4}, "batch_size"),
+                           ({"data_root": str(other_world)}, "data_root"), ({"epochs": 2}, "epochs")):
+        with pytest.raises(checkpoints.CheckpointError, match=named):
+            train.train(dataclasses.replace(config, resume="auto", **changed))
+
+    capsys.readouterr()
+    results = train.train(dataclasses.replace(config, resume="auto"))
+    output = capsys.readouterr().out
+    assert "finished" in output and "R@1" in output and "t2v" in results
+    assert len([r for r in read_log(tmp_path) if "loss" in r]) == 32 // 8  # nothing trained again
+
+
+# -- flags ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag,value", [("--grad-clip", "-1"), ("--grad-clip", "0"), ("--batch-size", "0"),
+                                        ("--log-every", "0"), ("--num-frames", "0"), ("--epochs", "-1"),
+                                        ("--lr", "0"), ("--warmup", "1.5"), ("--tune", "everything"),
+                                        ("--data", "msr-vtt"), ("--eval-batch-size", "0")])
+def test_bad_flags_are_refused_at_start_naming_the_flag(flag, value, capsys):
+    assert exit_status(train.parse_train_config, [flag, value]) == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_flags_that_need_the_model_are_named(small_setup, tmp_path):
+    for changed, flag in (({"prompts": "fn", "fn_layers": 2}, "--fn-layers"), ({"prompts": "time"}, "--prompts"),
+                          ({"prompts": "pos", "video_prompt_length": 9}, "--video-prompt-length"),
+                          ({"device": "cuda:7"} if not torch.cuda.is_available() else {"device": "nonsense"},
+                           "--device")):
+        with pytest.raises(cli.ConfigError, match=flag):
+            train.train(small_config(small_setup, tmp_path / flag, **changed))
+
+
+def test_user_errors_are_one_line_and_the_data_root_comes_before_any_download(tmp_path):
+    completed = subprocess.run([sys.executable, "train.py", "--data", "msrvtt-9k", "--data-root",
+                                str(tmp_path / "nonexistent"), "--out-dir", str(tmp_path / "run")],
+                               cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nonexistent" in lines[0] and "Traceback" not in completed.stderr
+    assert "ViT-B" not in completed.stdout + completed.stderr  # no download was tried
+
+
+def test_default_clip_is_recorded(small_setup):
+    assert train.TrainConfig().clip == "ViT-B/32"  # a run without --clip records the model it used
