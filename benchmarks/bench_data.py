@@ -1,110 +1,243 @@
-"""Benchmark data.py's video reading (not a test): videos/s for 12 frames from 15 s, 30 fps clips.
+"""Benchmark the data path (not a test): one training visit with and without the frame store, per core.
 
-Compares seeking to each frame with CAP_PROP_POS_FRAMES (X-Pool / ModelScope VoP) with one sequential
-grab()/retrieve() pass (data.py's default), then times the whole torch.utils.data pipeline (decode +
-resize + crop + normalise to 224) with 0 and 2 workers, and measures the seek-vs-sequential break-even that
-sets data.SEEK_BREAK_EVEN_FRAMES_PER_WANTED. Clips are made here with cv2.VideoWriter in MPEG-4 ("mp4v";
-OpenCV's wheels cannot encode H.264, whose long GOPs make seeking costlier still).
+On MSR-VTT-like clips made with ffmpeg (320x240, 30 fps, 15 s, from `testsrc2`): H.264 with x264's default
+keyframe interval (250 frames), and MPEG-4 part 2 ("mp4v", a keyframe every 12 frames). Per core = this one
+process with one OpenCV and one torch thread, as a DataLoader worker runs. Reports:
+1. reading strategies: seek per frame, one sequential pass, `auto` (keyframe scan included, cold), and whether
+   they return identical frames; the fit of the seek-cost model that `auto` uses;
+2. a training visit (decode 12 random frames + random resized crop + flip + normalise) and an evaluation visit,
+   decoding every visit vs reading the frame store; building the store; its bytes per video, and for MSR-VTT;
+3. probing videos (video_io.probe_videos) and the DataLoader on all cores, with the store.
 
-    python benchmarks/bench_data.py [--clips 4] [--out /tmp/vop_bench]
+    apt-get install ffmpeg     # a benchmark dependency only; without it, OpenCV's mp4v clips are used
+    python benchmarks/bench_data.py [--clips 8] [--out /tmp/vop_bench]
 """
 import argparse
-import csv
 import os
-import platform
+import shutil
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import frame_store  # noqa: E402
+import video_io  # noqa: E402
+
+MSRVTT_TRAIN_VIDEOS, MSRVTT_TEST_VIDEOS = 9000, 1000  # the 9k split and the 1k-A test
 
 
-def make_clip(path: Path, width: int, height: int, seconds: float, fps: int = 30, seed: int = 0) -> Path:
-    """A clip with texture and motion (a noise background panning, a moving disc), so the encoder does real
-    work; a flat clip would make decoding unrealistically cheap."""
-    if path.is_file():
-        return path
-    rng = np.random.default_rng(seed)
-    background = cv2.resize(rng.integers(0, 256, (height // 8 + 1, width // 4 + 1, 3), dtype=np.uint8),
-                            (width * 2, height), interpolation=cv2.INTER_LINEAR)  # (H, 2W, 3)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    num = int(seconds * fps)
-    for t in range(num):
-        shift = int(t / num * width)
-        frame = np.ascontiguousarray(background[:, shift:shift + width])  # (H, W, 3)
-        centre = (int(width * (0.1 + 0.8 * t / num)), height // 2)
-        cv2.circle(frame, centre, height // 6, (0, 0, 255), -1)
-        writer.write(frame)
-    writer.release()
+def make_clips(out: Path, count: int) -> dict:
+    """{kind: [paths]}: MSR-VTT-like clips, each a different hue of testsrc2 so the files differ."""
+    kinds = {"H.264 (GOP 250)": ("mp4", ["-c:v", "libx264", "-pix_fmt", "yuv420p"]),
+             "mp4v (GOP 12)": ("mp4", ["-c:v", "mpeg4", "-q:v", "5", "-g", "12"])}
+    if shutil.which("ffmpeg") is None:
+        print("ffmpeg not found: OpenCV's mp4v clips only (apt-get install ffmpeg for the H.264 rows)")
+        return {"mp4v (OpenCV)": [make_opencv_clip(out / f"opencv_{k}.mp4", k) for k in range(count)]}
+    clips = {}
+    for kind, (suffix, codec) in kinds.items():
+        clips[kind] = []
+        for k in range(count):
+            path = out / f"{kind.split()[0].replace('.', '')}_{k}.{suffix}"
+            if not path.is_file():
+                subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
+                                "testsrc2=size=320x240:rate=30:duration=15", "-vf", f"hue=h={37 * k}", *codec,
+                                str(path)], check=True)
+            clips[kind].append(path)
+    return clips
+
+
+def make_opencv_clip(path: Path, seed: int) -> Path:
+    if not path.is_file():
+        rng = np.random.default_rng(seed)
+        background = cv2.resize(rng.integers(0, 256, (31, 81, 3), dtype=np.uint8), (640, 240))
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30, (320, 240))
+        for t in range(450):
+            frame = np.ascontiguousarray(background[:, t * 320 // 450:t * 320 // 450 + 320])
+            cv2.circle(frame, (int(32 + 256 * t / 450), 120), 40, (0, 0, 255), -1)
+            writer.write(frame)
+        writer.release()
     return path
 
 
-def videos_per_second(paths, strategy: str, repeats: int = 2) -> float:
-    start = time.perf_counter()
-    for _ in range(repeats):
-        for path in paths:
-            data.read_frames(path, 12, "uniform", strategy=strategy)
-    return repeats * len(paths) / (time.perf_counter() - start)
+def rate(work, items, rounds: int = 3) -> float:
+    """Items per CPU-second of `work(item)`: the median of `rounds` passes over all items. CPU time, not wall
+    time: with one thread per process it is the cost per core, and other processes on the machine (a
+    shared 2-core box) do not inflate it."""
+    rates = []
+    for _ in range(rounds):
+        start = time.process_time()
+        for item in items:
+            work(item)
+        rates.append(len(items) / (time.process_time() - start))
+    return statistics.median(rates)
 
 
-def pipeline_videos_per_second(csv_path: Path, workers: int, epochs: int = 2) -> float:
-    dataset = data.build_dataset("csv", csv_path, "train", num_frames=12, image_size=224)
-    loader = data.make_loader(dataset, batch_size=2, num_workers=workers, timeout=300 if workers else 0)
-    start = time.perf_counter()
+def cold_auto(path):
+    video_io._LAYOUTS.clear()  # as a worker's first visit: the keyframe scan is paid every time here
+    return data.read_frames(path, 12, "uniform", strategy="auto")
+
+
+def strategies(kind: str, paths: list) -> None:
+    seek = rate(lambda p: data.read_frames(p, 12, "uniform", strategy="seek"), paths)
+    sequential = rate(lambda p: data.read_frames(p, 12, "uniform", strategy="sequential"), paths)
+    auto = rate(cold_auto, paths)
+    same = all(np.array_equal(data.read_frames(p, 12, mode, np.random.default_rng(0), "seek"),
+                              data.read_frames(p, 12, mode, np.random.default_rng(0), "sequential"))
+               for p in paths[:3] for mode in ("uniform", "rand"))
+    chosen = video_io.choose_strategy(data.sample_frame_indices(450, 12), video_io.scan_video(paths[0]))
+    print(f"| {kind} | {seek:.1f} | {sequential:.1f} | {auto:.1f} ({chosen}) | "
+          f"{auto / max(seek, sequential):.2f}x | {'yes' if same else 'NO'} |")
+
+
+def seek_model_fit(kind: str, path: Path) -> None:
+    """Measured cost of one seek, in sequentially decoded frames, against the model of video_io.choose_strategy."""
+    layout = video_io.scan_video(path)
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
+    start = time.process_time()
     count = 0
-    for _ in range(epochs):
-        for batch in loader:
-            count += batch["video"].shape[0]
-    return count / (time.perf_counter() - start)
+    while capture.grab():
+        count += 1
+    per_frame = (time.process_time() - start) / count
+    targets = np.arange(20, count - 1, 37)
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
+    capture.read()
+    start = time.process_time()
+    for target in targets:
+        capture.set(cv2.CAP_PROP_POS_FRAMES, int(target))
+        capture.grab()
+    per_seek = (time.process_time() - start) / len(targets) / per_frame
+    keyframes = layout.keyframes
+    starts = keyframes[np.searchsorted(keyframes, np.maximum(targets - 16, 0), side="right") - 1]
+    model = np.mean(targets - starts + 1) + video_io.SEEK_OVERHEAD_FRAMES
+    print(f"| {kind} | {len(keyframes)} keyframes in {count} frames | {per_seek:.0f} | {model:.0f} |")
 
 
-def break_even(path: Path, num_frames_total: int) -> float:
-    """Frames per wanted frame at which one seek costs as much as decoding that many frames in sequence."""
-    wanted = np.linspace(0, num_frames_total - 1, 12).astype(np.int64)
+def visits(kind: str, paths: list, out: Path) -> dict:
+    """Per-core rates of training and evaluation visits, with and without the store; building it; its bytes."""
+    store_root = out / f"store_{kind.split()[0].replace('.', '')}"
+    shutil.rmtree(store_root, ignore_errors=True)
+    store = frame_store.FrameStore(store_root)
+
+    def dataset(train: bool, with_store: bool):
+        return data.VideoTextDataset("bench", [p.stem for p in paths], paths, [f"clip {p.stem}" for p in paths],
+                                     list(range(len(paths))), num_frames=12, image_size=224, train=train,
+                                     frame_store=store if with_store else None)
+
+    train_decode, train_store = dataset(True, False), dataset(True, True)
+    eval_decode, eval_store = dataset(False, False), dataset(False, True)
+    items = list(range(len(paths)))
+    figures = {}
+    start = time.process_time()  # built in this process (num_workers=0), so its CPU time is the cost
+    store.build(train_store, num_workers=0, log=lambda message: None)
+    figures["build_train"] = len(paths) / (time.process_time() - start)
+    start = time.process_time()
+    store.build(eval_store, num_workers=0, log=lambda message: None)
+    figures["build_eval"] = len(paths) / (time.process_time() - start)
+    train_entries = sorted(store_root.glob("train-*/*.frames"))
+    eval_entries = sorted(store_root.glob("eval-*/*.frames"))
+    figures["train_bytes"] = np.mean([p.stat().st_size for p in train_entries])
+    figures["eval_bytes"] = np.mean([p.stat().st_size for p in eval_entries])
+    for epoch, (name, dataset_) in enumerate([("train_decode", train_decode), ("train_store", train_store),
+                                              ("eval_decode", eval_decode), ("eval_store", eval_store)]):
+        dataset_.set_epoch(epoch)
+        figures[name] = rate(lambda item: dataset_[item], items)
+    exact = all(torch.equal(eval_decode[j]["video"], eval_store[j]["video"]) for j in items[:3])
+    print(f"| {kind} | {figures['train_decode']:.1f} | {figures['train_store']:.1f} | "
+          f"**{figures['train_store'] / figures['train_decode']:.1f}x** | {figures['eval_decode']:.1f} | "
+          f"{figures['eval_store']:.1f} ({'bit-identical' if exact else 'DIFFERENT'}) | "
+          f"{figures['build_train']:.1f} + {figures['build_eval']:.1f} | "
+          f"{figures['train_bytes'] / 1e6:.2f} + {figures['eval_bytes'] / 1e6:.2f} |")
+    figures["store"] = store
+    figures["dataset"] = train_store
+    return figures
+
+
+def probing(paths: list, out: Path, copies: int) -> None:
+    folder = out / "probe"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    many = []
+    for k in range(copies):
+        link = folder / f"v{k}{paths[k % len(paths)].suffix}"
+        os.link(paths[k % len(paths)], link)  # the same bytes under many names: no disk space used
+        many.append(link)
+    per_core = rate(video_io.probe_video, many[:200], rounds=1)
+    workers = data.default_num_workers()
     start = time.perf_counter()
-    data._read_sequential(path, np.array([num_frames_total - 1]))  # decode everything once
-    per_frame = (time.perf_counter() - start) / num_frames_total
+    results = video_io.probe_videos(many, num_workers=workers, cache_file=folder / "probe.json")
+    first = time.perf_counter() - start
     start = time.perf_counter()
-    data._read_seeking(path, wanted)
-    per_seek = (time.perf_counter() - start) / len(wanted)
-    return per_seek / per_frame
+    video_io.probe_videos(many, num_workers=workers, cache_file=folder / "probe.json")
+    cached = time.perf_counter() - start
+    assert all(result.ok for result in results.values())
+    print(f"probe_videos: {per_core:.0f} videos per CPU-second; {copies} videos with {workers} processes in "
+          f"{first:.1f} s ({copies / first:.0f}/s, pool start included); again from the cache file: {cached:.2f} s")
+
+
+def loader_rate(dataset, workers: int, epochs: int = 3) -> float:
+    order = data.EpochSampler()
+    loader = data.make_loader(dataset, 4, workers, sampler=order, timeout=300)
+    rates = []
+    for epoch in range(epochs):
+        items = np.random.default_rng(epoch).permutation(len(dataset))
+        order.set_epoch(epoch, items)
+        start = time.perf_counter()
+        count = sum(batch["video"].shape[0] for batch in loader)
+        rates.append(count / (time.perf_counter() - start))
+    return max(rates[1:])  # the first epoch pays for starting the workers
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clips", type=int, default=4, help="clips per resolution")
+    parser.add_argument("--clips", type=int, default=8, help="clips per kind")
+    parser.add_argument("--probe-copies", type=int, default=2000, help="names to probe")
     parser.add_argument("--out", default="/tmp/vop_bench", help="where the generated clips go")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"OpenCV {cv2.__version__}, default cv2 threads {cv2.getNumThreads()}")
-    print("clips: 15 s, 30 fps (450 frames), mp4v; 12 frames per video, uniform sampling")
-    for width, height in ((320, 240), (1280, 720)):
-        paths = [make_clip(out / f"clip_{width}x{height}_{k}.mp4", width, height, 15, seed=k)
-                 for k in range(args.clips)]
-        seek = videos_per_second(paths, "seek")
-        sequential = videos_per_second(paths, "sequential")
-        auto = videos_per_second(paths, "auto")
-        print(f"{width}x{height}: seek-per-frame {seek:6.2f} videos/s | sequential pass {sequential:6.2f} videos/s "
-              f"({sequential / seek:.2f}x) | auto (default) {auto:6.2f} videos/s")
-        csv_path = out / f"clips_{width}x{height}.csv"
-        with open(csv_path, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["video", "caption"])
-            writer.writerows((path.name, f"clip {k}") for k, path in enumerate(paths))
-        for workers in (0, 2):
-            rate = pipeline_videos_per_second(csv_path, workers)
-            print(f"{width}x{height}: DataLoader pipeline (decode + train transform to 224), {workers} workers: "
-                  f"{rate:6.2f} videos/s")
-    long_clip = make_clip(out / "long_320x240_120s.mp4", 320, 240, 120)
-    ratio = break_even(long_clip, 120 * 30)
-    print(f"break-even (320x240, 120 s clip): one seek costs as much as decoding {ratio:.0f} frames in sequence; "
-          f"data.py seeks when a pass would decode > {data.SEEK_BREAK_EVEN_FRAMES_PER_WANTED} frames per wanted frame")
+    print(f"machine: {cpu_model()}, {len(os.sched_getaffinity(0))} CPUs; torch {torch.__version__}, OpenCV {cv2.__version__}")
+    print("per core: this process, 1 OpenCV thread, 1 torch thread; 12 frames of 15 s, 30 fps, 320x240 clips\n")
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    clips = make_clips(out, args.clips)
+
+    print("| clip (videos per CPU-second) | seek | sequential | auto | auto / faster | identical |")
+    print("|---|---:|---:|---:|---:|---|")
+    for kind, paths in clips.items():
+        strategies(kind, paths)
+    print("\n| clip | keyframes | one seek, measured (frames) | model (frames) |\n|---|---|---:|---:|")
+    for kind, paths in clips.items():
+        seek_model_fit(kind, paths[0])
+
+    print("\nvideos per CPU-second | training visit, decoding | training visit, store | store speed-up | evaluation "
+          "visit, decoding | evaluation visit, store | building the store (train + eval entries) | MB per "
+          "video (train + eval entry)")
+    print("| clip | train, decode | train, store | speed-up | eval, decode | eval, store | build | MB/video |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    figures = {kind: visits(kind, paths, out) for kind, paths in clips.items()}
+    first = next(iter(figures.values()))
+    total = (MSRVTT_TRAIN_VIDEOS * first["train_bytes"] + MSRVTT_TEST_VIDEOS * first["eval_bytes"]) / 1e9
+    print(f"\nMSR-VTT (9,000 training videos with training entries, 1,000 test videos with evaluation entries) at "
+          f"these clips' sizes: {total:.1f} GB")
+
+    probing(next(iter(clips.values())), out, args.probe_copies)
+    workers = data.default_num_workers()
+    print(f"load average before the DataLoader runs (other processes share these CPUs): {os.getloadavg()[0]:.1f}")
+    with_store = loader_rate(first["dataset"], workers)
+    first["dataset"].frame_store = None
+    decoding = loader_rate(first["dataset"], workers)
+    print(f"DataLoader, {workers} workers (default_num_workers) on this machine, {next(iter(clips))}: "
+          f"{decoding:.1f} videos/s decoding, {with_store:.1f} videos/s with the store")
 
 
 if __name__ == "__main__":

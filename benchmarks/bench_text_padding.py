@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import clip_model  # noqa: E402
-from vop import VoP  # noqa: E402
+from vop import VoP, VoPConfig  # noqa: E402
 
 CAPTIONS = ["a man is playing a guitar on a stage", "a woman cooks pasta in a small kitchen",
             "two dogs run across a park", "news anchor talks about the weather"] * 8  # 32 captions
@@ -29,10 +29,10 @@ def seconds_per_batch(model, tokens, repeats=5):
 
 def main():
     torch.manual_seed(0)
-    model = VoP(clip_model.CLIP(clip_model.CLIPConfig()).eval(), num_frames=12).eval()
+    model = VoP(clip_model.CLIP(clip_model.CLIPConfig()).eval(), VoPConfig()).eval()
     tokens = model.tokenize(CAPTIONS)  # (32, 69)
     after, cut = seconds_per_batch(model, tokens)
-    model._fit_text_budget = lambda tokens: tokens  # before: every one of the 69 positions
+    model._cut_padding = lambda tokens: tokens  # before: every one of the 69 positions
     before, full = seconds_per_batch(model, tokens)
     print(f"encode_text, 32 captions (longest {int(tokens.argmax(-1).max()) + 1} tokens), {torch.get_num_threads()} "
           f"threads: all {tokens.shape[1]} positions {before * 1000:.0f} ms -> up to the last [EOT] "

@@ -1,16 +1,11 @@
 """Training cost of VoP's variants against full fine-tuning: seconds per step and peak memory, on CPU.
 
 What it measures, for a ViT-B/32-shaped CLIP with random weights (`clip_model.CLIP(CLIPConfig())`):
-one training step = forward of a batch of videos (default 4 videos x 12 frames of 224 x 224; see DEFAULT_BATCH
-for why not 8) and of as many
-captions, the symmetric InfoNCE loss of train.py (`train.contrastive_loss`)
-
-    logits = model.logit_scale.exp() * text @ video.T
-    loss   = (CE(logits, arange(B)) + CE(logits.T, arange(B))) / 2,
-
-backward, and an AdamW step over the trainable parameters (so gradients and optimiser state count in
-memory). Variants: VoP with video prompts "" (text + visual prompts only), "pos", "ctx", "fn", "fn,pos",
-"fn,ctx", "pos,ctx", "fn,pos,ctx", full fine-tuning (`VoP(clip, tune="full")`), and VoP and full fine-tuning
+one training step (`common.Trainer`, the step of train.py in float32: forward of a batch of videos, default 4
+videos x 12 frames of 224 x 224, see DEFAULT_BATCH for why not 8, and of as many captions, the symmetric InfoNCE
+loss, backward, gradient clipping and an AdamW step over the trainable parameters, so gradients and optimiser
+state count in memory). Variants: VoP with video prompts "" (text + visual prompts only), "pos", "ctx", "fn", "fn,pos",
+"fn,ctx", "pos,ctx", "fn,pos,ctx", full fine-tuning (`VoPConfig(tune="full")`), and VoP and full fine-tuning
 again with gradient checkpointing (`grad_checkpointing=True`).
 
 How: each variant runs in its own subprocess (`python benchmarks/bench_vop.py --variant X`), so that
@@ -32,13 +27,10 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import torch  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, Trainer, build_variant, machine_line, random_captions  # noqa: E402
 
-import clip_model  # noqa: E402
-from train import contrastive_loss  # noqa: E402  (the loss train.py trains with)
-from vop import VoP  # noqa: E402
+import torch  # noqa: E402
 
 FULL = "full"
 # (video prompts or "full", gradient checkpointing), in the order of the table.
@@ -49,10 +41,6 @@ GB = 1024 ** 3
 # 8 videos x 12 frames took ~35 CPU-s (~80 s wall on a busy machine) per VoP step on a 2-core AVX2 CPU, which
 # puts the 11 runs far past 10 minutes; the default is therefore 4 videos. `--batch 8` gives the full shape.
 DEFAULT_BATCH = 4
-
-WORDS = ("a man woman dog cat kid chef car guitar ball kitchen stage park rain beach news song game "
-         "plays talks cooks runs sings dances rides throws explains shows red small happy old").split()
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Child: one variant
@@ -73,51 +61,24 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def build_model(variant: str, num_frames: int, grad_checkpointing: bool) -> VoP:
-    """VoP on a ViT-B/32-shaped CLIP with random weights; `variant` is video prompts or "full"."""
-    clip = clip_model.CLIP(clip_model.CLIPConfig())
-    if variant == FULL:
-        model = VoP(clip, tune="full", num_frames=num_frames, grad_checkpointing=grad_checkpointing)
-    else:
-        model = VoP(clip, variant, num_frames=num_frames, grad_checkpointing=grad_checkpointing)
-    return model.train()
-
-
-def random_captions(n: int, seed: int = 0) -> list[str]:
-    generator = torch.Generator().manual_seed(seed)
-    return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (10,), generator=generator)) for _ in range(n)]
-
-
-def training_step(model: VoP, optimizer: torch.optim.Optimizer, frames: torch.Tensor,
-                  tokens: torch.Tensor) -> float:
-    """Forward, loss, backward and one optimiser step; returns the loss."""
-    optimizer.zero_grad(set_to_none=True)
-    video, text = model(frames, tokens)
-    loss = contrastive_loss(video, text, model.logit_scale)
-    loss.backward()
-    optimizer.step()
-    return loss.item()
-
-
 def run_variant(variant: str, batch: int, num_frames: int, steps: int, grad_checkpointing: bool) -> dict:
     """Build one variant, train it for 1 + `steps` steps, and measure time and memory."""
     torch.manual_seed(0)
-    model = build_model(variant, num_frames, grad_checkpointing)
+    model = build_variant(variant, num_frames, grad_checkpointing)
     rss_after_build = current_rss_bytes()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.2)
+    trainer = Trainer(model, torch.device("cpu"), fp16=False)  # float32: fp16/bf16 are emulated on most CPUs
     resolution = model.clip.visual.input_resolution
     frames = torch.randn(batch, num_frames, 3, resolution, resolution)
     tokens = model.tokenize(random_captions(batch))
 
-    training_step(model, optimizer, frames, tokens)  # warm-up: allocates gradients and AdamW state
+    trainer.step(frames, tokens)  # warm-up: allocates gradients and AdamW state
     seconds, losses = [], []
     for _ in range(steps):
         start = time.perf_counter()
-        losses.append(training_step(model, optimizer, frames, tokens))
+        losses.append(trainer.step(frames, tokens).item())
         seconds.append(time.perf_counter() - start)
     return dict(variant=variant, grad_checkpointing=grad_checkpointing,
-                trainable_params=sum(p.numel() for p in trainable),
+                trainable_params=sum(p.numel() for p in trainer.parameters),
                 step_seconds=seconds, median_step_seconds=statistics.median(seconds), losses=losses,
                 rss_after_build=rss_after_build, peak_rss=peak_rss_bytes())
 
@@ -169,12 +130,6 @@ def print_details(results: list[dict]) -> None:
             times = ", ".join(f"{s:.2f}" for s in result["step_seconds"])
             losses = ", ".join(f"{loss:.4f}" for loss in result["losses"])
             print(f"  {label(result['variant'], result['grad_checkpointing'])}: {times}; loss {losses}")
-
-
-def machine_line() -> str:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_clip import machine_line as describe_machine  # one definition of the machine line
-    return describe_machine()
 
 
 def main_parent(args: argparse.Namespace) -> None:

@@ -27,16 +27,14 @@ import time
 import traceback
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Trainer, build_variant, random_captions  # noqa: E402
+
 import torch  # noqa: E402
 
 import clip_model  # noqa: E402
-from train import contrastive_loss  # noqa: E402  (the loss train.py trains with)
-from vop import VoP  # noqa: E402
 
 VARIANTS = ["", "fn,pos", "fn,ctx", "pos,ctx", "full"]
-WORDS = ("a man woman dog cat kid chef car guitar ball kitchen stage park rain beach news song game "
-         "plays talks cooks runs sings dances rides throws explains shows red small happy old").split()
 GIB = 1024 ** 3
 
 
@@ -87,47 +85,7 @@ def describe_environment(device: torch.device) -> None:
         log(f"device: CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores) -- smoke test only")
 
 
-# -- one training step ----------------------------------------------------------------------------------------
-
-def random_captions(n: int, generator: torch.Generator) -> list[str]:
-    return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (10,), generator=generator)) for _ in range(n)]
-
-
-def build_model(variant: str, settings: Settings) -> VoP:
-    """VoP (or full fine-tuning) on a fresh ViT-B/32-shaped CLIP with random weights, in training mode."""
-    clip = clip_model.CLIP(clip_model.CLIPConfig())
-    if variant == "full":
-        model = VoP(clip, tune="full", num_frames=settings.frames)
-    else:
-        model = VoP(clip, variant, num_frames=settings.frames)
-    return model.to(settings.device).train()
-
-
-class Trainer:
-    """fp16 autocast + GradScaler + gradient clipping + AdamW over the model's trainable parameters."""
-
-    def __init__(self, model: VoP, device: torch.device, fp16: bool):
-        self.model, self.device, self.fp16 = model, device, fp16
-        self.skipped_steps = 0  # steps GradScaler skipped because the fp16 gradients overflowed
-        self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=1e-3, weight_decay=0.2)
-        self.scaler = torch.amp.GradScaler(device.type)
-
-    def step(self, frames: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """One training step; returns the loss as a tensor (no host sync here)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.fp16):
-            video, text = self.model(frames, tokens)
-            loss = contrastive_loss(video.float(), text.float(), self.model.logit_scale)  # loss in float32
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.parameters, max_norm=1.0)
-        scale = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)  # skipped if any gradient is inf/NaN
-        self.scaler.update()  # ... and then the scale is halved
-        self.skipped_steps += self.scaler.get_scale() < scale
-        return loss.detach()
-
+# -- one training step ---------------------------------------------------------------------------------------
 
 def count_changed(before: list[torch.Tensor], parameters: list[torch.Tensor]) -> int:
     return sum(not torch.equal(old, new.detach()) for old, new in zip(before, parameters))
@@ -140,13 +98,13 @@ def check_variant(variant: str, settings: Settings) -> bool:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
-    model = build_model(variant, settings)
+    model = build_variant(variant, settings.frames).to(device)
     trainer = Trainer(model, device, settings.fp16)
     generator = torch.Generator().manual_seed(0)
     resolution = model.clip.visual.input_resolution
     frames = torch.randn(settings.videos, settings.frames, 3, resolution, resolution, generator=generator)
     frames = frames.to(device)
-    tokens = model.tokenize(random_captions(settings.videos, generator)).to(device)
+    tokens = model.tokenize(random_captions(settings.videos)).to(device)
     before = [p.detach().clone() for p in trainer.parameters]
 
     losses = [trainer.step(frames, tokens) for _ in range(settings.warmup_steps)]
