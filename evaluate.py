@@ -3,20 +3,37 @@
 One job: turn a model and a test split into the paper's numbers (R@1, R@5, R@10, median and mean rank).
 
 1. `embed` - every caption and every unique video once, L2-normalised, float32 on the CPU.
-2. `text_to_video_counts` / `video_to_text_counts` - for each query, how many wrong candidates score higher
-   than the correct one (`greater`) and how many score exactly the same (`tied`). The similarity matrix is
-   built a chunk of rows at a time, never whole, so 100,000 x 100,000 fits in memory.
-3. `retrieval_metrics` - ranks and recalls from those counts, tie-aware: under random tie-breaking the
-   expected rank is greater + 1 + tied / 2 and R@K is the exact probability P(rank <= K). Counting a tie as a
-   hit (or as a miss) flatters (or punishes) models that map many videos to one point (CLIP4Clip#80).
+2. The ranking on the whole score matrix (read this first). For each query, count the wrong candidates
+   that score above the correct one (`greater`) and exactly level with it (`tied`): `dense_counts`. The
+   rank is greater + 1 + tied / 2 and R@K is P(rank <= K), both under random tie-breaking; counting a tie
+   as a hit (or as a miss) flatters (or punishes) a model that maps many videos to one point (CLIP4Clip#80).
+   `dense_text_to_video_counts` and `dense_video_to_text_counts` build the matrix each direction ranks.
+3. The same counts a chunk of query rows at a time, which is what the program runs: the score matrix is
+   never whole, so 100,000 x 100,000 fits in memory (skip on a first reading).
 
-Conventions. Text -> video: caption i has exactly one correct video, `caption_video_index[i]`. Video -> text
-with several captions per video (MSVD): the correct caption is the best-scoring of the video's own captions,
-and the competitors are the captions of the other videos. `dsl=True` re-ranks with dual softmax (CAMoE,
-CLIP2Video); it uses the statistics of all test queries at once, so it is not the paper's protocol and is
-labelled as such wherever it is printed.
+The protocol is X-Pool's (modules/metrics.py: t2v_metrics, v2t_metrics) and CLIP4Clip's (metrics.py):
+- Text -> video: each caption is a query; its one correct video, `caption_video_index[i]`, is ranked among
+  all V videos.
+- Video -> text: each video is a query and the candidates are the V videos, each scored by its best caption
+  (the max of caption . query video over that video's captions); the correct candidate is the query video
+  itself. So a video's best own caption is ranked among the other videos' best captions, not among all
+  their captions. With one caption per video this is ranking among the captions. (X-Pool and CLIP4Clip pad
+  the captions to M per video with -inf and take the max over M of a (V, M, V) tensor.)
+- Ties: the expected rank and R@K probability above; identical embeddings (one caption text under several
+  videos) are scored once, so they tie exactly. Without ties the ranks equal X-Pool's and CLIP4Clip's; with
+  ties theirs depend on the sort. MdR is the usual median, the mean of the two middle ranks for an even count
+  (X-Pool's np.median; CLIP4Clip's multi-caption text -> video takes torch.median's lower one).
+- `dsl=True` re-scores with dual softmax (CAMoE, CLIP2Video), which is not the paper's protocol and is
+  labelled so wherever it is printed: the caption x video matrix s becomes s * softmax(temperature * s),
+  the softmax over the direction's queries (over captions for text -> video, over videos for video -> text),
+  and only then does each video take its best caption. X-Pool and CLIP4Clip have no DSL. TS2-Net (built on
+  CLIP4Clip) also re-scores the caption x video matrix before that max, but softmaxes over captions for both
+  directions; within one query video's column that maps each score s to s * exp(s) / (a constant), which
+  keeps the order for s > -1 (their s is 100 x cosine), so it leaves video -> text practically unchanged.
 
-Shapes: T captions, V videos, E embedding size, C rows of one chunk, N candidates per query.
+Shapes: T captions, V videos, E embedding size, M most captions of any one video, Q queries and C candidates
+(T and V for text -> video; V and the T captions, grouped into V videos, for video -> text), `rows` the
+query rows of one chunk.
 
     python evaluate.py --checkpoint run/last.pt [--data msrvtt-9k --data-root data/msrvtt --split test]
     python evaluate.py --zero-shot --clip ViT-B/32 --data msrvtt-9k --data-root data/msrvtt
@@ -88,172 +105,32 @@ def embed(model: VoP, dataset: data.VideoTextDataset, batch_size: int = 32, num_
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. Chunked scoring: (greater, tied) counts per query
+# 2. Ranks and metrics on the whole score matrix (read this first)
+#
+# Sort a query's scores against its C candidates: the correct candidate's rank is 1 + the number of wrong
+# candidates scoring above it (`greater`). Candidates scoring exactly the same (`tied`) are put in random
+# order, so the rank is greater + 1 + tied / 2 on average and lies in the top K with probability
+# (K - greater) / (tied + 1), clipped to [0, 1]. R@K is that probability averaged over the queries (in
+# percent), MdR and MnR the median and mean rank. Only the score matrix differs between the directions.
 
 
-def _check_embeddings(queries: torch.Tensor, candidates: torch.Tensor) -> None:
-    if queries.ndim != 2 or candidates.ndim != 2 or queries.shape[1] != candidates.shape[1]:
-        raise ValueError(f"embeddings must be (Q, E) and (N, E) with the same E, got {tuple(queries.shape)} "
-                         f"and {tuple(candidates.shape)}")
-    for what, embeddings in (("query", queries), ("candidate", candidates)):
-        if len(embeddings) == 0:
-            raise ValueError(f"no {what} embeddings")
-        if not torch.isfinite(embeddings).all():
-            raise ValueError(f"{what} embeddings contain NaN or inf (did training diverge?)")
-
-
-def _chunk_rows(num_candidates: int, chunk_size: int | None) -> int:
-    if chunk_size is None:
-        return max(1, SCORES_PER_CHUNK // num_candidates)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
-    return chunk_size
-
-
-def similarity_chunks(queries: torch.Tensor, candidates: torch.Tensor, chunk_size: int | None = None,
-                      dsl: bool = False, temperature: float = 100.0, score_device=None):
-    """Yield (start, scores (C, N)) for consecutive chunks of query rows: cosine similarities, or with `dsl`
-    the dual-softmax scores  sims * softmax(sims * temperature, over the query axis). The chunks are computed
-    on `score_device` (default: the embeddings' device): a GPU scores 100k x 100k in seconds, 2 CPU cores
-    take about half an hour.
-
-    queries (Q, E), candidates (N, E). The softmax over queries needs, for each candidate, the logsumexp of its
-    column over all Q queries: a first chunked pass accumulates it, the second yields the re-scored chunks.
-    """
-    rows = _chunk_rows(len(candidates), chunk_size)
-    dtype = torch.promote_types(queries.dtype, candidates.dtype)
-    score_device = _score_device(score_device, queries)
-    queries, candidates = queries.to(score_device, dtype), candidates.to(score_device, dtype)
-    column_logsumexp = None  # (N,)
-    if dsl:
-        column_logsumexp = torch.full((len(candidates),), -torch.inf, dtype=dtype, device=score_device)
-        for start in range(0, len(queries), rows):
-            logits = temperature * (queries[start:start + rows] @ candidates.T)  # (C, N)
-            column_logsumexp = torch.logaddexp(column_logsumexp, torch.logsumexp(logits, dim=0))
-    for start in range(0, len(queries), rows):
-        sims = queries[start:start + rows] @ candidates.T  # (C, N)
-        if dsl:
-            sims = sims * torch.exp(temperature * sims - column_logsumexp)  # (C, N): softmax over all queries
-        yield start, sims
-
-
-def _count_wrong_above(scores: torch.Tensor, correct_columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores (C, N); correct_columns (C, M): each row's correct candidates, padded with -1 (at least one per
-    row) -> (greater (C,), tied (C,)) over the wrong candidates, measured against the best correct score.
-
-    No correct candidate can beat the best correct one, so `greater` needs no mask; `tied` subtracts the
-    correct candidates that equal it. Only (C, M) gathers, no (C, N) mask: this is the hot loop.
-    """
-    correct_scores = scores.gather(1, correct_columns.clamp(min=0))  # (C, M)
-    correct_scores = correct_scores.masked_fill(correct_columns < 0, -torch.inf)  # (C, M): padding never wins
-    best_correct = correct_scores.amax(dim=1, keepdim=True)  # (C, 1)
-    greater = (scores > best_correct).sum(dim=1)  # (C,)
-    tied = (scores == best_correct).sum(dim=1) - (correct_scores == best_correct).sum(dim=1)  # (C,)
+def dense_counts(scores: torch.Tensor, correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greater (Q,), tied (Q,)) for the whole score matrix scores (Q, C), whose query q's correct candidate
+    is column correct[q]: how many wrong candidates score above it, and how many exactly the same."""
+    correct_scores = scores.gather(1, correct[:, None])  # (Q, 1)
+    greater = (scores > correct_scores).sum(dim=1)  # (Q,)
+    tied = (scores == correct_scores).sum(dim=1) - 1  # (Q,) the correct candidate equals itself: not a tie
     return greater, tied
 
 
-def _score_device(score_device, embeddings: torch.Tensor) -> torch.device:
-    return embeddings.device if score_device is None else torch.device(score_device)
-
-
-def _as_index(caption_video_index, num_captions: int, num_videos: int) -> torch.Tensor:
-    index = torch.as_tensor(caption_video_index, dtype=torch.long)  # (T,)
-    if index.shape != (num_captions,):
-        raise ValueError(f"caption_video_index must have one entry per caption ({num_captions}), "
-                         f"got shape {tuple(index.shape)}")
-    if len(index) and (index.min() < 0 or index.max() >= num_videos):
-        raise ValueError(f"caption_video_index must lie in 0..{num_videos - 1}, got {index.min()}..{index.max()}")
-    return index
-
-
-def captions_of_videos(caption_video_index: torch.Tensor, num_videos: int) -> torch.Tensor:
-    """(V, M) caption indices of each video, padded with -1; M is the most captions any video has.
-
-    caption_video_index (T,) -> e.g. [0, 0, 1, 0] with 2 videos -> [[0, 1, 3], [2, -1, -1]].
-    """
-    counts = torch.bincount(caption_video_index, minlength=num_videos)  # (V,)
-    captionless = (counts == 0).nonzero().flatten()
-    if len(captionless):
-        raise ValueError(f"{len(captionless)} videos have no caption (first: video {captionless[0].item()}): "
-                         f"video -> text retrieval needs at least one per video")
-    order = torch.sort(caption_video_index, stable=True).indices  # (T,) captions grouped by video
-    owners = caption_video_index[order]  # (T,) sorted
-    first_of_video = torch.cumsum(counts, 0) - counts  # (V,) where each video's group starts in `order`
-    slot = torch.arange(len(order)) - first_of_video[owners]  # (T,) position within its video's group
-    table = torch.full((num_videos, int(counts.max())), -1, dtype=torch.long)  # (V, M)
-    table[owners, slot] = order
-    return table
-
-
-def _counts_per_query(queries: torch.Tensor, candidates: torch.Tensor, correct_columns: torch.Tensor, dsl: bool,
-                      temperature: float, chunk_size: int | None, score_device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(greater (Q,), tied (Q,)) for queries (Q, E) against candidates (N, E), chunk by chunk.
-    correct_columns (Q, M): each query's correct candidates, padded with -1."""
-    correct_columns = correct_columns.to(_score_device(score_device, queries))
-    greater, tied = [], []
-    for start, scores in similarity_chunks(queries, candidates, chunk_size, dsl, temperature, score_device):
-        chunk_greater, chunk_tied = _count_wrong_above(scores, correct_columns[start:start + len(scores)])
-        greater.append(chunk_greater.cpu())
-        tied.append(chunk_tied.cpu())
-    return torch.cat(greater), torch.cat(tied)
-
-
-def text_to_video_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor, caption_video_index,
-                         dsl: bool = False, temperature: float = 100.0, chunk_size: int | None = None,
-                         score_device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(greater (T,), tied (T,)): for caption i, the videos other than caption_video_index[i] that score
-    above / exactly at its correct video. text_embeddings (T, E), video_embeddings (V, E)."""
-    _check_embeddings(text_embeddings, video_embeddings)
-    correct_video = _as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
-    return _counts_per_query(text_embeddings, video_embeddings, correct_video[:, None], dsl, temperature,
-                             chunk_size, score_device)
-
-
-def video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor, caption_video_index,
-                         dsl: bool = False, temperature: float = 100.0, chunk_size: int | None = None,
-                         score_device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(greater (V,), tied (V,)): for video j, the other videos' captions that score above / exactly at the
-    best of video j's own captions. text_embeddings (T, E), video_embeddings (V, E)."""
-    _check_embeddings(video_embeddings, text_embeddings)
-    owner_video = _as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
-    own_captions = captions_of_videos(owner_video, len(video_embeddings))  # (V, M)
-    return _counts_per_query(video_embeddings, text_embeddings, own_captions, dsl, temperature, chunk_size,
-                             score_device)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 3. Tie-aware ranks and metrics
-
-
 def expected_ranks(greater: torch.Tensor, tied: torch.Tensor) -> torch.Tensor:
-    """(Q,) float64: the correct item's rank averaged over random orders of the tied candidates."""
+    """(Q,) float64: the correct candidate's rank, averaged over the random orders of the tied candidates."""
     return greater.double() + 1 + tied.double() / 2
 
 
 def recall_probability(greater: torch.Tensor, tied: torch.Tensor, k: int) -> torch.Tensor:
-    """(Q,) float64: P(rank <= k). The correct item is equally likely at ranks greater+1 ... greater+tied+1."""
+    """(Q,) float64: P(rank <= k). The correct candidate is equally likely at ranks greater+1 ... greater+tied+1."""
     return ((k - greater.double()) / (tied.double() + 1)).clamp(0, 1)
-
-
-def text_to_video_ranks(text_embeddings, video_embeddings, caption_video_index, dsl: bool = False,
-                        temperature: float = 100.0, chunk_size: int | None = None) -> torch.Tensor:
-    """(T,) expected rank of each caption's video."""
-    return expected_ranks(*text_to_video_counts(text_embeddings, video_embeddings, caption_video_index, dsl,
-                                                temperature, chunk_size))
-
-
-def video_to_text_ranks(text_embeddings, video_embeddings, caption_video_index, dsl: bool = False,
-                        temperature: float = 100.0, chunk_size: int | None = None) -> torch.Tensor:
-    """(V,) expected rank of each video's best own caption."""
-    return expected_ranks(*video_to_text_counts(text_embeddings, video_embeddings, caption_video_index, dsl,
-                                                temperature, chunk_size))
-
-
-def _median(values: torch.Tensor) -> float:
-    """The usual median (mean of the two middle values for an even count; torch.median takes the lower)."""
-    ordered = values.sort().values
-    n = len(ordered)
-    return float((ordered[(n - 1) // 2] + ordered[n // 2]) / 2)
 
 
 def retrieval_metrics(greater: torch.Tensor, tied: torch.Tensor) -> dict:
@@ -266,6 +143,183 @@ def retrieval_metrics(greater: torch.Tensor, tied: torch.Tensor) -> dict:
     metrics["MdR"] = _median(ranks)
     metrics["MnR"] = float(ranks.mean())
     return metrics
+
+
+def _median(values: torch.Tensor) -> float:
+    """The usual median (mean of the two middle values for an even count; torch.median takes the lower)."""
+    ordered = values.sort().values
+    n = len(ordered)
+    return float((ordered[(n - 1) // 2] + ordered[n // 2]) / 2)
+
+
+def dense_text_to_video_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor,
+                               caption_video_index, dsl: bool = False,
+                               temperature: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greater (T,), tied (T,)): each caption ranks the V videos; its correct one is caption_video_index[i]."""
+    correct_video = _as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
+    scores = text_embeddings @ video_embeddings.T  # (T, V)
+    if dsl:  # dual softmax over the queries: a video that every caption likes counts less for each of them
+        scores = scores * torch.softmax(temperature * scores, dim=0)  # (T, V)
+    return dense_counts(scores, correct_video)
+
+
+def dense_video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor,
+                               caption_video_index, dsl: bool = False,
+                               temperature: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greater (V,), tied (V,)): each video ranks the V videos, each scored by its best caption; its
+    correct candidate is itself (X-Pool's and CLIP4Clip's convention, see the module docstring)."""
+    owner_video = _as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
+    _check_every_video_has_a_caption(owner_video, len(video_embeddings))
+    scores = text_embeddings @ video_embeddings.T  # (T, V): caption t against query video j
+    if dsl:  # dual softmax over the queries, which here are the videos; before the max over captions
+        scores = scores * torch.softmax(temperature * scores, dim=1)  # (T, V)
+    best_caption = torch.stack([scores[owner_video == video].amax(dim=0)  # (V, V): [candidate, query]
+                                for video in range(len(video_embeddings))])
+    query_video = torch.arange(len(video_embeddings))  # (V,) query j's correct candidate is video j
+    return dense_counts(best_caption.T, query_video)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. The same counts a chunk of query rows at a time: what the program runs (skip on a first reading)
+
+
+def _check_embeddings(queries: torch.Tensor, candidates: torch.Tensor) -> None:
+    if queries.ndim != 2 or candidates.ndim != 2 or queries.shape[1] != candidates.shape[1]:
+        raise ValueError(f"embeddings must be (Q, E) and (C, E) with the same E, got {tuple(queries.shape)} "
+                         f"and {tuple(candidates.shape)}")
+    for what, embeddings in (("query", queries), ("candidate", candidates)):
+        if len(embeddings) == 0:
+            raise ValueError(f"no {what} embeddings")
+        if not torch.isfinite(embeddings).all():
+            raise ValueError(f"{what} embeddings contain NaN or inf (did training diverge?)")
+
+
+def _as_index(caption_video_index, num_captions: int, num_videos: int) -> torch.Tensor:
+    index = torch.as_tensor(caption_video_index, dtype=torch.long)  # (T,)
+    if index.shape != (num_captions,):
+        raise ValueError(f"caption_video_index must have one entry per caption ({num_captions}), "
+                         f"got shape {tuple(index.shape)}")
+    if len(index) and (index.min() < 0 or index.max() >= num_videos):
+        raise ValueError(f"caption_video_index must lie in 0..{num_videos - 1}, got {index.min()}..{index.max()}")
+    return index
+
+
+def _check_every_video_has_a_caption(caption_video_index: torch.Tensor, num_videos: int) -> None:
+    counts = torch.bincount(caption_video_index, minlength=num_videos)  # (V,)
+    captionless = (counts == 0).nonzero().flatten()
+    if len(captionless):
+        raise ValueError(f"{len(captionless)} videos have no caption (first: video {captionless[0].item()}): "
+                         f"video -> text retrieval needs at least one per video")
+
+
+def _chunk_rows(num_candidates: int, chunk_size: int | None) -> int:
+    if chunk_size is None:
+        return max(1, SCORES_PER_CHUNK // num_candidates)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    return chunk_size
+
+
+def _score_device(score_device, embeddings: torch.Tensor) -> torch.device:
+    return embeddings.device if score_device is None else torch.device(score_device)
+
+
+def similarity_chunks(queries: torch.Tensor, candidates: torch.Tensor, chunk_size: int | None = None,
+                      dsl: bool = False, temperature: float = 100.0, score_device=None):
+    """Yield (start, scores (rows, C)) for consecutive chunks of at most `chunk_size` query rows (default: about
+    SCORES_PER_CHUNK scores a chunk): cosine similarities, or with `dsl` the dual-softmax scores
+    sims * softmax(sims * temperature, over all Q queries). The chunks are computed on `score_device`
+    (default: the embeddings' device): a GPU scores 100k x 100k in seconds, 2 CPU cores take about half an hour.
+
+    queries (Q, E), candidates (C, E). The softmax over queries needs, for each candidate, the logsumexp of its
+    column over all Q queries: a first chunked pass accumulates it, the second yields the re-scored chunks.
+
+    Identical candidates (one caption text under several videos, a duplicated video) are scored once and
+    share the result, so they tie exactly: computed apart, rounding could split them (a one-row matrix
+    product, or a column sum, can round two identical columns differently).
+    """
+    rows = _chunk_rows(len(candidates), chunk_size)
+    dtype = torch.promote_types(queries.dtype, candidates.dtype)
+    score_device = _score_device(score_device, queries)
+    queries, candidates = queries.to(score_device, dtype), candidates.to(score_device, dtype)
+    distinct, column_of = torch.unique(candidates, dim=0, return_inverse=True)  # (C', E), (C,)
+    if len(distinct) == len(candidates):
+        distinct, column_of = candidates, None  # no duplicates: keep the order, skip the copying
+    distinct_logsumexp = None  # (C',)
+    if dsl:
+        distinct_logsumexp = torch.full((len(distinct),), -torch.inf, dtype=dtype, device=score_device)
+        for start in range(0, len(queries), rows):
+            logits = temperature * (queries[start:start + rows] @ distinct.T)  # (rows, C')
+            distinct_logsumexp = torch.logaddexp(distinct_logsumexp, torch.logsumexp(logits, dim=0))
+    for start in range(0, len(queries), rows):
+        sims = queries[start:start + rows] @ distinct.T  # (rows, C')
+        if dsl:
+            sims = sims * torch.exp(temperature * sims - distinct_logsumexp)  # (rows, C'): softmax over queries
+        yield start, sims if column_of is None else sims[:, column_of]  # (rows, C)
+
+
+def _counts_per_query(queries: torch.Tensor, candidates: torch.Tensor, correct: torch.Tensor, dsl: bool,
+                      temperature: float, chunk_size: int | None, score_device,
+                      candidate_owner: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greater (Q,), tied (Q,)) for queries (Q, E) against candidates (C, E): dense_counts, chunk by chunk.
+
+    correct (Q,): each query's correct column. With candidate_owner (C,) (video -> text: each caption's
+    video), the ranked candidates are the owners instead, each scored by its best candidate, and `correct`
+    indexes the owners.
+    """
+    device = _score_device(score_device, queries)
+    correct = correct.to(device)
+    if candidate_owner is not None:
+        num_owners = int(candidate_owner.max()) + 1  # every owner has a candidate (checked by the caller)
+        candidate_owner = candidate_owner.to(device)[None, :]  # (1, C)
+    greater, tied = [], []
+    for start, scores in similarity_chunks(queries, candidates, chunk_size, dsl, temperature, score_device):
+        if candidate_owner is not None:  # (rows, C) -> (rows, V): each video scored by its best caption
+            best = scores.new_full((len(scores), num_owners), -torch.inf)  # (rows, V)
+            scores = best.scatter_reduce_(1, candidate_owner.expand(len(scores), -1), scores, "amax")
+        chunk_greater, chunk_tied = dense_counts(scores, correct[start:start + len(scores)])
+        greater.append(chunk_greater.cpu())
+        tied.append(chunk_tied.cpu())
+    return torch.cat(greater), torch.cat(tied)
+
+
+def text_to_video_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor, caption_video_index,
+                         dsl: bool = False, temperature: float = 100.0, chunk_size: int | None = None,
+                         score_device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greater (T,), tied (T,)), equal to dense_text_to_video_counts, a chunk of captions at a time.
+    text_embeddings (T, E), video_embeddings (V, E)."""
+    _check_embeddings(text_embeddings, video_embeddings)
+    correct_video = _as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
+    return _counts_per_query(text_embeddings, video_embeddings, correct_video, dsl, temperature, chunk_size,
+                             score_device)
+
+
+def video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor, caption_video_index,
+                         dsl: bool = False, temperature: float = 100.0, chunk_size: int | None = None,
+                         score_device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greater (V,), tied (V,)), equal to dense_video_to_text_counts, a chunk of videos at a time: for video
+    j, the other videos whose best caption scores above / exactly at video j's best own caption.
+    text_embeddings (T, E), video_embeddings (V, E)."""
+    _check_embeddings(video_embeddings, text_embeddings)
+    owner_video = _as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
+    _check_every_video_has_a_caption(owner_video, len(video_embeddings))
+    query_video = torch.arange(len(video_embeddings))  # (V,) video j's correct candidate is video j
+    return _counts_per_query(video_embeddings, text_embeddings, query_video, dsl, temperature, chunk_size,
+                             score_device, candidate_owner=owner_video)
+
+
+def text_to_video_ranks(text_embeddings, video_embeddings, caption_video_index, dsl: bool = False,
+                        temperature: float = 100.0, chunk_size: int | None = None) -> torch.Tensor:
+    """(T,) expected rank of each caption's video."""
+    return expected_ranks(*text_to_video_counts(text_embeddings, video_embeddings, caption_video_index, dsl,
+                                                temperature, chunk_size))
+
+
+def video_to_text_ranks(text_embeddings, video_embeddings, caption_video_index, dsl: bool = False,
+                        temperature: float = 100.0, chunk_size: int | None = None) -> torch.Tensor:
+    """(V,) expected rank of each video among the V videos, each scored by its best caption."""
+    return expected_ranks(*video_to_text_counts(text_embeddings, video_embeddings, caption_video_index, dsl,
+                                                temperature, chunk_size))
 
 
 def reversal_pair_accuracy(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor) -> float:

@@ -1,7 +1,9 @@
-"""evaluate.py: tie-aware ranks on hand-computed similarity matrices, multi-caption mapping, chunking, DSL,
-reversal pairs, and one end-to-end run of a tiny VoP on the synthetic world (plus checkpoint reload).
+"""evaluate.py: tie-aware ranks on hand-computed similarity matrices in both directions (several captions per
+video, ties), the ranking against independent references (X-Pool's padded max over captions, ranks read off a
+sort), the chunked counts against the dense ones, DSL, reversal pairs, and one end-to-end run of a tiny VoP on
+the synthetic world (plus checkpoint reload).
 
-Most tests write a similarity matrix S (queries x videos) directly: with text embeddings S and video
+Most tests write a similarity matrix S (captions x videos) directly: with text embeddings S and video
 embeddings the identity, text @ video.T is exactly S.
 """
 import math
@@ -102,12 +104,15 @@ def test_multi_caption_text_to_video():
     metrics = ev.retrieval_metrics(greater, tied)
     assert metrics["R@1"] == pytest.approx(100 * 3 / 7)
     assert metrics["R@5"] == 100 and metrics["MdR"] == 2.0 and metrics["MnR"] == pytest.approx(13 / 7)
+    assert [c.tolist() for c in ev.dense_text_to_video_counts(text, video, MSVD_INDEX)] == [greater.tolist(),
+                                                                                          tied.tolist()]
 
 
 def test_multi_caption_video_to_text():
-    # v0: own captions score 0.9, 0.3, 0.2 -> best 0.9; others' (0.1, 0.4, 0.0, 0.6) all below: rank 1.
-    # v1: own 0.7, 0.3 -> 0.7; others' 0.1, 0.5, 0.2, 0.1, 0.7: one tie (c6): rank 1.5.
-    # v2: own 0.5, 0.6 -> 0.6; others' 0.2, 0.1, 0.6, 0.0, 0.8: c4 above, c2 tied: rank 2.5.
+    # Each video's column: its best own caption against each other video's best caption.
+    # v0: own 0.9, 0.3, 0.2 -> 0.9; v1's best 0.4 (c4), v2's 0.6 (c6): rank 1.
+    # v1: own 0.7, 0.3 -> 0.7; v0's best 0.5 (c1), v2's 0.7 (c6): one tie: rank 1.5.
+    # v2: own 0.5, 0.6 -> 0.6; v0's best 0.6 (c2), v1's 0.8 (c4): one above, one tie: rank 2.5.
     text, video = embeddings_for(MSVD_SIMILARITIES)
     greater, tied = ev.video_to_text_counts(text, video, MSVD_INDEX)
     assert greater.tolist() == [0, 0, 1] and tied.tolist() == [0, 1, 1]
@@ -117,38 +122,165 @@ def test_multi_caption_video_to_text():
     assert metrics["MdR"] == 1.5 and metrics["MnR"] == pytest.approx(5 / 3)
 
 
-def test_captions_of_videos_table():
-    table = ev.captions_of_videos(torch.tensor([0, 0, 1, 0]), 2)
-    assert table.tolist() == [[0, 1, 3], [2, -1, -1]]
-    assert ev.captions_of_videos(torch.tensor(MSVD_INDEX), 3).tolist() == [[0, 1, 2], [3, 4, -1], [5, 6, -1]]
+CAPTIONS_PER_VIDEO = [2, 1, 3, 2, 2, 3, 1, 2, 1, 1, 2, 1]  # of videos v0 ... v11: T = 21 captions
+
+
+def best_caption_case() -> tuple[torch.Tensor, torch.Tensor]:
+    """(similarities (21, 12), caption_video_index (21,)): captions x videos, so column j scores every caption
+    against query video j. A video's own captions score 0.9 and all others 0, except where set below."""
+    index = torch.repeat_interleave(torch.arange(12), torch.tensor(CAPTIONS_PER_VIDEO))  # (21,)
+    similarities = torch.zeros(21, 12, dtype=torch.float64)
+    similarities[torch.arange(21), index] = 0.9
+    scores = {  # (query video, video): the scores of that video's captions against the query video
+        # v0: own best 0.5. v1, v2 and v3 have a caption above it (v2 all three: still one video); v4 ties.
+        (0, 0): [0.5, 0.3], (0, 1): [0.6], (0, 2): [0.7, 0.6, 0.55], (0, 3): [0.6, 0.1], (0, 4): [0.5, 0.4],
+        # v1: own best 0.2. All ten videos v2 ... v11 score 0.3 with every caption; v0 ties.
+        (1, 1): [0.2], (1, 0): [0.2, 0.1], **{(1, video): [0.3] * CAPTIONS_PER_VIDEO[video] for video in range(2, 12)},
+        # v2: own best 0.8. v3, v4, v5, v6 above; v7 and v8 tie.
+        (2, 2): [0.8, 0.2, 0.1], (2, 3): [0.9, 0.85], (2, 4): [0.9, 0.9], (2, 5): [0.95, 0.1, 0.9], (2, 6): [0.9],
+        (2, 7): [0.8, 0.3], (2, 8): [0.8],
+        # v3: own best 0.7; v5's second caption ties.
+        (3, 3): [0.7, 0.6], (3, 5): [0.1, 0.7, 0.2],
+        # v4, v5, v6 (own 0.9): one video above each (above v6: both captions of v7, still one video).
+        (4, 0): [0.95, 0.0], (5, 6): [0.92], (6, 7): [0.91, 0.91],
+    }
+    for (query, video), values in scores.items():
+        similarities[index == video, query] = torch.tensor(values, dtype=torch.float64)
+    return similarities, index
+
+
+def test_video_to_text_ranks_videos_by_their_best_caption():
+    # X-Pool's and CLIP4Clip's convention: the candidates are videos, each scored by its best caption.
+    #   video   above  tied  rank   P(rank<=1)  P(rank<=5)        P(rank<=10)
+    #   v0      3      1     4.5    0           1                 1
+    #   v1      10     1     11.5   0           0                 (10 - 10) / 2 = 0
+    #   v2      4      2     6      0           (5 - 4) / 3 = 1/3  1
+    #   v3      0      1     1.5    1/2         1                 1
+    #   v4-v6   1      0     2      0           1                 1
+    #   v7-v11  0      0     1      1           1                 1
+    # R@1 = 5.5 / 12, R@5 = 10 1/3 / 12, R@10 = 11 / 12; MnR = 34.5 / 12 = 2.875; sorted ranks 1 x5, 1.5, 2 x3,
+    # 4.5, 6, 11.5: MdR = (1.5 + 2) / 2 = 1.75. Ranking among all captions instead would put v0 at 6.5 (five
+    # captions above), v1 at 19.5 (18 captions above) and v6 at 3.
+    similarities, index = best_caption_case()
+    text, video = embeddings_for(similarities)
+    greater, tied = ev.video_to_text_counts(text, video, index)
+    assert greater.tolist() == [3, 10, 4, 0, 1, 1, 1, 0, 0, 0, 0, 0]
+    assert tied.tolist() == [1, 1, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0]
+    metrics = ev.retrieval_metrics(greater, tied)
+    assert metrics["R@1"] == pytest.approx(100 * 5.5 / 12)
+    assert metrics["R@5"] == pytest.approx(100 * (10 + 1 / 3) / 12)
+    assert metrics["R@10"] == pytest.approx(100 * 11 / 12)
+    assert metrics["MdR"] == 1.75 and metrics["MnR"] == pytest.approx(2.875)
+    for counts in (ev.dense_video_to_text_counts(text, video, index),
+                   ev.video_to_text_counts(text, video, index, chunk_size=5)):
+        assert [c.tolist() for c in counts] == [greater.tolist(), tied.tolist()]
 
 
 def test_video_without_caption_is_an_error():
     text, video = embeddings_for([[1.0, 0.0, 0.0]])
-    with pytest.raises(ValueError, match="no caption"):
-        ev.video_to_text_counts(text, video, [0])
-    with pytest.raises(ValueError, match="caption_video_index must lie"):
+    for video_to_text in (ev.video_to_text_counts, ev.dense_video_to_text_counts):
+        with pytest.raises(ValueError, match="no caption"):
+            video_to_text(text, video, [0])
+    with pytest.raises(ValueError, match="caption_video_index"):
         ev.text_to_video_counts(text, video, [3])
     with pytest.raises(ValueError, match="NaN"):
         ev.text_to_video_counts(text * math.nan, video, [0])
 
 
-def random_retrieval_problem(num_videos=11, seed=0):
-    """Unit embeddings with 1-3 captions per video and some exact duplicates (so there are ties)."""
+# ----------------------------------------------------------------------------------------------------------
+# Against independent references, on random problems
+
+
+def random_retrieval_problem(seed=0, num_videos=11, max_captions=5, integer=False, duplicates=True):
+    """(text (T, E), video (V, E), caption_video_index list of T): 1..max_captions captions per video, listed in
+    random order. `integer`: small whole-number embeddings, so every score is exact (equal scores are equal
+    however a matrix product adds them up) and ties are many. Otherwise float64 unit vectors, tie-free unless
+    `duplicates` copies embeddings (ties in both directions)."""
     generator = torch.Generator().manual_seed(seed)
-    video = torch.nn.functional.normalize(torch.randn(num_videos, 16, generator=generator), dim=1)
-    video[3] = video[4]  # a duplicated video: ties in both directions
-    caption_video_index = torch.randint(0, num_videos, (30,), generator=generator)
-    caption_video_index[:num_videos] = torch.arange(num_videos)  # every video has a caption
-    text = torch.nn.functional.normalize(video[caption_video_index] + 0.8 * torch.randn(30, 16, generator=generator),
-                                         dim=1)
-    text[7] = text[8]
-    return text, video, caption_video_index.tolist()
+    counts = torch.randint(1, max_captions + 1, (num_videos,), generator=generator)  # (V,)
+    index = torch.repeat_interleave(torch.arange(num_videos), counts)  # (T,)
+    index = index[torch.randperm(len(index), generator=generator)]
+    if integer:
+        video = torch.randint(-2, 3, (num_videos, 6), generator=generator).double()  # (V, 6)
+        text = video[index] + torch.randint(-1, 2, (len(index), 6), generator=generator).double()  # (T, 6)
+    else:
+        video = torch.nn.functional.normalize(torch.randn(num_videos, 16, generator=generator,
+                                                          dtype=torch.float64), dim=1)  # (V, 16)
+        noise = torch.randn(len(index), 16, generator=generator, dtype=torch.float64)  # (T, 16)
+        text = torch.nn.functional.normalize(video[index] + 0.9 * noise, dim=1)  # (T, 16)
+    if duplicates:  # text -> video: videos 3 and 4 tie; video -> text: videos 1 and 2 have the same best caption
+        video[3] = video[4]
+        text[(index == 1) | (index == 2)] = text[index == 2][0]
+    return text, video, index.tolist()
+
+
+def reference_matrices(text, video, index, dsl=False, temperature=100.0) -> dict:
+    """{"t2v" | "v2t": (scores (Q, C), correct (Q,))}, written apart from evaluate.py. Video -> text the X-Pool
+    way (modules/metrics.py, sim_matrix_inference + v2t_metrics): the caption x video matrix, DSL-rescored
+    first if asked, padded per video with -inf to (V, M, V); the max over each video's M captions; transposed."""
+    sims = text @ video.T  # (T, V)
+    t2v = sims * torch.softmax(temperature * sims, dim=0) if dsl else sims  # softmax over captions
+    v2t = sims * torch.softmax(temperature * sims, dim=1) if dsl else sims  # softmax over videos
+    own = [[t for t, owner in enumerate(index) if owner == v] for v in range(len(video))]
+    padded = torch.full((len(video), max(map(len, own)), len(video)), -torch.inf, dtype=sims.dtype)  # (V, M, V)
+    for v, captions in enumerate(own):
+        padded[v, :len(captions)] = v2t[captions]
+    return {"t2v": (t2v, torch.as_tensor(index)), "v2t": (padded.amax(dim=1).T, torch.arange(len(video)))}
+
+
+def reference_ranks(scores, correct) -> tuple[torch.Tensor, dict]:
+    """(expected rank (Q,), {k: P(rank <= k) (Q,)}) read off a descending sort of each row: under random
+    tie-breaking the correct candidate is equally likely at each place holding its score."""
+    places = [(row.sort(descending=True).values == row[answer]).nonzero().flatten() + 1  # 1-based
+              for row, answer in zip(scores, correct.tolist())]
+    ranks = torch.stack([p.double().mean() for p in places])
+    return ranks, {k: torch.stack([(p <= k).double().mean() for p in places]) for k in ev.RECALL_AT}
+
+
+def assert_counts_match(counts, scores, correct):
+    ranks, recalls = reference_ranks(scores, correct)
+    assert torch.equal(ev.expected_ranks(*counts), ranks)
+    for k, recall in recalls.items():
+        assert torch.allclose(ev.recall_probability(*counts, k), recall, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_counts_equal_the_xpool_way_on_tied_problems(seed):
+    text, video, index = random_retrieval_problem(seed, num_videos=13, integer=True)
+    reference = reference_matrices(text, video, index)
+    for direction, counts in (("t2v", ev.text_to_video_counts), ("v2t", ev.video_to_text_counts)):
+        for chunk_size in (1, 4, None):
+            assert_counts_match(counts(text, video, index, chunk_size=chunk_size), *reference[direction])
+    assert ev.video_to_text_counts(text, video, index)[1].sum() > 0  # the problem does have ties
+
+
+def test_single_caption_video_to_text_ranks_among_the_captions():
+    # One caption per video: each video's best caption is its caption, so the videos rank as their captions do.
+    text, video, index = random_retrieval_problem(seed=5, num_videos=15, max_captions=1, integer=True)
+    own_caption = torch.argsort(torch.tensor(index))  # (V,) the caption of each video
+    greater, tied = ev.video_to_text_counts(text, video, index)
+    assert_counts_match((greater, tied), video @ text.T, own_caption)
+    assert tied.sum() > 0
+
+
+# DSL only on tie-free problems: a dense softmax and the chunked passes round their column sums differently,
+# so the dense version could split an exact tie (the chunked one cannot: test_identical_candidates_tie_exactly).
+@pytest.mark.parametrize("ties, dsl", [(True, False), (False, False), (False, True)])
+def test_dense_and_chunked_counts_agree(ties, dsl):
+    for seed in range(3):
+        text, video, index = random_retrieval_problem(seed, integer=ties, duplicates=ties)
+        for dense, chunked in ((ev.dense_text_to_video_counts, ev.text_to_video_counts),
+                               (ev.dense_video_to_text_counts, ev.video_to_text_counts)):
+            expected = dense(text, video, index, dsl=dsl)
+            for chunk_size in (1, 3, None):
+                greater, tied = chunked(text, video, index, dsl=dsl, chunk_size=chunk_size)
+                assert torch.equal(greater, expected[0]) and torch.equal(tied, expected[1])
+            assert (expected[1].sum() > 0) == ties
 
 
 @pytest.mark.parametrize("dsl", [False, True])
-def test_chunked_equals_unchunked(monkeypatch, dsl):
-    text, video, index = random_retrieval_problem()
+def test_chunks_never_exceed_chunk_size(monkeypatch, dsl):
+    text, video, index = random_retrieval_problem(integer=not dsl)
     whole = [counts(text, video, index, dsl=dsl, chunk_size=10**6)
              for counts in (ev.text_to_video_counts, ev.video_to_text_counts)]
     # Record every chunk the scorer builds: none may have more than chunk_size rows.
@@ -168,7 +300,24 @@ def test_chunked_equals_unchunked(monkeypatch, dsl):
         assert max(seen_rows) <= chunk_size and sum(seen_rows) == len(text) + len(video)
         for (greater, tied), (whole_greater, whole_tied) in zip(chunked, whole):
             assert torch.equal(greater, whole_greater) and torch.equal(tied, whole_tied)
-    assert whole[0][1].sum() > 0  # the duplicates did produce ties
+    assert whole[0][1].sum() > 0 and whole[1][1].sum() > 0  # the duplicates did produce ties
+
+
+@pytest.mark.parametrize("dsl", [False, True])
+def test_identical_candidates_tie_exactly(dsl):
+    # float32, as evaluation runs. A one-row matrix product (chunk_size=1) or a column sum can round two
+    # identical columns differently; identical candidates are scored once, so they tie in every chunking.
+    generator = torch.Generator().manual_seed(0)
+    video = torch.nn.functional.normalize(torch.randn(203, 32, generator=generator), dim=1)  # (V, 32)
+    text = torch.nn.functional.normalize(video + 0.9 * torch.randn(203, 32, generator=generator), dim=1)  # (T, 32)
+    text[202] = text[0]  # the first and the last video have the same caption: tied as video -> text candidates
+    video[202] = video[1]  # a duplicated video: tied as a text -> video candidate
+    index = list(range(203))
+    for chunk_size in (1, 64, None):
+        _, tied = ev.video_to_text_counts(text, video, index, dsl=dsl, chunk_size=chunk_size)
+        assert tied[0] == 1 and tied[202] == 1
+        _, tied = ev.text_to_video_counts(text, video, index, dsl=dsl, chunk_size=chunk_size)
+        assert tied[1] == 1 and tied[202] == 1
 
 
 def test_default_chunk_size_bounds_the_chunk_not_the_queries(monkeypatch):
@@ -191,32 +340,23 @@ def test_dsl_rescues_a_query_lost_to_a_hub_video():
     assert ev.DSL_LABEL in ev.format_results(results, "toy")
 
 
-def full_matrix_dsl_ranks(queries, candidates, is_correct, temperature):
-    """Independent reference: the whole matrix, softmax over queries, rank by sorting (no ties in use)."""
-    sims = queries @ candidates.T  # (Q, N)
-    rescored = sims * torch.softmax(sims * temperature, dim=0)  # (Q, N)
-    best_correct = torch.where(is_correct, rescored, torch.full_like(rescored, -torch.inf)).max(dim=1).values
-    competitors = torch.where(is_correct, torch.full_like(rescored, -torch.inf), rescored)
-    return (competitors > best_correct[:, None]).sum(dim=1).double() + 1  # (Q,)
-
-
 @pytest.mark.parametrize("temperature", [100.0, 10.0])
-def test_chunked_dsl_equals_full_matrix_dsl(temperature):
-    generator = torch.Generator().manual_seed(1)
-    video = torch.nn.functional.normalize(torch.randn(9, 16, generator=generator, dtype=torch.float64), dim=1)
-    index = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 3, 3, 5])
-    text = torch.nn.functional.normalize(video[index] + 0.9 * torch.randn(13, 16, generator=generator,
-                                                                         dtype=torch.float64), dim=1)
-    t2v_correct = torch.arange(9)[None, :] == index[:, None]  # (T, V)
-    expected_t2v = full_matrix_dsl_ranks(text, video, t2v_correct, temperature)
-    expected_v2t = full_matrix_dsl_ranks(video, text, t2v_correct.T, temperature)
-    plain_t2v = full_matrix_dsl_ranks(text, video, t2v_correct, 0.0)  # softmax of a constant: plain order
-    assert not torch.equal(expected_t2v, plain_t2v)  # DSL does change this ranking
-    for chunk_size in (2, 5, None):
-        assert torch.equal(ev.text_to_video_ranks(text, video, index, dsl=True, temperature=temperature,
-                                                  chunk_size=chunk_size), expected_t2v)
-        assert torch.equal(ev.video_to_text_ranks(text, video, index, dsl=True, temperature=temperature,
-                                                  chunk_size=chunk_size), expected_v2t)
+def test_chunked_dsl_equals_the_reference(temperature):
+    # DSL re-scores the caption x video matrix, then each video takes its best caption (reference_matrices).
+    text, video, index = random_retrieval_problem(seed=1, num_videos=9, max_captions=3, duplicates=False)
+    reference = reference_matrices(text, video, index, dsl=True, temperature=temperature)
+    plain = reference_matrices(text, video, index)
+    for direction, ranks in (("t2v", ev.text_to_video_ranks), ("v2t", ev.video_to_text_ranks)):
+        expected = reference_ranks(*reference[direction])[0]
+        assert not torch.equal(expected, reference_ranks(*plain[direction])[0])  # DSL does change the ranking
+        for chunk_size in (2, 5, None):
+            assert torch.equal(ranks(text, video, index, dsl=True, temperature=temperature, chunk_size=chunk_size),
+                               expected)
+    # The other order (best caption first, DSL on the video x video matrix) ranks differently here.
+    best_first = reference_matrices(text, video, index)["v2t"][0]  # (V, V)
+    other_order = best_first * torch.softmax(temperature * best_first, dim=0)  # softmax over the query videos
+    assert not torch.equal(reference_ranks(other_order, torch.arange(len(video)))[0],
+                           ev.video_to_text_ranks(text, video, index, dsl=True, temperature=temperature))
 
 
 def test_reversal_pair_accuracy():
