@@ -3,20 +3,21 @@
 
 1. `sample_frame_indices` - split the video into F equal segments; take each segment's middle frame
    (evaluation) or a random frame inside it (training).
-2. CLIP's preprocessing - evaluation: bicubic resize of the shorter side to R and a center crop, exactly as
-   CLIP's `Resize` + `CenterCrop`; training: one random resized crop and flip for all frames of a video; then
-   CLIP's mean/std normalisation.
+2. CLIP's preprocessing - evaluation: bicubic resize of the shorter side to R and a center crop, with the
+   exact arithmetic of CLIP's torchvision `Resize` + `CenterCrop`; training: one random resized crop and flip
+   for all frames of a video; then CLIP's mean/std normalisation.
 3. `VideoTextDataset` / `build_dataset` - items `{"video": (F, 3, R, R) float32, "caption": str, ...}`.
+4. `make_loader` - DataLoader workers that decode in parallel and stay alive for the whole run.
 
-Machinery behind small functions, skip on a first reading: decoding video files (video_io.py), the benchmarks'
-annotation files (annotations.py).
+Machinery behind small functions, skip on a first reading: decoding video files (video_io.py), decoding each
+video once and keeping what later visits need (frame_store.py), the benchmarks' annotation files
+(annotations.py).
 
 An epoch is every (video, caption) pair once (180k pairs on MSR-VTT-9k, as in CLIP4Clip and X-Pool);
 `one_caption_per_video=True` makes it every video once with one random caption.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import multiprocessing
 import os
@@ -25,11 +26,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from annotations import DATASET_NAMES, read_annotations
-from video_io import decode_frames
+from video_io import VideoReadError, decode_frames
 
 # OpenAI CLIP's preprocessing constants (clip/clip.py `_transform`).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -73,23 +75,26 @@ def read_frames(path, num_frames: int, mode: str = "uniform", rng=None, strategy
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. CLIP's preprocessing (torchvision-free, with PIL's bicubic resize as CLIP uses it)
+# 2. CLIP's preprocessing
 
-def _resize_frames(frames: np.ndarray, size_wh: tuple, box=None) -> np.ndarray:
-    """Bicubic resize (PIL, antialiased like CLIP's preprocessing), optionally of a crop box (x0, y0, x1, y1).
-    (F, H, W, 3) uint8 -> (F, h, w, 3) uint8."""
-    return np.stack([np.asarray(Image.fromarray(frame).resize(size_wh, Image.BICUBIC, box=box)) for frame in frames])
+def clip_resize_size(height: int, width: int, image_size: int) -> tuple:
+    """(new_height, new_width) of CLIP's `Resize(image_size)`: the shorter side becomes `image_size`, the longer
+    side `int(image_size * long / short)`, truncated as torchvision truncates (a 320x240 frame -> 298x224)."""
+    short, long = min(height, width), max(height, width)
+    new_long = int(image_size * long / short)
+    return (new_long, image_size) if height > width else (image_size, new_long)
 
 
 def resize_center_crop(frames: np.ndarray, image_size: int) -> np.ndarray:
-    """Evaluation geometry: shorter side to `image_size`, then the central square.
-    (F, H, W, 3) uint8 -> (F, S, S, 3) uint8."""
+    """Evaluation geometry, exactly CLIP's `Resize(R, BICUBIC)` + `CenterCrop(R)` on PIL images: PIL's
+    antialiased bicubic resize (skipped when the size already matches, as torchvision skips it), then the
+    central square with torchvision's rounding of the offsets. (F, H, W, 3) uint8 -> (F, R, R, 3) uint8."""
     height, width = frames.shape[1:3]
-    scale = image_size / min(height, width)
-    new_w, new_h = max(image_size, round(width * scale)), max(image_size, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        frames = _resize_frames(frames, (new_w, new_h))
-    top = int(round((new_h - image_size) / 2.0))  # torchvision CenterCrop's rounding
+    new_h, new_w = clip_resize_size(height, width, image_size)
+    if (new_h, new_w) != (height, width):
+        frames = np.stack([np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.BICUBIC))
+                           for frame in frames])  # (F, new_h, new_w, 3)
+    top = int(round((new_h - image_size) / 2.0))
     left = int(round((new_w - image_size) / 2.0))
     return frames[:, top:top + image_size, left:left + image_size]
 
@@ -119,67 +124,62 @@ def random_resized_crop_box(height: int, width: int, rng, scale=(0.5, 1.0), rati
     return left, top, left + crop_w, top + crop_h
 
 
-def normalize(frames: np.ndarray) -> torch.Tensor:
-    """(F, S, S, 3) uint8 -> (F, 3, S, S) float32, scaled to [0, 1] then CLIP mean/std."""
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)  # (F, 3, S, S)
+def normalize(frames) -> torch.Tensor:
+    """(F, R, R, 3) uint8 array or (F, 3, R, R) uint8 tensor -> (F, 3, R, R) float32: CLIP's `ToTensor`
+    (x / 255) then `Normalize` ((x - mean) / std), the same float32 operations in the same order, so the result
+    is bit-identical to CLIP's preprocessing."""
+    if isinstance(frames, np.ndarray):
+        frames = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (F, 3, R, R) uint8
+    video = frames.contiguous().float().div_(255.0)  # (F, 3, R, R)
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (video - mean) / std
+    return video.sub_(mean).div_(std)
 
 
 def video_transform(frames: np.ndarray, train: bool, image_size: int = 224, rng=None, *,
                     hflip: bool = True, scale=(0.5, 1.0)) -> torch.Tensor:
-    """(F, H, W, 3) uint8 RGB -> (F, 3, S, S) float32, CLIP-normalised.
+    """(F, H, W, 3) uint8 RGB -> (F, 3, R, R) float32, CLIP-normalised.
 
-    Evaluation: bicubic resize of the shorter side to S, center crop. Training: one random resized crop
-    (area `scale`) and, with probability 1/2, a horizontal flip, the same for every frame of the video so the
-    motion stays intact. (A flip turns "moves left" into "moves right": pass hflip=False for such captions.)
+    Evaluation: `resize_center_crop`. Training: one random resized crop (area `scale`, torchvision's box rules)
+    resized to R x R with antialiased bicubic interpolation (torch's, on all frames at once: 6x faster than
+    PIL frame by frame, within 1-2 levels of it), and with probability 1/2 a horizontal flip; the same crop and
+    flip for every frame of the video, so the motion stays intact. (A flip turns "moves left" into "moves
+    right": pass hflip=False for such captions.)
     """
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"video_transform expects (F, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
     if not train:
         return normalize(resize_center_crop(frames, image_size))
     rng = np.random.default_rng() if rng is None else rng
-    height, width = frames.shape[1:3]
-    box = random_resized_crop_box(height, width, rng, scale)
-    cropped = _resize_frames(frames, (image_size, image_size), box=box)  # (F, S, S, 3) uint8
+    left, top, right, bottom = random_resized_crop_box(*frames.shape[1:3], rng, scale)
+    crop = torch.from_numpy(frames[:, top:bottom, left:right]).permute(0, 3, 1, 2)  # (F, 3, h, w) uint8 view
+    video = F.interpolate(crop, size=(image_size, image_size), mode="bicubic", antialias=True)  # (F, 3, R, R)
     if hflip and rng.random() < 0.5:
-        cropped = cropped[:, :, ::-1]
-    return normalize(cropped)
-
-
-def worker_init_fn(worker_id: int) -> None:
-    """DataLoader worker setup: one OpenCV thread per worker (workers must not fight over the cores), and a
-    per-worker numpy seed derived from torch's (which DataLoader already makes distinct per worker and epoch)."""
-    cv2.setNumThreads(1)
-    np.random.seed(torch.initial_seed() % 2**32)
-
-
-def make_loader(dataset, batch_size: int, num_workers: int = 0, **kwargs) -> DataLoader:
-    """A DataLoader set up for video decoding: one OpenCV thread per worker, and workers started by a fork
-    server rather than forked from a parent that has already decoded video (FFmpeg's thread pools do not
-    survive fork(): we saw 2 workers hang after the parent had read 720p clips)."""
-    context = "forkserver" if num_workers > 0 and "forkserver" in multiprocessing.get_all_start_methods() else None
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=worker_init_fn,
-                      multiprocessing_context=context, **kwargs)
+        video = video.flip(-1)
+    return normalize(video)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 3. The dataset
 
-
 class VideoTextDataset(Dataset):
     """(video, caption) items over a fixed list of videos.
 
     `captions[i]` and `caption_video_index[i]` describe item i; `video_ids[j]` / `video_paths[j]` describe
-    video j, in evaluation order. Training draws random frames per segment (and, if `augment`, a random crop
-    and flip); evaluation takes segment middles and the center crop, and can cache those frames on disk.
-    With `one_caption_per_video`, item j is video j with one of its captions drawn at random in training
-    (its first caption otherwise), so an epoch visits every video once instead of every pair.
+    video j, in evaluation order. Training draws a random frame per segment (and, if `augment`, a random crop
+    and flip); evaluation takes segment middles and the center crop. With `one_caption_per_video`, item j is
+    video j with one of its captions drawn at random in training (its first caption otherwise), so an epoch
+    visits every video once instead of every pair. With a `frame_store` (frame_store.FrameStore), videos are
+    decoded once and later visits read what the store kept: evaluation frames bit-identical, training frames
+    drawn among a few stored candidates per segment (frame_store.py says exactly how that differs).
+
+    Items: {"video": (F, 3, R, R) float32, "caption": str, "video_id": str, "video_index": int,
+    "replaced_video": str}. A training video that fails to decode is replaced by another item of the epoch,
+    and "replaced_video" names the file that failed ("" otherwise); in evaluation it raises VideoReadError.
     """
 
     def __init__(self, name, video_ids, video_paths, captions, caption_video_index, *, num_frames=12,
-                 image_size=224, train=False, augment=None, cache_dir=None, one_caption_per_video=False, seed=0):
+                 image_size=224, train=False, augment=None, one_caption_per_video=False, seed=0, frame_store=None):
         self.name = name
         self.video_ids = list(video_ids)  # (V,) unique, in evaluation order
         self.video_paths = [Path(p) for p in video_paths]  # (V,)
@@ -187,9 +187,10 @@ class VideoTextDataset(Dataset):
         self.image_size = image_size
         self.train = train
         self.augment = train if augment is None else augment
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.seed = seed
+        self.frame_store = frame_store
         self.one_caption_per_video = one_caption_per_video
+        self._pairs = (list(captions), list(caption_video_index))  # as given: `without_videos` starts here
         self.captions_per_video = [[] for _ in self.video_ids]  # (V,) lists of str
         for caption, video_index in zip(captions, caption_video_index):
             self.captions_per_video[video_index].append(caption)
@@ -197,8 +198,8 @@ class VideoTextDataset(Dataset):
             self.captions = [options[0] for options in self.captions_per_video]  # (V,)
             self.caption_video_index = list(range(len(self.video_ids)))
         else:
-            self.captions = list(captions)  # (N,)
-            self.caption_video_index = list(caption_video_index)  # (N,) index into video_ids
+            self.captions = list(captions)  # (T,)
+            self.caption_video_index = list(caption_video_index)  # (T,) index into video_ids
         self.epoch = 0
 
     def __len__(self):
@@ -209,52 +210,83 @@ class VideoTextDataset(Dataset):
         worker loads an item or what came before it: a resumed run sees exactly the same batches."""
         self.epoch = epoch
 
-    def item_rng(self, item: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, item])
-
-    def _cache_path(self, video_index: int) -> Path:
-        path = self.video_paths[video_index]
-        stat = path.stat()
-        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.num_frames}|{self.image_size}"
-        return self.cache_dir / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
+    def item_rng(self, item: int, epoch: int | None = None) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, item])
 
     def load_video(self, video_index: int, rng: np.random.Generator | None = None) -> torch.Tensor:
-        """Video j as (F, 3, S, S) float32; `rng` draws the training frames and augmentation."""
-        path = self.video_paths[video_index]
-        deterministic = not self.train and not self.augment
-        if deterministic and self.cache_dir is not None:
-            # Cache the uint8 (F, S, S, 3) frames after resize + crop: 4x smaller than floats, and the same
-            # bytes every evaluation, so repeated evaluation skips decoding entirely.
-            cache_path = self._cache_path(video_index)
-            if cache_path.is_file():
-                return normalize(np.load(cache_path))
-            frames = resize_center_crop(read_frames(path, self.num_frames, "uniform"), self.image_size)
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            partial = cache_path.with_suffix(f".{os.getpid()}.tmp.npy")
-            np.save(partial, frames)
-            os.replace(partial, cache_path)  # atomic: concurrent workers never see half a file
-            return normalize(frames)
+        """Video j as (F, 3, R, R) float32; `rng` draws the training frames and augmentation."""
+        path, store = self.video_paths[video_index], self.frame_store
         rng = np.random.default_rng() if rng is None else rng
-        frames = read_frames(path, self.num_frames, "rand" if self.train else "uniform", rng)  # (F, H, W, 3)
-        return video_transform(frames, self.augment, self.image_size, rng)
+        if self.train:
+            frames = (store.training_frames(path, self.num_frames, self.image_size, rng) if store is not None
+                      else read_frames(path, self.num_frames, "rand", rng))  # (F, H, W, 3)
+            return video_transform(frames, self.augment, self.image_size, rng)
+        if store is not None and not self.augment:
+            return normalize(store.evaluation_frames(path, self.num_frames, self.image_size))  # (F, 3, R, R)
+        return video_transform(read_frames(path, self.num_frames, "uniform"), self.augment, self.image_size, rng)
 
-    def __getitem__(self, item: int) -> dict:
+    def __getitem__(self, key) -> dict:
+        """`key` is an item index, or an (epoch, item) pair (see `EpochSampler`), which overrides `set_epoch`."""
+        epoch, item = key if isinstance(key, tuple) else (self.epoch, key)
+        try:
+            return self._load_item(epoch, item)
+        except VideoReadError as error:
+            if not self.train:
+                raise
+            return self._replacement_item(epoch, item, error)
+
+    def _load_item(self, epoch: int, item: int) -> dict:
         video_index = self.caption_video_index[item]
         caption = self.captions[item]
-        rng = self.item_rng(item)
+        rng = self.item_rng(item, epoch)
         if self.one_caption_per_video and self.train:
             options = self.captions_per_video[video_index]
             caption = options[int(rng.integers(len(options)))]
         return {"video": self.load_video(video_index, rng), "caption": caption,
-                "video_id": self.video_ids[video_index], "video_index": video_index}
+                "video_id": self.video_ids[video_index], "video_index": video_index, "replaced_video": ""}
+
+    def _replacement_item(self, epoch: int, item: int, error: VideoReadError) -> dict:
+        """Skip on a first reading. A training video that passed the start-up probe but fails now: another
+        item of the epoch instead, chosen from (seed, epoch, item) alone so that a resumed run replaces it the
+        same way; the item says which file failed, for the training loop to count and log."""
+        failed = str(self.video_paths[self.caption_video_index[item]])
+        rng = np.random.default_rng([self.seed, epoch, item, 1])  # not item_rng: a stream of its own
+        for _ in range(10):
+            other = int(rng.integers(len(self)))
+            if self.caption_video_index[other] == self.caption_video_index[item]:
+                continue
+            try:
+                return {**self._load_item(epoch, other), "replaced_video": failed}
+            except VideoReadError:
+                continue
+        raise VideoReadError(f"{failed} fails to decode, and so did 10 items drawn to replace it: are the videos "
+                             f"of {self.name!r} readable? ({error})")
 
     def videos(self) -> "VideoOnlyDataset":
         """The unique videos, once each, in `video_ids` order (for embedding every video once)."""
         return VideoOnlyDataset(self)
 
+    def without_videos(self, video_indices) -> "VideoTextDataset":
+        """The same dataset without videos `video_indices` (indices into video_ids) and their captions; the
+        remaining videos keep their order and `caption_video_index` is renumbered. (For leaving out videos the
+        start-up probe found unreadable: video_io.probe_videos.)"""
+        dropped = set(int(j) for j in video_indices)
+        kept = [j for j in range(len(self.video_ids)) if j not in dropped]  # (V',) old index of each new video
+        new_index = {old: new for new, old in enumerate(kept)}
+        captions, caption_video_index = self._pairs
+        pairs = [(caption, new_index[j]) for caption, j in zip(captions, caption_video_index) if j in new_index]
+        subset = VideoTextDataset(self.name, [self.video_ids[j] for j in kept], [self.video_paths[j] for j in kept],
+                                  [c for c, _ in pairs], [j for _, j in pairs], num_frames=self.num_frames,
+                                  image_size=self.image_size, train=self.train, augment=self.augment,
+                                  one_caption_per_video=self.one_caption_per_video, seed=self.seed,
+                                  frame_store=self.frame_store)
+        subset.epoch = self.epoch
+        return subset
+
 
 class VideoOnlyDataset(Dataset):
-    """Items `{"video": (F, 3, S, S), "video_id": str}`, one per unique video of a VideoTextDataset."""
+    """Items `{"video": (F, 3, R, R), "video_id": str, "video_index": int}`, one per unique video of a
+    VideoTextDataset (evaluation: a video that fails to decode raises VideoReadError naming it)."""
 
     def __init__(self, parent: VideoTextDataset):
         self.parent = parent
@@ -267,21 +299,78 @@ class VideoOnlyDataset(Dataset):
                 "video_index": video_index}
 
 
-
 def build_dataset(name: str, root, split: str, num_frames: int = 12, image_size: int = 224, train=None,
-                  skip_missing: bool = False, cache_dir=None, one_caption_per_video: bool = False, seed: int = 0,
-                  video_dir=None, augment=None) -> VideoTextDataset:
+                  skip_missing: bool = False, one_caption_per_video: bool = False, seed: int = 0,
+                  video_dir=None, augment=None, frame_store=None, cache_dir=None) -> VideoTextDataset:
     """The one entry point: a VideoTextDataset for benchmark `name` (annotations.DATASET_NAMES) read from `root`.
 
     `train` defaults to split == "train": random frame per segment + random crop/flip; otherwise segment
     middles + center crop. The synthetic world's augmentation is off by default, because a flip would swap
-    "left" and "right" in its captions. `len()` needs no decoding.
+    "left" and "right" in its captions. `frame_store`: a frame_store.FrameStore, or None to decode every
+    visit. `len()` needs no decoding.
     """
+    if cache_dir is not None:  # transitional, until train.py and evaluate.py pass frame_store
+        raise ValueError("build_dataset: cache_dir was replaced by frame_store=frame_store.FrameStore(DIR)")
     annotations = read_annotations(name, root, split, video_dir, skip_missing)
     train = (split == "train") if train is None else train
     if augment is None:
         augment = train and name != "synthetic"
     return VideoTextDataset(name, annotations.video_ids, annotations.video_paths, annotations.captions,
                             annotations.caption_video_index, num_frames=num_frames, image_size=image_size,
-                            train=train, augment=augment, cache_dir=cache_dir,
-                            one_caption_per_video=one_caption_per_video, seed=seed)
+                            train=train, augment=augment, one_caption_per_video=one_caption_per_video, seed=seed,
+                            frame_store=frame_store)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Loading in parallel (skip on a first reading)
+
+def default_num_workers(processes_per_machine: int = 1) -> int:
+    """DataLoader workers per training process: this process's share of the CPUs it may use (its affinity
+    mask, as DataLoader counts them, so the default never draws DataLoader's "too many workers" warning), and
+    at least 1, so that the main process never decodes. Under torchrun pass LOCAL_WORLD_SIZE."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // max(1, processes_per_machine))
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """DataLoader worker setup: one OpenCV thread per worker, so that workers do not fight over the cores
+    (video_io also gives FFmpeg's decoder that many threads). No random seeding: every draw comes from
+    VideoTextDataset.item_rng, a function of (seed, epoch, item) alone."""
+    cv2.setNumThreads(1)
+
+
+class EpochSampler(Sampler):
+    """The items of one epoch as (epoch, item) keys, refilled by the training loop before each epoch.
+
+    Persistent workers keep their own copy of the dataset, so `dataset.set_epoch` in the main process does not
+    reach them; a key that carries its epoch does. One DataLoader then serves the whole run:
+        order = data.EpochSampler()
+        loader = data.make_loader(train_set, batch_size, sampler=order, drop_last=True)
+        for epoch in ...: order.set_epoch(epoch, items_of_this_epoch); for batch in loader: ...
+    """
+
+    def __init__(self, epoch: int = 0, items=()):
+        self.set_epoch(epoch, items)
+
+    def set_epoch(self, epoch: int, items) -> None:
+        self.keys = [(int(epoch), int(item)) for item in items]
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self):
+        return len(self.keys)
+
+
+def make_loader(dataset, batch_size: int, num_workers: int | None = None, **kwargs) -> DataLoader:
+    """A DataLoader set up for video: `num_workers` defaults to `default_num_workers()`; the workers stay alive
+    from one epoch to the next (persistent) and each keeps 2 batches ready (prefetch); one OpenCV thread per
+    worker; workers started by a fork server rather than forked from a parent that has already decoded video
+    (FFmpeg's thread pools do not survive fork(): we saw 2 workers hang after the parent had read 720p clips)."""
+    num_workers = default_num_workers() if num_workers is None else num_workers
+    if num_workers > 0:
+        kwargs = {"persistent_workers": True, "prefetch_factor": 2, **kwargs}
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            kwargs.setdefault("multiprocessing_context", "forkserver")
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=worker_init_fn,
+                      **kwargs)

@@ -2,13 +2,20 @@
 
 Skip on a first reading: data.py says *which* frames VoP uses; this module only gets their pixels.
 
-- `decode_frames(path, sample, strategy)`: (F, H, W, 3) uint8 RGB, where `sample(num_total)` says which frames. The header's frame count is a
-  hint only (it can be wrong or 0); a file that ends early is re-sampled over the frames that really decode; a
-  frame that fails to decode is replaced by the nearest one that does; an unreadable file raises
-  `VideoReadError` naming it.
-- two strategies that return identical frames: one sequential pass, or a seek per wanted frame.
+- `decode_frames(path, sample, strategy)`: (F, H, W, 3) uint8 RGB, where `sample(num_total)` says which frames.
+  The header's frame count is a hint only (it can be wrong or 0); a file that ends early is re-sampled over the
+  frames that really decode; a frame that fails to decode is replaced by the nearest one that does; an
+  unreadable file raises `VideoReadError` naming it.
+- two strategies that return identical frames, one sequential pass or a seek per wanted frame, and `auto`,
+  which picks the cheaper one from where the file's keyframes are (`scan_video`, `choose_strategy`).
+- `probe_videos(paths, num_workers, cache_file)`: does each video open, how many frames, does its first frame
+  decode; in parallel, cached, so that a run can leave unreadable videos out before it starts.
 - `write_video`: encode frames with OpenCV (tests and the synthetic demo make their clips with it).
 """
+import json
+import multiprocessing
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -17,16 +24,6 @@ import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".wmv", ".flv")
-
-# Seeking with CAP_PROP_POS_FRAMES makes FFmpeg jump to the previous keyframe and decode forward from there,
-# so each seek costs roughly a GOP of decoding plus a decoder flush. One sequential pass costs one decode per
-# frame up to the last wanted one. So which wins depends on the keyframe interval, which OpenCV does not
-# report. benchmarks/bench_data.py measures the cost of one seek in sequentially decoded frames: about a GOP.
-# H.264 files (the benchmarks' MSR-VTT, DiDeMo, ... downloads) use x264's 250-frame GOP, where a seek costs
-# ~100+ frames and the sequential pass was 3.4-6.3x faster for 12 frames of 15 s clips; OpenCV's own mp4v
-# output has a 12-frame GOP, where seeking wins (README). We default to the long-GOP rule: seek only when
-# the pass would decode more than this many frames per wanted frame; pass strategy="seek" for short-GOP files.
-SEEK_BREAK_EVEN_FRAMES_PER_WANTED = 150
 
 
 class VideoReadError(RuntimeError):
@@ -45,8 +42,14 @@ def _read_image_as_video(path: Path, num_frames: int) -> np.ndarray:
     return np.repeat(_bgr_to_rgb(image_bgr)[None], num_frames, axis=0)
 
 
-def _open_capture(path: Path) -> cv2.VideoCapture:
-    capture = cv2.VideoCapture(str(path))
+def _open_capture(path: Path, raw_packets: bool = False) -> cv2.VideoCapture:
+    """An opened capture through OpenCV's FFmpeg backend, decoding with as many threads as OpenCV itself may
+    use (cv2.getNumThreads(): 1 in a DataLoader worker; FFmpeg would otherwise start one thread per core in
+    every worker). `raw_packets`: grab() reads packets without decoding them (see `scan_video`)."""
+    params = [cv2.CAP_PROP_N_THREADS, cv2.getNumThreads()] if hasattr(cv2, "CAP_PROP_N_THREADS") else []
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, params + ([cv2.CAP_PROP_FORMAT, -1] if raw_packets else []))
+    if not capture.isOpened() and not raw_packets:
+        capture = cv2.VideoCapture(str(path))  # an OpenCV whose FFmpeg backend refuses it: any other backend
     if not capture.isOpened():
         reason = "the file does not exist" if not path.exists() else (
             "it is not a video OpenCV's FFmpeg can open (corrupt, truncated before its index, or an unknown codec)")
@@ -54,24 +57,99 @@ def _open_capture(path: Path) -> cv2.VideoCapture:
     return capture
 
 
-def _count_decodable_frames(path: Path) -> int:
-    """Frame count by decoding, for files whose header gives none."""
-    capture = _open_capture(path)
-    count = 0
-    while capture.grab():
-        count += 1
+# ----------------------------------------------------------------------------------------------------------
+# What the file is: frame count and keyframes, read from the container without decoding
+
+@dataclass(frozen=True)
+class VideoLayout:
+    header_frames: int  # the container's frame count (CAP_PROP_FRAME_COUNT); 0 when it gives none
+    packets: int  # video packets in the file (one per frame in practice); -1 when not scanned
+    keyframes: np.ndarray  # (K,) packet indices of keyframes, ascending; empty when unknown
+    fourcc: str  # the codec's four characters as the container names them ("h264", "FMP4", "MJPG", ...)
+
+
+_LAYOUTS: dict = {}  # (path, size, mtime_ns) -> VideoLayout: a worker scans each file once per process
+
+
+def scan_video(path) -> VideoLayout:
+    """Frame count and keyframe positions of a video, from its packets alone (no decoding: about 3 us per
+    packet, against 100-200 us to decode a 320x240 frame). Uses OpenCV's raw-stream mode (CAP_PROP_FORMAT -1,
+    CAP_PROP_LRF_HAS_KEY_FRAME, OpenCV >= 4.6); where that is missing the keyframes are left unknown.
+    Raises VideoReadError naming a file that cannot be opened."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError as error:
+        raise VideoReadError(f"{path}: cannot open video: {error.strerror or error}") from None
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key in _LAYOUTS:
+        return _LAYOUTS[key]
+    capture = None
+    if hasattr(cv2, "CAP_PROP_LRF_HAS_KEY_FRAME"):
+        try:
+            capture = _open_capture(path, raw_packets=True)
+        except VideoReadError:
+            capture = None  # the plain open below says why, or reads what raw mode could not
+    if capture is None:  # no raw mode here: the header is all we learn
+        capture = _open_capture(path)
+        layout = VideoLayout(max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0), -1, np.zeros(0, np.int64),
+                             _fourcc(capture))
+    else:
+        header_frames, fourcc = max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0), _fourcc(capture)
+        keyframes, packets = [], 0
+        while capture.grab():  # in raw mode grab() reads one packet and decodes nothing
+            if capture.get(cv2.CAP_PROP_LRF_HAS_KEY_FRAME) == 1:  # (-1 would mean: not supported)
+                keyframes.append(packets)
+            packets += 1
+        layout = VideoLayout(header_frames, packets, np.array(keyframes, np.int64), fourcc)
     capture.release()
-    return count
+    if len(_LAYOUTS) > 100_000:  # a bound, not a policy: a worker that saw this many files starts afresh
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = layout
+    return layout
+
+
+def _fourcc(capture: cv2.VideoCapture) -> str:
+    code = int(capture.get(cv2.CAP_PROP_FOURCC))
+    return "".join(chr((code >> (8 * i)) & 0xFF) for i in range(4)).strip("\x00")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Two ways to get the wanted frames, and the rule that picks one
+
+# Seeking with CAP_PROP_POS_FRAMES makes OpenCV jump to the last keyframe at or before (target - 16) and decode
+# forward to the target (OpenCV's cap_ffmpeg seek); one sequential pass decodes every frame up to the last
+# wanted one. So the cost of each, in decoded frames, follows from where the keyframes are. Measured on
+# 320x240 H.264 (keyframe every 250 frames, or 30), MPEG-4 (every 12) and MJPEG (every frame) files, a seek
+# cost what this model says to within a few frames (benchmarks/bench_data.py prints the fit).
+OPENCV_SEEK_LOOKBACK_FRAMES = 16
+SEEK_OVERHEAD_FRAMES = 2  # flushing the decoder and seeking in the container, in decoded-frame units
+# When the keyframes are unknown (no raw-stream mode in this OpenCV): x264's default keyframe interval, the
+# encoder behind most of the benchmarks' downloads; intra-only codecs have a keyframe on every frame.
+ASSUMED_KEYFRAME_INTERVAL = 250
+INTRA_ONLY_FOURCCS = {"mjpg", "mjpa", "mjpb", "jpeg", "png", "png ", "rle ", "raw ", "rgba", "ulrg", "uly0"}
+
+
+def choose_strategy(wanted: np.ndarray, layout: VideoLayout) -> str:
+    """"seek" if seeking to each wanted frame decodes fewer frames than one pass up to the last one, else
+    "sequential". `wanted` (F,) frame indices; `layout` from `scan_video`."""
+    keyframes = layout.keyframes
+    if len(keyframes) == 0 or keyframes[0] != 0:
+        interval = 1 if layout.fourcc.lower() in INTRA_ONLY_FOURCCS else ASSUMED_KEYFRAME_INTERVAL
+        keyframes = np.arange(0, int(np.max(wanted)) + 1, interval)
+    targets = np.unique(wanted)  # (U,) the seeking reader visits each distinct frame once
+    lookback = np.maximum(targets - OPENCV_SEEK_LOOKBACK_FRAMES, 0)
+    starts = keyframes[np.searchsorted(keyframes, lookback, side="right") - 1]  # (U,) where each seek lands
+    seek_cost = int(np.sum(targets - starts + 1 + SEEK_OVERHEAD_FRAMES))
+    sequential_cost = int(targets[-1]) + 1
+    return "seek" if seek_cost < sequential_cost else "sequential"
 
 
 def _nearest_decoded(wanted: np.ndarray, decoded: dict) -> np.ndarray:
     """Stack, for each wanted index, the decoded frame whose index is nearest. Returns (F, H, W, 3) uint8."""
     available = np.array(sorted(decoded))  # (K,)
-    frames = []
-    for index in wanted:
-        nearest = available[np.argmin(np.abs(available - index))]
-        frames.append(decoded[int(nearest)])
-    return np.stack(frames)
+    nearest = available[np.abs(available[None, :] - np.asarray(wanted)[:, None]).argmin(axis=1)]  # (F,)
+    return np.stack([decoded[int(index)] for index in nearest])
 
 
 def _read_sequential(path: Path, wanted: np.ndarray):
@@ -124,18 +202,23 @@ def _read_seeking(path: Path, wanted: np.ndarray):
     return np.stack([frames[int(i)] for i in wanted])
 
 
-def choose_strategy(num_total: int, num_wanted: int) -> str:
-    """The measured rule: seek only when a sequential pass would decode many frames per wanted frame."""
-    return "seek" if num_total > SEEK_BREAK_EVEN_FRAMES_PER_WANTED * num_wanted else "sequential"
+def _count_decodable_frames(path: Path) -> int:
+    """Frame count by decoding, for files whose header gives none and whose packets could not be counted."""
+    capture = _open_capture(path)
+    count = 0
+    while capture.grab():
+        count += 1
+    capture.release()
+    return count
 
 
 def decode_frames(path, sample: Callable[[int], np.ndarray], strategy: str = "auto") -> np.ndarray:
     """Decode the frames `sample(num_total)` picks out of a video of num_total frames: (F, H, W, 3) uint8 RGB.
 
     `strategy`: "sequential" (one grab() pass, retrieve() only wanted frames), "seek" (CAP_PROP_POS_FRAMES per
-    frame), or "auto" (`choose_strategy`). Both give identical frames. Images (.png, .jpg, ...) are read as a
-    one-frame video. The fps is never used (it can be 0); the header's frame count is a hint only: if the
-    stream ends before it, the frames are re-sampled over the frames that really decode.
+    frame), or "auto" (`choose_strategy`, from the file's keyframes). Both give identical frames. Images (.png,
+    .jpg, ...) are read as a one-frame video. The fps is never used (it can be 0); the header's frame count is
+    a hint only: if the stream ends before it, the frames are re-sampled over the frames that really decode.
     Raises VideoReadError naming the file if it cannot be opened or nothing decodes.
     """
     path = Path(path)
@@ -144,15 +227,13 @@ def decode_frames(path, sample: Callable[[int], np.ndarray], strategy: str = "au
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return _read_image_as_video(path, len(sample(1)))
 
-    capture = _open_capture(path)
-    header_count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    capture.release()
-    num_total = header_count if header_count > 0 else _count_decodable_frames(path)
+    layout = scan_video(path)
+    num_total = layout.header_frames or max(layout.packets, 0) or _count_decodable_frames(path)
     if num_total < 1:
         raise VideoReadError(f"{path}: no frame decodes; the file is empty or corrupt. Re-encode or remove it.")
 
     wanted = sample(num_total)  # (F,)
-    if strategy == "seek" or (strategy == "auto" and choose_strategy(num_total, len(wanted)) == "seek"):
+    if strategy == "seek" or (strategy == "auto" and choose_strategy(wanted, layout) == "seek"):
         frames = _read_seeking(path, wanted)
         if frames is not None:
             return frames
@@ -163,10 +244,108 @@ def decode_frames(path, sample: Callable[[int], np.ndarray], strategy: str = "au
         wanted = sample(num_grabbed)
         frames, _, _ = _read_sequential(path, wanted)
     if frames is None:
-        raise VideoReadError(f"{path}: no frame decodes (header says {header_count} frames); the file is corrupt. "
-                             "Re-encode it, or remove it from the annotations.")
+        raise VideoReadError(f"{path}: no frame decodes (header says {layout.header_frames} frames); the file is "
+                             "corrupt. Re-encode it, or remove it from the annotations.")
     return frames
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Probing many videos before a run
+
+@dataclass(frozen=True)
+class ProbeResult:
+    frames: int  # the header's frame count, or the counted packets when the header gives none; 0 if unreadable
+    error: str = ""  # why the video is unreadable, naming the file; "" when it is readable
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+def probe_video(path) -> ProbeResult:
+    """Does the video open, how many frames does it report, does its first frame decode."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            _read_image_as_video(path, 1)
+            return ProbeResult(1)
+        capture = _open_capture(path)
+        frames = max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
+        ok, frame = capture.read()
+        capture.release()
+        if not ok or frame is None:
+            raise VideoReadError(f"{path}: opens, but its first frame does not decode (corrupt or cut short); "
+                                 "re-encode or remove it")
+        if frames == 0:
+            frames = max(scan_video(path).packets, 1)
+        return ProbeResult(frames)
+    except VideoReadError as error:
+        return ProbeResult(0, str(error))
+    except (cv2.error, OSError) as error:
+        return ProbeResult(0, f"{path}: {error}")
+
+
+def _probe_in_worker(path: str) -> ProbeResult:
+    cv2.setNumThreads(1)  # each worker decodes one frame at a time; the pool gives the parallelism
+    return probe_video(path)
+
+
+def probe_videos(paths, num_workers: int | None = None, cache_file=None) -> dict:
+    """{path: ProbeResult} for every path (keys as given), probed in parallel by `num_workers` processes
+    (default: the CPUs this process may use). With `cache_file` (JSON), results are kept per (path, size,
+    mtime): a rerun probes only new or changed files. The cache is replaced atomically, so concurrent runs
+    (torchrun ranks) never read half of one. About 2 ms of one core per 320x240 H.264 video."""
+    paths = list(paths)
+    cache = _read_probe_cache(cache_file)
+    results, keys, todo = {}, {}, []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            results[path] = ProbeResult(0, f"{path}: cannot open video: the file does not exist")
+            continue
+        keys[path] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        cached = cache.get(str(path))
+        if cached is not None and all(cached.get(name) == value for name, value in keys[path].items()):
+            results[path] = ProbeResult(int(cached["frames"]), str(cached["error"]))
+        else:
+            todo.append(path)
+    if num_workers is None:
+        num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if num_workers <= 1 or len(todo) < 64:  # a process pool costs about a second to start
+        probed = [probe_video(path) for path in todo]
+    else:
+        context = multiprocessing.get_context(
+            "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+        with context.Pool(num_workers) as pool:
+            probed = pool.map(_probe_in_worker, [str(path) for path in todo],
+                              chunksize=max(1, min(64, len(todo) // (8 * num_workers))))
+    for path, result in zip(todo, probed):
+        results[path] = result
+        cache[str(path)] = {**keys[path], "frames": result.frames, "error": result.error}
+    if cache_file is not None and todo:
+        _write_json_atomically(Path(cache_file), {"version": 1, "videos": cache})
+    return {path: results[path] for path in paths}
+
+
+def _read_probe_cache(cache_file) -> dict:
+    if cache_file is None or not Path(cache_file).is_file():
+        return {}
+    try:
+        content = json.loads(Path(cache_file).read_text(encoding="utf-8"))
+        return dict(content["videos"]) if content.get("version") == 1 else {}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}  # unreadable cache (a foreign or damaged file): probe again and replace it
+
+
+def _write_json_atomically(path: Path, content) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(content), encoding="utf-8")
+    os.replace(partial, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 def write_video(path, frames_rgb: np.ndarray, fps: float = 8.0, fourcc: str = "mp4v") -> Path:
     """Encode (T, H, W, 3) uint8 RGB frames with cv2.VideoWriter. Raises if OpenCV cannot encode them."""

@@ -2,6 +2,9 @@
 import csv
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -43,3 +46,30 @@ def msrvtt_root(tmp_path, tiny_video):
               [["ret0", "msr9994", "video4", "a man sings"], ["ret1", "msr9993", "video3", "a dog runs"]])
     place_videos(tiny_video, root / "videos", [f"video{v}.mp4" for v in range(5)])
     return root
+
+
+LEVEL_STEP = 6  # frame i of an index video is grey level 6 * i on its right part
+
+
+def index_video_frames(num_frames=40, height=48, width=64) -> np.ndarray:
+    """(T, H, W, 3) uint8 RGB in which each frame tells its own index: the right part is grey 6 * i, the left
+    16 columns pure red (to check channel order)."""
+    frames = np.zeros((num_frames, height, width, 3), np.uint8)
+    for i in range(num_frames):
+        frames[i, :, 16:] = LEVEL_STEP * i
+        frames[i, :, :16] = (255, 0, 0)
+    return frames
+
+
+def decoded_indices(frames: np.ndarray) -> np.ndarray:
+    """Each decoded frame's index, read back from its grey level. (F, H, W, 3) -> (F,)"""
+    return np.round(frames[:, 8:-8, 24:-8, 1].mean(axis=(1, 2)) / LEVEL_STEP).astype(int)
+
+
+def start_python(code: str, cwd):
+    """Start `code` in a fresh Python process with the repository importable; returns the running Popen
+    (read its result with .communicate())."""
+    repository = Path(__file__).resolve().parents[1]
+    prelude = f"import sys; sys.path.insert(0, {str(repository)!r})\n"
+    return subprocess.Popen([sys.executable, "-c", prelude + code], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)

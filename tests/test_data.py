@@ -1,45 +1,15 @@
-"""Tests for data.py: frame sampling, decoding real (generated) files, transforms, the annotation layouts,
-and the synthetic motion world. Every video here is written by the test itself with cv2.VideoWriter."""
-import struct
-
-import cv2
+"""Tests for data.py: frame sampling, CLIP's preprocessing (against its arithmetic written out here), the
+dataset (determinism, broken videos, leaving videos out) and the loader. Decoding is tested in
+test_video_io.py, the frame store in test_frame_store.py."""
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch.utils.data import default_collate
 
 import data
 import video_io
 from helpers import msrvtt_root, place_videos, write_csv, write_tiny_video
-
-NUM_FRAMES_IN_FILE = 40
-LEVEL_STEP = 6  # frame i is grey level 6 * i on its right part, so the decoded frame tells its own index
-
-
-def index_video_frames(num_frames=NUM_FRAMES_IN_FILE, height=48, width=64) -> np.ndarray:
-    """(T, H, W, 3) uint8 RGB: the right part is grey 6 * i (the frame's index), the left 16 columns pure red
-    (to check channel order)."""
-    frames = np.zeros((num_frames, height, width, 3), np.uint8)
-    for i in range(num_frames):
-        frames[i, :, 16:] = LEVEL_STEP * i
-        frames[i, :, :16] = (255, 0, 0)
-    return frames
-
-
-def decoded_indices(frames: np.ndarray) -> np.ndarray:
-    """Recover each decoded frame's index from its grey level. (F, H, W, 3) -> (F,)"""
-    return np.round(frames[:, 8:-8, 24:-8, 1].mean(axis=(1, 2)) / LEVEL_STEP).astype(int)
-
-
-CODECS = [("mp4", "mp4v"), ("avi", "MJPG"), ("mkv", "FFV1")]
-
-
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory):
-    """One 40-frame, 64x48 video per container/codec."""
-    folder = tmp_path_factory.mktemp("videos")
-    return {suffix: video_io.write_video(folder / f"index.{suffix}", index_video_frames(), 30, fourcc)
-            for suffix, fourcc in CODECS}
-
 
 # --- sampler ----------------------------------------------------------------------------------------------
 
@@ -73,90 +43,70 @@ def test_sampler_rejects_bad_arguments():
         data.sample_frame_indices(0, 4)
 
 
-# --- decoding ---------------------------------------------------------------------------------------------
+# --- CLIP's preprocessing ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("suffix", [suffix for suffix, _ in CODECS])
-def test_read_frames_decodes_the_sampled_frames_in_rgb(videos, suffix):
-    frames = data.read_frames(videos[suffix], 8)
-    assert frames.shape == (8, 48, 64, 3) and frames.dtype == np.uint8
-    np.testing.assert_array_equal(decoded_indices(frames), data.sample_frame_indices(NUM_FRAMES_IN_FILE, 8))
-    red_patch = frames[:, 8:-8, 2:12].mean(axis=(0, 1, 2))  # (3,) RGB
-    assert red_patch[0] > 200 and red_patch[2] < 50
+def clip_preprocess_reference(frame: np.ndarray, size: int) -> torch.Tensor:
+    """OpenAI CLIP's `_transform(size)` on one RGB frame, its torchvision arithmetic written out: Resize(size,
+    BICUBIC) on a PIL image gives the shorter side `size` and the longer `int(size * long / short)` (and does
+    nothing if the image has that size already); CenterCrop(size) starts at int(round((new - size) / 2.0));
+    ToTensor divides by 255; Normalize subtracts the mean and divides by the std. (3, size, size) float32."""
+    image = Image.fromarray(frame)
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
+    if (new_width, new_height) != (width, height):
+        image = image.resize((new_width, new_height), Image.BICUBIC)
+    top, left = int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous().float().div(255)
+    mean = torch.as_tensor(data.CLIP_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.as_tensor(data.CLIP_STD, dtype=torch.float32)[:, None, None]
+    return tensor.sub_(mean).div_(std)
 
 
-@pytest.mark.parametrize("suffix", ["mp4", "avi"])
-def test_seek_and_sequential_strategies_return_identical_frames(videos, suffix):
-    for mode in ("uniform", "rand"):
-        sequential = data.read_frames(videos[suffix], 12, mode, np.random.default_rng(3), strategy="sequential")
-        seeking = data.read_frames(videos[suffix], 12, mode, np.random.default_rng(3), strategy="seek")
-        np.testing.assert_array_equal(sequential, seeking)
+# (width, height): MSR-VTT, QCIF, 480p wide, portrait, square, smaller than 224, 720p, already 224 tall.
+FRAME_SIZES = [(320, 240), (176, 144), (852, 480), (240, 320), (300, 300), (100, 80), (1280, 720), (298, 224)]
 
 
-def test_auto_strategy_seeks_only_for_few_frames_from_long_files():
-    assert video_io.choose_strategy(450, 12) == "sequential"
-    assert video_io.choose_strategy(100_000, 12) == "seek"
+@pytest.mark.parametrize("width,height", FRAME_SIZES)
+def test_evaluation_frames_are_exactly_clips_preprocessing(width, height):
+    rng = np.random.default_rng(width * height)
+    smooth = np.linspace(0, 255, width)[None, :, None] * np.linspace(0.2, 1, height)[:, None, None]
+    frames = np.stack([np.clip(smooth + rng.normal(0, 40, (height, width, 3)), 0, 255).astype(np.uint8)
+                       for _ in range(2)])  # (2, H, W, 3): texture, so a pixel of offset shows
+    video = data.video_transform(frames, train=False, image_size=224)
+    reference = torch.stack([clip_preprocess_reference(frame, 224) for frame in frames])
+    assert video.shape == (2, 3, 224, 224) and video.dtype == torch.float32
+    assert torch.equal(video, reference)  # bit-identical, not merely close
 
 
-def test_header_frame_count_that_lies_is_not_trusted(videos, tmp_path):
-    # AVI keeps the frame count in the main header (avih.dwTotalFrames) and the stream header (strh.dwLength).
-    content = bytearray(videos["avi"].read_bytes())
-    strh = content.find(b"strh")
-    content[48:52] = struct.pack("<I", 100)
-    content[strh + 40:strh + 44] = struct.pack("<I", 100)
-    lying = tmp_path / "lying.avi"
-    lying.write_bytes(bytes(content))
-    assert int(cv2.VideoCapture(str(lying)).get(cv2.CAP_PROP_FRAME_COUNT)) == 100  # the lie is in place
-    for strategy in ("sequential", "seek", "auto"):
-        frames = data.read_frames(lying, 8, strategy=strategy)
-        # Re-sampled over the 40 frames that exist, not clamped at the end of the file.
-        np.testing.assert_array_equal(decoded_indices(frames), data.sample_frame_indices(NUM_FRAMES_IN_FILE, 8))
+def test_clip_resize_truncates_the_longer_side():
+    assert data.clip_resize_size(240, 320, 224) == (224, 298)  # 298.67 -> 298 (rounding would give 299)
+    assert data.clip_resize_size(144, 176, 224) == (224, 273)
+    assert data.clip_resize_size(480, 852, 224) == (224, 397)
+    assert data.clip_resize_size(320, 240, 224) == (298, 224)  # portrait
+    assert data.clip_resize_size(300, 300, 224) == (224, 224)
 
 
-def test_truncated_file_gives_the_frames_it_still_has(videos, tmp_path):
-    content = videos["avi"].read_bytes()
-    truncated = tmp_path / "truncated.avi"
-    truncated.write_bytes(content[: len(content) * 6 // 10])
-    frames = data.read_frames(truncated, 8)
-    indices = decoded_indices(frames)
-    assert frames.shape[0] == 8 and indices.max() < 30 and len(np.unique(indices)) == 8
-
-
-def test_unreadable_files_raise_an_error_naming_the_file(videos, tmp_path):
-    not_a_video = tmp_path / "notes.mp4"
-    not_a_video.write_text("this is not a video\n" * 20)
-    content = videos["mp4"].read_bytes()
-    cut_before_index = tmp_path / "cut.mp4"  # mp4v from OpenCV writes its index (moov) at the end
-    cut_before_index.write_bytes(content[: len(content) // 2])
-    for path in (not_a_video, cut_before_index, tmp_path / "absent.mp4"):
-        with pytest.raises(video_io.VideoReadError, match=path.name):
-            data.read_frames(path, 4)
-
-
-def test_image_is_read_as_a_repeated_one_frame_video(tmp_path):
-    image = index_video_frames(1)[0]
-    cv2.imwrite(str(tmp_path / "still.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    frames = data.read_frames(tmp_path / "still.png", 5)
-    assert frames.shape == (5, 48, 64, 3)
-    np.testing.assert_array_equal(frames, np.repeat(image[None], 5, axis=0))
-
-
-# --- transforms -------------------------------------------------------------------------------------------
-
-
-def test_eval_transform_resizes_crops_and_normalises():
+def test_eval_transform_normalises_with_clips_mean_and_std():
     mean_colour = np.round(np.array(data.CLIP_MEAN) * 255).astype(np.uint8)
     frames = np.broadcast_to(mean_colour, (3, 48, 64, 3)).copy()
     video = data.video_transform(frames, train=False, image_size=224)
-    assert video.shape == (3, 3, 224, 224) and video.dtype == torch.float32
-    assert video.abs().max() < 0.02  # the CLIP mean colour normalises to ~0
-    # Center crop of a 64x48 frame whose left half is white: shorter side 48 -> 32, width 64 -> 43, crop 32.
-    half = np.zeros((1, 48, 64, 3), np.uint8)
-    half[:, :, :32] = 255
-    video = data.video_transform(half, train=False, image_size=32)
-    assert video.shape == (1, 3, 32, 32)
-    left, right = video[0, :, :, :10].mean(), video[0, :, :, -10:].mean()
-    assert left > 1.5 and right < -1.5
+    assert video.shape == (3, 3, 224, 224) and video.abs().max() < 0.02  # the CLIP mean colour -> ~0
+
+
+def test_random_resized_crop_box_keeps_torchvisions_rules():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        left, top, right, bottom = data.random_resized_crop_box(240, 320, rng)
+        assert 0 <= left < right <= 320 and 0 <= top < bottom <= 240
+        area, aspect = (right - left) * (bottom - top) / (240 * 320), (right - left) / (bottom - top)
+        assert 0.5 - 0.02 < area <= 1.0 and 3 / 4 - 0.02 < aspect < 4 / 3 + 0.02  # up to the pixel rounding
+    # No allowed box fits a 1000x10 strip: torchvision falls back to the widest central crop of ratio 4/3.
+    assert data.random_resized_crop_box(10, 1000, rng) == (493, 0, 506, 10)
+    assert data.random_resized_crop_box(1000, 10, rng) == (0, 493, 10, 506)  # and of ratio 3/4, upright
 
 
 def test_train_transform_applies_one_crop_and_flip_to_every_frame():
@@ -167,7 +117,7 @@ def test_train_transform_applies_one_crop_and_flip_to_every_frame():
     flipped = 0
     for _ in range(20):
         video = data.video_transform(frames, train=True, image_size=32, rng=rng)
-        assert video.shape == (4, 3, 32, 32)
+        assert video.shape == (4, 3, 32, 32) and video.is_contiguous()
         assert all(torch.equal(video[0], video[k]) for k in range(1, 4))  # the same crop/flip for all frames
         flipped += bool(video[0, :, :, -1].mean() > video[0, :, :, 0].mean())
     assert 0 < flipped < 20  # flips happen, but not always
@@ -175,13 +125,15 @@ def test_train_transform_applies_one_crop_and_flip_to_every_frame():
     assert all(v[0, :, :, 0].mean() >= v[0, :, :, -1].mean() for v in never)
 
 
-def test_worker_init_fn_limits_opencv_to_one_thread():
-    before = cv2.getNumThreads()
-    try:
-        data.worker_init_fn(0)
-        assert cv2.getNumThreads() == 1
-    finally:
-        cv2.setNumThreads(before)
+def test_train_crop_is_the_box_resized_like_pils_bicubic():
+    frames = np.clip(np.random.default_rng(2).normal(128, 30, (2, 240, 320, 3)), 0, 255).astype(np.uint8)
+    video = data.video_transform(frames, True, 224, np.random.default_rng(5), hflip=False)
+    box = data.random_resized_crop_box(240, 320, np.random.default_rng(5))  # the same draw
+    pil = np.stack([np.asarray(Image.fromarray(f).crop(box).resize((224, 224), Image.BICUBIC)) for f in frames])
+    assert (video - data.normalize(pil)).abs().mean() < 0.01  # within a level or two of 255 on average
+
+
+# --- the dataset ------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +141,12 @@ def tiny_video(tmp_path_factory):
     return write_tiny_video(tmp_path_factory.mktemp("clip"))
 
 
-# --- the dataset ------------------------------------------------------------------------------------------
+def csv_dataset(folder, tiny_video, names, captions_per_video=1, **kwargs):
+    """A csv dataset over copies of the tiny clip; video k has captions "v{k} c{j}"."""
+    place_videos(tiny_video, folder, names)
+    rows = [[name, f"v{k} c{j}"] for j in range(captions_per_video) for k, name in enumerate(names)]
+    write_csv(folder / "d.csv", ["video", "caption"], rows)
+    return data.build_dataset("csv", folder / "d.csv", "train", **{"num_frames": 4, "image_size": 32, **kwargs})
 
 
 def test_items_have_the_documented_shape_and_keys(tmp_path, tiny_video):
@@ -198,28 +155,11 @@ def test_items_have_the_documented_shape_and_keys(tmp_path, tiny_video):
         item = data.build_dataset("msrvtt-9k", root, split, num_frames=4, image_size=32)[1]
         assert item["video"].shape == (4, 3, 32, 32) and item["video"].dtype == torch.float32
         assert isinstance(item["caption"], str) and item["video_id"] in ("video0", "video3")
-
-
-
-def test_evaluation_cache_serves_frames_without_decoding(tmp_path, tiny_video, monkeypatch):
-    place_videos(tiny_video, tmp_path, ["one.mp4"])
-    write_csv(tmp_path / "c.csv", ["video", "caption"], [["one.mp4", "a clip"]])
-    dataset = data.build_dataset("csv", tmp_path / "c.csv", "train", train=False, num_frames=3, image_size=32,
-                                 cache_dir=tmp_path / "cache")
-    first = dataset[0]["video"]
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
-
-    def no_decoding(*args, **kwargs):
-        raise AssertionError("decoded although the frames are cached")
-
-    monkeypatch.setattr(data, "read_frames", no_decoding)
-    assert torch.equal(dataset[0]["video"], first)
+        assert item["replaced_video"] == ""
 
 
 def test_training_draws_depend_on_seed_epoch_and_item_only(tmp_path, tiny_video):
-    place_videos(tiny_video, tmp_path, ["one.mp4", "two.mp4"])
-    write_csv(tmp_path / "t.csv", ["video", "caption"], [["one.mp4", "x"], ["two.mp4", "y"]])
-    dataset = data.build_dataset("csv", tmp_path / "t.csv", "train", num_frames=4, image_size=32)
+    dataset = csv_dataset(tmp_path, tiny_video, ["one.mp4", "two.mp4"])
     first = dataset[0]["video"]
     dataset[1]  # drawing another item in between must not change item 0's draw
     assert torch.equal(dataset[0]["video"], first)
@@ -227,9 +167,77 @@ def test_training_draws_depend_on_seed_epoch_and_item_only(tmp_path, tiny_video)
     for epoch in range(4):
         dataset.set_epoch(epoch)
         epochs.append(dataset[0]["video"])
+        assert torch.equal(dataset[(epoch, 0)]["video"], epochs[-1])  # an (epoch, item) key says the same
     assert not all(torch.equal(epochs[0], other) for other in epochs[1:])  # each epoch draws anew
-    dataset.set_epoch(2)
-    loader = data.make_loader(dataset, batch_size=2, num_workers=2)  # workers draw what the main process does
-    batch = next(iter(loader))
-    assert batch["video"].shape == (2, 4, 3, 32, 32) and batch["caption"] == ["x", "y"]
-    assert torch.equal(batch["video"][0], epochs[2])
+    dataset.set_epoch(0)
+    assert torch.equal(dataset[(2, 0)]["video"], epochs[2])  # the key's epoch wins over set_epoch
+
+
+def test_persistent_workers_follow_the_epoch_in_each_key(tmp_path, tiny_video):
+    dataset = csv_dataset(tmp_path, tiny_video, ["one.mp4", "two.mp4", "three.mp4"])
+    order = data.EpochSampler()
+    loader = data.make_loader(dataset, batch_size=3, num_workers=2, sampler=order)
+    assert loader.persistent_workers and loader.prefetch_factor == 2
+    for epoch in (0, 3):
+        order.set_epoch(epoch, [2, 0, 1])
+        batch = next(iter(loader))
+        assert batch["caption"] == ["v2 c0", "v0 c0", "v1 c0"] and batch["replaced_video"] == ["", "", ""]
+        for row, item in enumerate([2, 0, 1]):  # workers drew what the main process draws for (epoch, item)
+            assert torch.equal(batch["video"][row], dataset[(epoch, item)]["video"])
+
+
+def test_default_workers_are_this_processs_share_of_its_cpus(monkeypatch):
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert data.default_num_workers() == 2  # never more than DataLoader's own suggested maximum
+    assert data.default_num_workers(processes_per_machine=2) == 1
+    assert data.default_num_workers(processes_per_machine=8) == 1  # never 0: the main process must not decode
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert data.default_num_workers(processes_per_machine=4) == 4
+
+
+def test_worker_init_fn_limits_opencv_to_one_thread():
+    import cv2
+
+    before = cv2.getNumThreads()
+    try:
+        data.worker_init_fn(0)
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(before)
+
+
+def test_a_training_video_that_fails_is_replaced_and_reported(tmp_path, tiny_video):
+    dataset = csv_dataset(tmp_path, tiny_video, ["a.mp4", "b.mp4", "broken.mp4", "d.mp4"])
+    (tmp_path / "broken.mp4").write_text("passed the probe once, not a video now\n")
+    broken_item = dataset.captions.index("v2 c0")
+    dataset.set_epoch(1)
+    item = dataset[broken_item]
+    assert item["replaced_video"].endswith("broken.mp4")
+    assert item["video_index"] != 2 and item["caption"] == dataset.captions[item["video_index"]]
+    assert torch.equal(item["video"], dataset[item["video_index"]]["video"])  # that other item, as drawn
+    again = dataset[(1, broken_item)]
+    assert again["caption"] == item["caption"] and torch.equal(again["video"], item["video"])  # deterministic
+    batch = default_collate([dataset[0], item])  # the report collates into a batch
+    assert batch["replaced_video"] == ["", item["replaced_video"]]
+
+
+def test_an_evaluation_video_that_fails_raises_naming_it(tmp_path, tiny_video):
+    dataset = csv_dataset(tmp_path, tiny_video, ["a.mp4", "broken.mp4"], train=False)
+    (tmp_path / "broken.mp4").write_bytes(b"")
+    with pytest.raises(video_io.VideoReadError, match="broken.mp4"):
+        dataset[1]
+    with pytest.raises(video_io.VideoReadError, match="broken.mp4"):
+        dataset.videos()[1]
+
+
+def test_without_videos_drops_their_captions_and_renumbers(tmp_path, tiny_video):
+    dataset = csv_dataset(tmp_path, tiny_video, ["a.mp4", "b.mp4", "c.mp4"], captions_per_video=2, seed=7)
+    subset = dataset.without_videos([1])
+    assert subset.video_ids == [dataset.video_ids[0], dataset.video_ids[2]]
+    assert subset.captions == ["v0 c0", "v2 c0", "v0 c1", "v2 c1"]
+    assert subset.caption_video_index == [0, 1, 0, 1]
+    assert (subset.train, subset.seed, subset.num_frames, subset.image_size) == (True, 7, 4, 32)
+    assert subset[1]["video_id"] == dataset.video_ids[2]
+    one_each = data.build_dataset("csv", tmp_path / "d.csv", "train", one_caption_per_video=True).without_videos([0])
+    assert one_each.captions == ["v1 c0", "v2 c0"] and one_each.captions_per_video == [["v1 c0", "v1 c1"],
+                                                                                         ["v2 c0", "v2 c1"]]

@@ -1,0 +1,316 @@
+"""The frame store: decode each video once per run, keep what later visits need (skip on a first reading).
+
+Why. Taking 12 frames of a 15 s, 30 fps, 320x240 H.264 clip costs about 80 ms of one core, because every frame
+up to the last wanted one is decoded; the paper's MSR-VTT-9k run visits each training video 100 times (20
+captions x 5 epochs). A visit to the store costs about 10 ms: 12 JPEG decodes, the crop, the normalisation
+(benchmarks/bench_data.py).
+
+What it keeps, per video file (path, size, mtime) and sampling settings (F frames, input side R):
+- evaluation: the F segment middles after CLIP's resize + center crop (data.resize_center_crop), R x R, as
+  lossless PNG. Evaluation frames from the store are bit-identical to decoding the video.
+- training: for each of the F segments, C candidate frames (default 4): the middles of the segment's C equal
+  sub-segments, i.e. data.sample_frame_indices(num_total, F * C) read as F rows of C. JPEG, quality 90, full
+  chroma resolution (4:4:4); a frame whose shorter side exceeds ceil(sqrt(2) * R) (317 for R = 224) is first
+  downscaled to that, so that the smallest crop of the training augmentation (half the area) still has R
+  pixels a side. MSR-VTT's 320x240 frames are kept at their size.
+
+How training with the store differs from decoding every visit:
+1. A segment's frame is drawn among its C candidates instead of among all its frames (about 37 for F = 12 on
+   a 15 s, 30 fps clip). The draw keeps what the random frame is for, a different moment of each segment on
+   each visit, at a granularity of 1/C of a segment (0.3 s here; every frame is within 0.16 s of a
+   candidate, and frames 1/30 s apart are nearly the same image to CLIP). A video has C^F = 4^12 = 16.8
+   million frame combinations, so its 100 visits practically never repeat one (and the crop differs anyway).
+2. The candidates went through JPEG once (PSNR 41 dB on testsrc2 clips; mean error under 1 level of 255).
+3. Frames larger than sqrt(2) * R on their shorter side are resized once before the random crop.
+The crop, flip and every random draw are as without the store, from (seed, epoch, item) alone.
+
+On disk: DIR/<kind>-<settings>/<sha1 of "path|size|mtime_ns">.frames; each file is the magic line, an
+8-byte header length, a JSON header (the key, candidate table, byte offsets) and the encoded images. Safety:
+each entry is written to a temporary file in its folder and renamed (os.replace, atomic), so a reader sees a
+whole entry or none; two processes building the same entry write the same bytes and the last rename wins; a
+crash leaves at most a temporary file, never read and removed by a later build; an entry that fails its
+checks (truncated, foreign, another file's) is rebuilt. A changed video gets a new entry; delete DIR to
+reclaim the space of old ones.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import time
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+from video_io import VideoReadError, decode_frames
+
+FORMAT = 1
+MAGIC = b"VOPFRAMES1\n"
+TRAINING_SIDE_PER_INPUT_SIDE = math.sqrt(2)  # stored shorter side, at most, in units of R (see above)
+STALE_TEMPORARY_SECONDS = 3600  # a temporary file this old belongs to a build that crashed
+
+
+class FrameStore:
+    """A folder of per-video entries; the DataLoader workers of any number of runs may share it.
+
+        store = FrameStore("frames/")
+        dataset = data.build_dataset(..., frame_store=store)
+        store.build(dataset, num_workers=8)   # optional: otherwise each video is stored on its first visit
+    """
+
+    def __init__(self, root, candidates: int = 4, jpeg_quality: int = 90):
+        if candidates < 1:
+            raise ValueError(f"FrameStore: candidates must be >= 1, got {candidates}")
+        self.root = Path(root).expanduser()
+        self.candidates = candidates
+        self.jpeg_quality = jpeg_quality
+
+    # -- what a dataset visit asks for --------------------------------------------------------------------
+
+    def training_frames(self, video_path, num_frames: int, image_size: int, rng) -> np.ndarray:
+        """One stored candidate per segment, drawn with `rng`: (F, H, W, 3) uint8 RGB (H, W as stored)."""
+        choice = rng.integers(self.candidates, size=num_frames)  # (F,) which candidate of each segment
+
+        def pick(header):
+            return np.asarray(header["table"])[np.arange(num_frames), choice]  # (F,) image numbers
+
+        return self._frames("train", video_path, num_frames, image_size, pick)
+
+    def evaluation_frames(self, video_path, num_frames: int, image_size: int) -> np.ndarray:
+        """The F segment middles after CLIP's resize + center crop: (F, R, R, 3) uint8 RGB, as decoding gives."""
+        return self._frames("eval", video_path, num_frames, image_size, lambda header: np.arange(num_frames))
+
+    # -- building ahead of training -----------------------------------------------------------------------
+
+    def build(self, dataset, num_workers: int | None = None, rank: int = 0, world_size: int = 1,
+              log=print) -> dict:
+        """Store every video of a data.VideoTextDataset that is not stored yet, in parallel, printing progress
+        and the store's size. Under torchrun each rank builds its share (videos rank::world_size); wait for
+        all ranks (a barrier) before training. Videos that fail to decode are reported, not fatal.
+        Returns {"stored": videos now in the store, "built": built by this call, "failed": [(path, error)],
+        "bytes": the store's size}."""
+        if not dataset.train and dataset.augment:
+            log("frame store: augmented evaluation frames are not stored; this dataset decodes every visit")
+            return {"stored": 0, "built": 0, "failed": [], "bytes": self.size_bytes()}
+        kind = "train" if dataset.train else "eval"
+        folder = self._folder(kind, dataset.num_frames, dataset.image_size)
+        self._remove_stale_temporaries(folder)
+        mine = list(dict.fromkeys(dataset.video_paths[rank::world_size]))  # unique, in order
+        todo = [path for path in mine if not self._has_entry(folder, path)]
+        jobs = [(self, kind, str(path), dataset.num_frames, dataset.image_size) for path in todo]
+        num_workers = data.default_num_workers() if num_workers is None else num_workers
+        parallel = num_workers > 1 and len(todo) >= 8  # a process pool costs about a second to start
+        if todo:
+            log(f"frame store {folder}: {len(mine) - len(todo)} of {len(mine)} videos stored; decoding "
+                f"{len(todo)} with {num_workers if parallel else 1} process(es)")
+        pool = None
+        if parallel:
+            context = multiprocessing.get_context(
+                "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+            pool = context.Pool(num_workers, initializer=_init_build_worker)
+        results = pool.imap_unordered(_build_entry, jobs) if pool is not None else map(_build_entry, jobs)
+        failed, done, start, last_report = [], 0, time.time(), time.time()
+        try:
+            for path, error in results:
+                done += 1
+                if error:
+                    failed.append((path, error))
+                if time.time() - last_report > 30 or done == len(todo):
+                    rate = done / max(time.time() - start, 1e-9)
+                    log(f"frame store: {done}/{len(todo)} videos ({len(failed)} failed), {rate:.1f} videos/s, "
+                        f"{(len(todo) - done) / max(rate, 1e-9) / 60:.0f} min left")
+                    last_report = time.time()
+        finally:
+            if pool is not None:
+                pool.terminate()
+        size = self.size_bytes()
+        log(f"frame store {self.root}: {len(mine) - len(failed)} videos of this dataset stored; {size / 1e9:.2f} GB "
+            f"on disk in all" + (f"; {len(failed)} failed to decode, e.g. {failed[0][1]}" if failed else ""))
+        return {"stored": len(mine) - len(failed), "built": len(todo) - len(failed), "failed": failed,
+                "bytes": size}
+
+    def size_bytes(self) -> int:
+        """Bytes on disk under the store's folder (every kind and setting, temporary files included)."""
+        total = 0
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                try:
+                    total += os.stat(os.path.join(folder, name)).st_size
+                except OSError:
+                    pass  # renamed or removed by another process meanwhile
+        return total
+
+    # -- entries ------------------------------------------------------------------------------------------
+
+    def _folder(self, kind: str, num_frames: int, image_size: int) -> Path:
+        if kind == "train":
+            side = math.ceil(TRAINING_SIDE_PER_INPUT_SIDE * image_size)
+            name = f"train-f{num_frames}-c{self.candidates}-side{side}-q{self.jpeg_quality}-v{FORMAT}"
+        else:
+            name = f"eval-f{num_frames}-r{image_size}-v{FORMAT}"
+        return self.root / name
+
+    def _has_entry(self, folder: Path, video_path) -> bool:
+        try:
+            return self._read_header(*self._entry(folder, video_path)) is not None
+        except OSError:
+            return False  # a missing video: building it reports the error
+
+    @staticmethod
+    def _entry(folder: Path, video_path) -> tuple:
+        """(entry file, key): the key names the video file's absolute path, size and modification time."""
+        stat = os.stat(video_path)  # FileNotFoundError for a missing video, as decoding would raise
+        key = f"{os.path.realpath(video_path)}|{stat.st_size}|{stat.st_mtime_ns}"
+        return folder / f"{hashlib.sha1(key.encode()).hexdigest()}.frames", key
+
+    def _frames(self, kind: str, video_path, num_frames: int, image_size: int, pick) -> np.ndarray:
+        try:
+            entry, key = self._entry(self._folder(kind, num_frames, image_size), video_path)
+        except OSError as error:
+            raise VideoReadError(f"{video_path}: cannot open video: {error.strerror or error}") from None
+        loaded = self._read(entry, key, pick)
+        if loaded is None:  # not stored yet (or damaged): decode the video once, store it, use it
+            header, blobs = self._make_entry(kind, video_path, num_frames, image_size, key)
+            self._write(entry, header, blobs)
+            loaded = [blobs[int(i)] for i in pick(header)]
+        return np.stack([_decode_image(blob) for blob in loaded])  # (F, H, W, 3)
+
+    def _make_entry(self, kind: str, video_path, num_frames: int, image_size: int, key: str) -> tuple:
+        """Decode the video and encode what its entry keeps. Returns (header, list of encoded images)."""
+        if kind == "eval":
+            frames = data.resize_center_crop(data.read_frames(video_path, num_frames, "uniform"), image_size)
+            blobs = [_encode_image(frame, ".png", [cv2.IMWRITE_PNG_COMPRESSION, 1]) for frame in frames]
+            return {"format": FORMAT, "key": key, "kind": kind}, blobs
+        sampled = {}
+
+        def candidates(num_total: int) -> np.ndarray:  # (F * C,); decode_frames may call it again
+            sampled["indices"] = data.sample_frame_indices(num_total, num_frames * self.candidates)
+            return sampled["indices"]
+
+        frames = decode_frames(video_path, candidates)  # (F * C, H, W, 3)
+        # Neighbouring candidates fall on the same frame in short videos: keep each frame once.
+        unique, first, inverse = np.unique(sampled["indices"], return_index=True, return_inverse=True)
+        frames = _shrink(frames[first], math.ceil(TRAINING_SIDE_PER_INPUT_SIDE * image_size))  # (U, h, w, 3)
+        quality = [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality,
+                   cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+        blobs = [_encode_image(frame, ".jpg", quality) for frame in frames]
+        header = {"format": FORMAT, "key": key, "kind": kind, "frame_indices": unique.tolist(),
+                  "table": inverse.reshape(num_frames, self.candidates).tolist()}  # (F, C) image numbers
+        return header, blobs
+
+    @staticmethod
+    def _write(entry: Path, header: dict, blobs: list) -> None:
+        """Write atomically: a temporary file in the same folder, renamed over the entry."""
+        offsets = np.concatenate([[0], np.cumsum([len(blob) for blob in blobs])]).tolist()
+        header_bytes = json.dumps({**header, "offsets": offsets}).encode()
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        partial = entry.with_name(f"{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        with open(partial, "wb") as handle:
+            handle.write(MAGIC + len(header_bytes).to_bytes(8, "little") + header_bytes)
+            for blob in blobs:
+                handle.write(blob)
+        os.replace(partial, entry)
+
+    @staticmethod
+    def _read_header(entry: Path, key: str):
+        """The entry's header (and the file's data offset), or None if it is absent or fails a check."""
+        try:
+            with open(entry, "rb") as handle:
+                return _parse_header(handle, key)
+        except OSError:
+            return None
+
+    @staticmethod
+    def _read(entry: Path, key: str, pick):
+        """The encoded images `pick(header)` of a valid entry, or None if it is absent or fails a check."""
+        try:
+            with open(entry, "rb") as handle:
+                parsed = _parse_header(handle, key)
+                if parsed is None:
+                    return None
+                header, data_start = parsed
+                blobs = []
+                for index in pick(header):
+                    begin, end = header["offsets"][int(index)], header["offsets"][int(index) + 1]
+                    handle.seek(data_start + begin)
+                    blobs.append(handle.read(end - begin))
+                return blobs
+        except OSError:
+            return None
+
+    @staticmethod
+    def _remove_stale_temporaries(folder: Path) -> None:
+        if not folder.is_dir():
+            return
+        for partial in folder.glob("*.tmp"):
+            try:
+                if time.time() - partial.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                    partial.unlink()
+            except OSError:
+                pass  # renamed or removed by its builder meanwhile
+
+
+def _parse_header(handle, key: str):
+    """(header, data offset) if the open entry is whole and belongs to `key`, else None."""
+    if handle.read(len(MAGIC)) != MAGIC:
+        return None
+    length = int.from_bytes(handle.read(8), "little")
+    try:
+        header = json.loads(handle.read(length))
+    except ValueError:
+        return None
+    data_start = len(MAGIC) + 8 + length
+    if not isinstance(header, dict) or header.get("key") != key or header.get("format") != FORMAT:
+        return None
+    if os.fstat(handle.fileno()).st_size != data_start + header["offsets"][-1]:
+        return None  # cut short (or grown): rebuild
+    return header, data_start
+
+
+def _encode_image(frame_rgb: np.ndarray, suffix: str, params: list) -> bytes:
+    ok, encoded = cv2.imencode(suffix, cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {frame_rgb.shape} frame as {suffix}")
+    return encoded.tobytes()
+
+
+def _decode_image(blob: bytes) -> np.ndarray:
+    return cv2.cvtColor(cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def _shrink(frames: np.ndarray, max_short_side: int) -> np.ndarray:
+    """Downscale (U, H, W, 3) uint8 frames so that the shorter side is at most `max_short_side` (antialiased
+    bicubic, as the training crop resizes); smaller frames are returned as they are."""
+    height, width = frames.shape[1:3]
+    if min(height, width) <= max_short_side:
+        return frames
+    scale = max_short_side / min(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (U, 3, H, W) uint8
+    return F.interpolate(video, size=size, mode="bicubic", antialias=True).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _init_build_worker() -> None:
+    cv2.setNumThreads(1)  # one decode per process; the pool gives the parallelism
+    torch.set_num_threads(1)
+
+
+def _build_entry(job) -> tuple:
+    """(video path, "" or the error naming it): store one video (a process pool runs this)."""
+    store, kind, video_path, num_frames, image_size = job
+    try:
+        entry, key = store._entry(store._folder(kind, num_frames, image_size), video_path)
+        if store._read_header(entry, key) is None:  # another process may have stored it meanwhile
+            header, blobs = store._make_entry(kind, video_path, num_frames, image_size, key)
+            store._write(entry, header, blobs)
+        return video_path, ""
+    except (VideoReadError, OSError, cv2.error) as error:
+        message = str(error)
+        return video_path, message if video_path in message else f"{video_path}: {message}"
