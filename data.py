@@ -301,7 +301,7 @@ class VideoOnlyDataset(Dataset):
 
 def build_dataset(name: str, root, split: str, num_frames: int = 12, image_size: int = 224, train=None,
                   skip_missing: bool = False, one_caption_per_video: bool = False, seed: int = 0,
-                  video_dir=None, augment=None, frame_store=None, cache_dir=None) -> VideoTextDataset:
+                  video_dir=None, augment=None, frame_store=None) -> VideoTextDataset:
     """The one entry point: a VideoTextDataset for benchmark `name` (annotations.DATASET_NAMES) read from `root`.
 
     `train` defaults to split == "train": random frame per segment + random crop/flip; otherwise segment
@@ -309,8 +309,6 @@ def build_dataset(name: str, root, split: str, num_frames: int = 12, image_size:
     "left" and "right" in its captions. `frame_store`: a frame_store.FrameStore, or None to decode every
     visit. `len()` needs no decoding.
     """
-    if cache_dir is not None:  # transitional, until train.py and evaluate.py pass frame_store
-        raise ValueError("build_dataset: cache_dir was replaced by frame_store=frame_store.FrameStore(DIR)")
     annotations = read_annotations(name, root, split, video_dir, skip_missing)
     train = (split == "train") if train is None else train
     if augment is None:

@@ -23,8 +23,11 @@ import numpy as np
 import torch
 
 import clip_model
+import data
+import evaluate
 import train
 from video_io import write_video
+from vop import VoP, VoPConfig
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -157,7 +160,37 @@ def make_synthetic_world(root, seed: int = 0, num_videos: int = 512, num_test_pa
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. The demo: pretrain a tiny CLIP on the stills, prompt-tune it on the clips
+# 2. The reversal-pair score: does the model know which way a clip runs?
+
+
+def reversal_pair_accuracy(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor) -> float:
+    """Percent of captions whose own video beats its time-reversed twin (a tie counts 1/2); chance is 50.
+
+    Layout: caption i belongs to video i, and videos 2k, 2k+1 are a clip and its reversal. Order-blind models
+    see identical twins and score exactly 50. text_embeddings (T, E), video_embeddings (T, E), T even.
+    """
+    if text_embeddings.shape != video_embeddings.shape or len(text_embeddings) % 2:
+        raise ValueError(f"reversal pairs need one caption per video and an even count, got "
+                         f"{tuple(text_embeddings.shape)} captions and {tuple(video_embeddings.shape)} videos")
+    twin = torch.arange(len(video_embeddings)) ^ 1  # (T,): 0<->1, 2<->3, ...
+    own_score = (text_embeddings * video_embeddings).sum(dim=1)  # (T,)
+    twin_score = (text_embeddings * video_embeddings[twin]).sum(dim=1)  # (T,)
+    wins = (own_score > twin_score).double() + 0.5 * (own_score == twin_score).double()  # (T,)
+    return 100 * float(wins.mean())
+
+
+def score_reversal_pairs(model: VoP, world: Path, device) -> float:
+    """The reversal-pair score of `model` on the world's test split (which is made of reversal pairs)."""
+    test = data.build_dataset("synthetic", world, "test", num_frames=model.num_frames,
+                              image_size=model.clip.visual.input_resolution)
+    text_embeddings, video_embeddings = evaluate.embed(model, test, num_workers=0, device=device)
+    score = reversal_pair_accuracy(text_embeddings, video_embeddings)
+    print(f"[demo] reversal pairs: {score:.1f}% (chance 50%)")
+    return score
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. The demo: pretrain a tiny CLIP on the stills, prompt-tune it on the clips
 
 DEMO_ROOT = Path("~/.cache/vop/demo").expanduser()
 WORLD = dict(seed=0, num_videos=512, num_test_pairs=80, num_stills=2000, frame_size=32, clip_frames=8)
@@ -214,16 +247,22 @@ def run(overrides: dict, evaluate_before: bool = True) -> dict:
     tuned = train.TrainConfig(**{**dataclasses.asdict(train.TrainConfig()), **TUNE,
                                  "clip": str(clip_path), "data_root": str(world), "out_dir": "runs/demo",
                                  "overwrite": not overrides.get("resume"), **overrides})
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if tuned.device == "auto" else tuned.device)
     if evaluate_before or tuned.tune == "zero-shot":
         print(f"[demo] step 3: the tiny CLIP before any tuning. The test split is {WORLD['num_test_pairs']} "
               "reversal pairs: 'moves left' and 'moves right' are the same frames in opposite order, so a model "
               "that ignores frame order scores 50% on the pairs.")
         before = train.train(dataclasses.replace(tuned, tune="zero-shot", prompts=""))
+        zero_shot = VoP(clip_model.load(clip_path, device), VoPConfig(tune="zero-shot", num_frames=tuned.num_frames))
+        before["pairs"] = score_reversal_pairs(zero_shot.to(device), world, device)
         if tuned.tune == "zero-shot":
             return before
     what = f"VoP with video prompts {tuned.prompts!r}" if tuned.prompts else "plain VoP (text + visual prompts)"
     print(f"[demo] step 4: {tuned.tune} tuning of {what} on the moving clips; CLIP stays frozen.")
     results = train.train(tuned)
+    out_dir = Path(tuned.out_dir or train.default_out_dir(tuned))
+    model, _ = evaluate.load_model_from_checkpoint(out_dir / "last.pt", device)
+    results["pairs"] = score_reversal_pairs(model, world, device)
     print(f"[demo] done in {time.time() - started:.0f} s. Every configuration, as in the README's table: "
           "`python demo.py --all`.")
     return results

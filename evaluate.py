@@ -2,110 +2,56 @@
 
 One job: turn a model and a test split into the paper's numbers (R@1, R@5, R@10, median and mean rank).
 
-1. `embed` - every caption and every unique video once, L2-normalised, float32 on the CPU.
-2. The ranking on the whole score matrix (read this first). For each query, count the wrong candidates
-   that score above the correct one (`greater`) and exactly level with it (`tied`): `dense_counts`. The
-   rank is greater + 1 + tied / 2 and R@K is P(rank <= K), both under random tie-breaking; counting a tie
-   as a hit (or as a miss) flatters (or punishes) a model that maps many videos to one point (CLIP4Clip#80).
-   `dense_text_to_video_counts` and `dense_video_to_text_counts` build the matrix each direction ranks.
+1. The ranking on the whole score matrix (read this first): for each query, count the wrong candidates that
+   score above the correct one (`greater`) and exactly level with it (`tied`); the rank is greater + 1 +
+   tied / 2 and R@K is P(rank <= K), both under random tie-breaking. Counting a tie as a hit (or a miss)
+   flatters (or punishes) a model that maps many videos to one point (CLIP4Clip#80).
+2. `embed`: every caption and every unique video once, L2-normalised.
 3. The same counts a chunk of query rows at a time, which is what the program runs: the score matrix is
    never whole, so 100,000 x 100,000 fits in memory (skip on a first reading).
 
-The protocol is X-Pool's (modules/metrics.py: t2v_metrics, v2t_metrics) and CLIP4Clip's (metrics.py):
-- Text -> video: each caption is a query; its one correct video, `caption_video_index[i]`, is ranked among
-  all V videos.
-- Video -> text: each video is a query and the candidates are the V videos, each scored by its best caption
-  (the max of caption . query video over that video's captions); the correct candidate is the query video
-  itself. So a video's best own caption is ranked among the other videos' best captions, not among all
-  their captions. With one caption per video this is ranking among the captions. (X-Pool and CLIP4Clip pad
-  the captions to M per video with -inf and take the max over M of a (V, M, V) tensor.)
-- Ties: the expected rank and R@K probability above; identical embeddings (one caption text under several
-  videos) are scored once, so they tie exactly. Without ties the ranks equal X-Pool's and CLIP4Clip's; with
-  ties theirs depend on the sort. MdR is the usual median, the mean of the two middle ranks for an even count
-  (X-Pool's np.median; CLIP4Clip's multi-caption text -> video takes torch.median's lower one).
-- `dsl=True` re-scores with dual softmax (CAMoE, CLIP2Video), which is not the paper's protocol and is
-  labelled so wherever it is printed: the caption x video matrix s becomes s * softmax(temperature * s),
-  the softmax over the direction's queries (over captions for text -> video, over videos for video -> text),
-  and only then does each video take its best caption. X-Pool and CLIP4Clip have no DSL. TS2-Net (built on
-  CLIP4Clip) also re-scores the caption x video matrix before that max, but softmaxes over captions for both
-  directions; within one query video's column that maps each score s to s * exp(s) / (a constant), which
-  keeps the order for s > -1 (their s is 100 x cosine), so it leaves video -> text practically unchanged.
+The protocol is X-Pool's (modules/metrics.py: t2v_metrics, v2t_metrics) and CLIP4Clip's (metrics.py).
+Text -> video: each caption is a query; its one correct video is ranked among all V videos. Video -> text:
+each video is a query and the candidates are the V videos, each scored by its best caption; the correct
+candidate is the query video itself (X-Pool and CLIP4Clip pad the captions to M per video with -inf and take
+the max over M of a (V, M, V) tensor). With one caption per video this is ranking among the captions.
+Identical embeddings are scored once, so they tie exactly; without ties the ranks equal X-Pool's and
+CLIP4Clip's. MdR is the usual median (the mean of the two middle ranks for an even count, as np.median).
+`dsl=True` re-scores with dual softmax (CAMoE, CLIP2Video), not the paper's protocol and labelled so wherever
+it is printed: the caption x video matrix s becomes s * softmax(temperature * s) over the direction's queries
+(captions for text -> video, videos for video -> text), and only then does each video take its best caption.
 
 Shapes: T captions, V videos, E embedding size, M most captions of any one video, Q queries and C candidates
-(T and V for text -> video; V and the T captions, grouped into V videos, for video -> text), `rows` the
-query rows of one chunk.
+(T and V for text -> video; V and the V videos for video -> text), `rows` the query rows of one chunk.
 
-    python evaluate.py --checkpoint run/last.pt [--data msrvtt-9k --data-root data/msrvtt --split test]
+    python evaluate.py --checkpoint runs/msrvtt-9k/vop/last.pt [--data ... --data-root ... --split test]
     python evaluate.py --zero-shot --clip ViT-B/32 --data msrvtt-9k --data-root data/msrvtt
 """
-import argparse
 import dataclasses
-import pickle
 import sys
-import types
-import typing
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw
 
+import checkpoints
 import clip_model
 import data
-from vop import VoP
+from annotations import DATASET_NAMES
+from cli import PRECISIONS, ConfigError, at_least, greater_than, option, parse_config, resolve_precision, run_command
+from frame_store import FrameStore
+from vop import VoP, VoPConfig
 
 RECALL_AT = (1, 5, 10)
 SCORES_PER_CHUNK = 2**24  # default chunk: about 16M scores (64 MB in float32) whatever the number of candidates
 DSL_LABEL = "(DSL re-ranked; not the paper's protocol)"
-DATASET_NAMES = data.DATASET_NAMES
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. Embeddings
-
-
-def _check_model_device(model: torch.nn.Module, device: torch.device) -> None:
-    parameter = next(model.parameters())
-    same = parameter.device.type == device.type and device.index in (None, parameter.device.index)
-    if not same:
-        raise ValueError(f"the model is on {parameter.device} but device={device}: move it first (model.to(device))")
-
-
-def embed(model: VoP, dataset: data.VideoTextDataset, batch_size: int = 32, num_workers: int = 0,
-          device="cpu", autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text_embeddings (T, E), video_embeddings (V, E)), float32 on the CPU, L2-normalised.
-
-    Every caption of `dataset.captions` and every unique video of `dataset.videos()` is encoded exactly once.
-    The model runs in eval mode without gradients; its previous train/eval mode is restored afterwards, so
-    train.py can call this between epochs. `autocast_dtype` (torch.float16 on CUDA, torch.bfloat16 on CPU)
-    runs the encoders under torch.autocast; the weights stay float32.
-    """
-    device = torch.device(device)
-    _check_model_device(model, device)
-    if len(dataset.captions) == 0 or len(dataset.video_ids) == 0:
-        raise ValueError(f"dataset {dataset.name!r} has no captions or no videos to evaluate")
-    autocast = torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    loader = data.make_loader(dataset.videos(), batch_size, num_workers, shuffle=False,
-                              pin_memory=device.type == "cuda")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), autocast:  # not inference_mode: callers may reuse the tensors
-            video_embeddings = [model.encode_video(batch["video"].to(device, non_blocking=True)).float().cpu()
-                                for batch in loader]  # each (B, E)
-            text_embeddings = []
-            for start in range(0, len(dataset.captions), batch_size):
-                tokens = model.tokenize(list(dataset.captions[start:start + batch_size])).to(device)  # (B, L)
-                text_embeddings.append(model.encode_text(tokens).float().cpu())  # (B, E)
-    finally:
-        model.train(was_training)
-    return torch.cat(text_embeddings), torch.cat(video_embeddings)  # (T, E), (V, E)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 2. Ranks and metrics on the whole score matrix (read this first)
+# 1. Ranks and metrics on the whole score matrix (read this first)
 #
 # Sort a query's scores against its C candidates: the correct candidate's rank is 1 + the number of wrong
 # candidates scoring above it (`greater`). Candidates scoring exactly the same (`tied`) are put in random
@@ -177,6 +123,73 @@ def dense_video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: 
                                 for video in range(len(video_embeddings))])
     query_video = torch.arange(len(video_embeddings))  # (V,) query j's correct candidate is video j
     return dense_counts(best_caption.T, query_video)
+
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Embeddings
+
+
+def embed(model: VoP, dataset: data.VideoTextDataset, batch_size: int = 32, num_workers: int | None = None,
+          device="cpu", autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text_embeddings (T, E), video_embeddings (V, E)), float32 on the CPU, L2-normalised.
+
+    Every caption of `dataset.captions` and every unique video of `dataset.videos()` is encoded exactly once.
+    The model runs in eval mode without gradients; its previous train/eval mode is restored afterwards, so
+    train.py can call this between epochs. `autocast_dtype` (torch.float16 on CUDA, torch.bfloat16 on CPU)
+    runs the encoders under torch.autocast; the weights stay float32. Under torchrun every process embeds
+    its share of the videos and captions, and every process gets all of them back.
+    """
+    device = torch.device(device)
+    _check_model_device(model, device)
+    if len(dataset.captions) == 0 or len(dataset.video_ids) == 0:
+        raise ValueError(f"dataset {dataset.name!r} has no captions or no videos to evaluate")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    videos = torch.utils.data.Subset(dataset.videos(), range(rank, len(dataset.video_ids), world_size))
+    captions = list(dataset.captions[rank::world_size])
+    autocast = torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    loader = data.make_loader(videos, batch_size, num_workers, shuffle=False, pin_memory=device.type == "cuda",
+                              persistent_workers=False)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast:  # not inference_mode: callers may reuse the tensors
+            video_embeddings = [model.encode_video(batch["video"].to(device, non_blocking=True)).float().cpu()
+                                for batch in loader]  # each (B, E)
+            text_embeddings = []
+            for start in range(0, len(captions), batch_size):
+                tokens = model.tokenize(captions[start:start + batch_size]).to(device)  # (B, L)
+                text_embeddings.append(model.encode_text(tokens).float().cpu())  # (B, E)
+    finally:
+        model.train(was_training)
+    text_embeddings = _join_shares(text_embeddings, len(dataset.captions), world_size)  # (T, E)
+    video_embeddings = _join_shares(video_embeddings, len(dataset.video_ids), world_size)  # (V, E)
+    return text_embeddings, video_embeddings
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _join_shares(parts: list, total: int, world_size: int) -> torch.Tensor:
+    """Process r embedded rows r, r + W, r + 2W, ...: gather every process's rows and put them in order."""
+    mine = torch.cat(parts) if parts else torch.empty(0)  # (rows of this process, E)
+    if world_size == 1:
+        return mine
+    shares = [None] * world_size
+    dist.all_gather_object(shares, mine)
+    joined = torch.empty(total, shares[0].shape[1], dtype=shares[0].dtype)  # (total, E)
+    for rank, share in enumerate(shares):
+        joined[rank::world_size] = share
+    return joined
+
+
+def _check_model_device(model: torch.nn.Module, device: torch.device) -> None:
+    parameter = next(model.parameters())
+    same = parameter.device.type == device.type and device.index in (None, parameter.device.index)
+    if not same:
+        raise ValueError(f"the model is on {parameter.device} but device={device}: move it first (model.to(device))")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -322,53 +335,27 @@ def video_to_text_ranks(text_embeddings, video_embeddings, caption_video_index, 
                                                 temperature, chunk_size))
 
 
-def reversal_pair_accuracy(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor) -> float:
-    """Percent of captions whose own video beats its time-reversed twin (a tie counts 1/2); chance is 50.
-
-    Layout: caption i belongs to video i, and videos 2k, 2k+1 are a clip and its reversal. Order-blind models
-    see identical twins and score exactly 50. text_embeddings (T, E), video_embeddings (T, E), T even.
-    """
-    if text_embeddings.shape != video_embeddings.shape or len(text_embeddings) % 2:
-        raise ValueError(f"reversal pairs need one caption per video and an even count, got "
-                         f"{tuple(text_embeddings.shape)} captions and {tuple(video_embeddings.shape)} videos")
-    twin = torch.arange(len(video_embeddings)) ^ 1  # (T,): 0<->1, 2<->3, ...
-    own_score = (text_embeddings * video_embeddings).sum(dim=1)  # (T,)
-    twin_score = (text_embeddings * video_embeddings[twin]).sum(dim=1)  # (T,)
-    wins = (own_score > twin_score).double() + 0.5 * (own_score == twin_score).double()  # (T,)
-    return 100 * float(wins.mean())
-
-
-def _is_reversal_pair_layout(dataset) -> bool:
-    """The synthetic world's test split: one caption per video, videos named ..._a / ..._b alternately."""
-    ids = dataset.video_ids
-    return (dataset.name == "synthetic" and len(ids) % 2 == 0 and len(ids) > 0
-            and list(dataset.caption_video_index) == list(range(len(ids)))
-            and all(Path(video_id).stem.endswith(("_a", "_b")[i % 2]) for i, video_id in enumerate(ids)))
+# ----------------------------------------------------------------------------------------------------------
+# 4. A model on a test set, a checkpoint's model, the qualitative figure
 
 
 def metrics_from_embeddings(text_embeddings, video_embeddings, caption_video_index, dsl: bool = False,
-                            dsl_temperature: float = 100.0, reversal_pairs: bool = False,
-                            chunk_size: int | None = None, score_device=None) -> dict:
-    """{"t2v": metrics, "v2t": metrics, "dsl": bool} and, with `reversal_pairs`, "pairs": percent."""
+                            dsl_temperature: float = 100.0, chunk_size: int | None = None,
+                            score_device=None) -> dict:
+    """{"t2v": metrics, "v2t": metrics, "dsl": bool}."""
     arguments = (text_embeddings, video_embeddings, caption_video_index, dsl, dsl_temperature, chunk_size,
                  score_device)
-    results = {"t2v": retrieval_metrics(*text_to_video_counts(*arguments)),
-               "v2t": retrieval_metrics(*video_to_text_counts(*arguments)),
-               "dsl": dsl}
-    if reversal_pairs:
-        results["pairs"] = reversal_pair_accuracy(text_embeddings, video_embeddings)
-    return results
+    return {"t2v": retrieval_metrics(*text_to_video_counts(*arguments)),
+            "v2t": retrieval_metrics(*video_to_text_counts(*arguments)), "dsl": dsl}
 
 
-def evaluate(model: VoP, dataset: data.VideoTextDataset, batch_size: int = 32, num_workers: int = 0,
+def evaluate(model: VoP, dataset: data.VideoTextDataset, batch_size: int = 32, num_workers: int | None = None,
              device="cpu", autocast_dtype: torch.dtype | None = None, dsl: bool = False,
              dsl_temperature: float = 100.0) -> dict:
-    """Embed `dataset` with `model` and score it: {"t2v": {...}, "v2t": {...}, "dsl": bool} plus "pairs"
-    (reversal_pair_accuracy) on the synthetic world's test split."""
+    """Embed `dataset` with `model` and score it: {"t2v": {...}, "v2t": {...}, "dsl": bool}."""
     text_embeddings, video_embeddings = embed(model, dataset, batch_size, num_workers, device, autocast_dtype)
     return metrics_from_embeddings(text_embeddings, video_embeddings, dataset.caption_video_index, dsl,
-                                   dsl_temperature, reversal_pairs=_is_reversal_pair_layout(dataset),
-                                   score_device=device)
+                                   dsl_temperature, score_device=device)
 
 
 def format_results(results: dict, title: str) -> str:
@@ -380,37 +367,26 @@ def format_results(results: dict, title: str) -> str:
     for key, label in (("t2v", "text -> video"), ("v2t", "video -> text")):
         m = results[key]
         lines.append(f"{label:<{width}}{m['R@1']:6.1f}{m['R@5']:6.1f}{m['R@10']:6.1f}{m['MdR']:6.1f}{m['MnR']:7.1f}")
-    if "pairs" in results:
-        lines.append(f"reversal pairs: {results['pairs']:.1f}% (chance 50%)")
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 4. Checkpoints and pictures
 
+def load_model_from_checkpoint(path, device="cpu", clip=None) -> tuple[VoP, dict]:
+    """(VoP in eval mode on `device`, the checkpoint dict) from a file written by train.py.
 
-def load_model_from_checkpoint(path, device="cpu") -> tuple[VoP, dict]:
-    """(VoP in eval mode on `device`, the checkpoint dict) from a file written by train.py."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (train.py writes <out_dir>/last.pt)")
+    The backbone is the one the checkpoint records (its name or path, activation and SHA-256); `clip`
+    points at the same weights somewhere else, and weights with another SHA-256 are refused.
+    """
+    checkpoint = checkpoints.load_checkpoint(path)
+    run = checkpoint.get("run") or {}  # older checkpoints recorded only config["clip"]
+    backbone = clip or run.get("backbone") or checkpoint["config"].get("clip") or "ViT-B/32"
+    backbone_model = clip_model.load(backbone, device, activation=run.get("activation"),
+                                     sha256=run.get("backbone_sha256"))
+    model = VoP(backbone_model, checkpoints.vop_config_of(checkpoint)).to(device)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # Our checkpoints hold only tensors and plain Python values; something else is in there.
-        warnings.warn(f"{path} holds more than tensors and plain values ({error}); loading it with "
-                      f"weights_only=False, which runs its pickled code: only do this with your own files")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    missing = [key for key in ("config", "vop_settings", "trainable") if key not in checkpoint]
-    if not isinstance(checkpoint, dict) or missing:
-        found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{path} is not a VoP checkpoint: missing {missing}, found {found}")
-    clip_name = checkpoint["config"].get("clip")
-    if not clip_name:
-        raise ValueError(f"{path} does not say which CLIP it was trained on (config['clip'] is {clip_name!r})")
-    clip = clip_model.load(clip_name, device)
-    model = VoP(clip, **checkpoint["vop_settings"]).to(device)
-    model.load_trainable_state_dict(checkpoint["trainable"], checkpoint["vop_settings"])
+        model.load_trainable_state_dict(checkpoint["trainable"])
+    except ValueError as error:
+        raise checkpoints.CheckpointError(f"{path}: {error}") from None
     return model.eval(), checkpoint
 
 
@@ -470,103 +446,65 @@ def draw_examples(dataset: data.VideoTextDataset, text_embeddings: torch.Tensor,
 # 5. Command line
 
 
-def option(default, help: str):
-    """A config field with its command-line help."""
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class EvalConfig:
     """Everything evaluate.py's command line can set; each field is the flag --field-name."""
-    checkpoint: str | None = option(None, "a train.py checkpoint (e.g. run/last.pt)")
+    checkpoint: str | None = option(None, "a train.py checkpoint (e.g. runs/msrvtt-9k/vop/last.pt)")
     zero_shot: bool = option(False, "evaluate plain CLIP (--clip) instead of a checkpoint")
-    clip: str = option("ViT-B/32", "CLIP name or file, for --zero-shot")
-    data: str | None = option(None, f"one of {', '.join(DATASET_NAMES)}; default: the checkpoint's")
+    clip: str | None = option(None, "CLIP name or weights file/folder: for --zero-shot (default ViT-B/32), or where "
+                                    "a checkpoint's backbone now lies")
+    clip_activation: str | None = option(None, "for --zero-shot on a state dict without config: quick_gelu or gelu",
+                                         choices=("quick_gelu", "gelu"))
+    data: str | None = option(None, "dataset; default: the checkpoint's", choices=DATASET_NAMES)
     data_root: str | None = option(None, "dataset folder; default: the checkpoint's")
     split: str = option("test", "which split to evaluate")
-    num_frames: int | None = option(None, "frames per video; default: the model's (12 for --zero-shot)")
-    batch_size: int = option(32, "videos (and captions) per batch")
-    num_workers: int = option(4, "DataLoader workers decoding videos")
+    num_frames: int | None = option(None, "frames per video; default: the model's (12 for --zero-shot)", at_least(1))
+    batch_size: int = option(32, "videos (and captions) per batch", at_least(1))
+    num_workers: int | None = option(None, "DataLoader workers decoding videos; default: this machine's cores",
+                                     at_least(0))
     device: str = option("auto", "cuda, cpu, ...; auto picks cuda when available")
-    precision: str = option("auto", "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16 autocast")
-    cache_dir: str | None = option(None, "cache the decoded test frames here (faster repeated evaluation)")
+    precision: str = option("auto", "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16 autocast",
+                            choices=("auto", *PRECISIONS))
+    frame_store: str | None = option(None, "read (and keep) the decoded test frames here, as train.py does")
     dsl: bool = option(False, "dual-softmax re-ranking (not the paper's protocol)")
-    dsl_temperature: float = option(100.0, "DSL softmax temperature")
+    dsl_temperature: float = option(100.0, "DSL softmax temperature", greater_than(0))
     examples: str | None = option(None, "write a PNG of the top-5 videos for a few text queries")
 
 
-def _field_type(annotation):
-    """`int | None` -> int: the type argparse should convert to."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return next(a for a in typing.get_args(annotation) if a is not type(None))
-    return annotation
-
-
-def build_parser(config_class=None, description: str | None = None,
-                 only_given: bool = False) -> argparse.ArgumentParser:
-    """argparse from a config dataclass (EvalConfig, or train.py's TrainConfig): each field is --field-name.
-    With `only_given`, parsing returns just the options present on the command line."""
-    config_class = config_class or EvalConfig
-    parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                     argument_default=argparse.SUPPRESS if only_given else None)
-    for f in dataclasses.fields(config_class):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _field_type(f.type)
-        default = {} if only_given else {"default": f.default}
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"], **default)
-        else:
-            parser.add_argument(flag, type=kind, help=f.metadata["help"], **default)
-    return parser
-
-
-def parse_config(argv=None) -> EvalConfig:
-    return EvalConfig(**vars(build_parser().parse_args(argv)))
-
-
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        return torch.float16 if device.type == "cuda" else None
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: choose auto, {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]
-
-
 def main(argv=None) -> dict:
-    config = parse_config(argv)
+    config = parse_config(EvalConfig, argv, __doc__.split("\n\n")[0])
+    if config.zero_shot == (config.checkpoint is not None):
+        raise ConfigError("give either --checkpoint PATH or --zero-shot (with --clip), not both")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
                           else config.device)
-    if config.zero_shot == (config.checkpoint is not None):
-        raise SystemExit("evaluate.py: give either --checkpoint PATH or --zero-shot (with --clip), not both")
-    if config.zero_shot:
-        if config.data is None or config.data_root is None:
-            raise SystemExit("evaluate.py: --zero-shot needs --data and --data-root")
-        model = VoP(clip_model.load(config.clip, device), tune="zero-shot",
-                    num_frames=config.num_frames or 12).to(device).eval()
-        trained = {}
-        model_name = f"zero-shot {config.clip}"
-    else:
-        model, checkpoint = load_model_from_checkpoint(config.checkpoint, device)
+    trained = {}
+    if config.checkpoint:  # the checkpoint is read first: a bad file is named before any video is read
+        checkpoint = checkpoints.load_checkpoint(config.checkpoint)
         trained = checkpoint["config"]
-        model_name = config.checkpoint
     name = config.data or trained.get("data")
     root = config.data_root or trained.get("data_root")
     if name is None or root is None:
-        raise SystemExit("evaluate.py: the checkpoint names no dataset; pass --data and --data-root")
-    dataset = data.build_dataset(name, root, config.split, num_frames=config.num_frames or model.num_frames,
-                                 image_size=model.clip.visual.input_resolution, train=False,
-                                 cache_dir=config.cache_dir)
+        raise ConfigError("--data and --data-root are needed (the checkpoint names no dataset)" if trained
+                          else "--zero-shot needs --data and --data-root")
+    store = FrameStore(config.frame_store) if config.frame_store else None
+    num_frames = config.num_frames or (checkpoints.vop_config_of(checkpoint).num_frames if trained else 12)
+    dataset = data.build_dataset(name, root, config.split, num_frames=num_frames, train=False, frame_store=store)
+    if config.zero_shot:
+        clip = clip_model.load(config.clip or "ViT-B/32", device, activation=config.clip_activation)
+        model = VoP(clip, VoPConfig(tune="zero-shot", num_frames=num_frames)).to(device).eval()
+        model_name = f"zero-shot {config.clip or 'ViT-B/32'}"
+    else:
+        model, _ = load_model_from_checkpoint(config.checkpoint, device, config.clip)
+        model_name = config.checkpoint
+    dataset.image_size = model.clip.visual.input_resolution  # the dataset was read before the backbone
     print(f"{model_name} on {name} {config.split}: {len(dataset.captions)} captions, "
           f"{len(dataset.video_ids)} videos", file=sys.stderr)
+    if store is not None:
+        store.build(dataset, config.num_workers)
     text_embeddings, video_embeddings = embed(model, dataset, config.batch_size, config.num_workers, device,
                                               resolve_precision(config.precision, device))
     results = metrics_from_embeddings(text_embeddings, video_embeddings, dataset.caption_video_index, config.dsl,
-                                      config.dsl_temperature, reversal_pairs=_is_reversal_pair_layout(dataset),
-                                      score_device=device)
+                                      config.dsl_temperature, score_device=device)
     print(format_results(results, f"{name} {config.split}"))
     if config.examples:
         draw_examples(dataset, text_embeddings, video_embeddings, config.examples)
@@ -575,4 +513,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, sys.argv[1:], "evaluate.py")

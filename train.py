@@ -39,6 +39,7 @@ from annotations import DATASET_NAMES
 from cli import ConfigError, at_least, between, check_config, flag_error, greater_than, option, parse_config
 from cli import resolve_precision, run_command, PRECISIONS
 from evaluate import evaluate, format_results
+from frame_store import FrameStore
 from vop import TUNE_MODES, VoP, VoPConfig, config_as_dict, describe_parameters
 
 # The paper searched the learning rate per method in [1e-6, 1e-2] without giving the values; these are ours.
@@ -241,6 +242,9 @@ class Run:
     identity: dict = field(default_factory=dict)
     folder: checkpoints.RunFolder | None = None
     num_workers: int = 0
+    store: FrameStore | None = None
+    loader: torch.utils.data.DataLoader | None = None
+    epoch_items: data.EpochSampler | None = None
     started: float = field(default_factory=time.time)
     start_step: int = 0
 
@@ -287,6 +291,7 @@ class Run:
             run.build_model(vop_config)
             run.make_optimizer()
             run.resume_or_start()
+            run.fill_frame_store()
         return run
 
     def __enter__(self):
@@ -338,10 +343,13 @@ class Run:
             processes_per_machine=int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)))
         self.num_workers = num_workers
 
+        self.store = FrameStore(config.frame_store) if config.frame_store else None
+
         def build(split: str, train: bool):
             return data.build_dataset(config.data, config.data_root, split, num_frames=config.num_frames,
                                       train=train, skip_missing=config.skip_missing, seed=config.seed,
-                                      one_caption_per_video=config.one_caption_per_video and train)
+                                      one_caption_per_video=config.one_caption_per_video and train,
+                                      frame_store=self.store)
 
         self.test_set = build(config.test_split, train=False)
         if config.test_split == config.train_split:
@@ -459,20 +467,35 @@ class Run:
         else:
             log(f"resumed from {resume} at step {self.step}/{self.total_steps}", self.rank)
 
+    def fill_frame_store(self):
+        """--frame-store: decode every video not stored yet, once, before the first step (each process its
+        share of the videos)."""
+        if self.store is None:
+            return
+        for dataset in (self.train_set, self.test_set):
+            if dataset is not None:
+                self.store.build(dataset, self.num_workers, self.rank, self.world_size,
+                                 log=lambda message: log(message, self.rank))
+        barrier()
+
     # -- the loop's machinery -------------------------------------------------------------------------------
 
     def batches(self, epoch: int):
         """This process's batches of the epoch, from where a resumed run stopped. Data order and every random
-        draw depend only on (seed, epoch, item), so a resumed run sees exactly the batches it would have."""
+        draw depend only on (seed, epoch, item), so a resumed run sees exactly the batches it would have. One
+        loader serves every epoch, so its workers start once; each key it hands them carries its epoch."""
         local_batch = self.config.batch_size // self.world_size
         sampler = DistributedSampler(self.train_set, num_replicas=self.world_size, rank=self.rank, shuffle=True,
                                      seed=self.config.seed, drop_last=True)
         sampler.set_epoch(epoch)
-        self.train_set.set_epoch(epoch)
         skip = (self.step - epoch * self.steps_per_epoch) * local_batch
         indices = list(sampler)[skip: self.steps_per_epoch * local_batch]
-        return data.make_loader(self.train_set, local_batch, self.num_workers, sampler=indices,
-                                pin_memory=self.device.type == "cuda", drop_last=True)
+        if self.loader is None:
+            self.epoch_items = data.EpochSampler()
+            self.loader = data.make_loader(self.train_set, local_batch, self.num_workers, sampler=self.epoch_items,
+                                           pin_memory=self.device.type == "cuda", drop_last=True)
+        self.epoch_items.set_epoch(epoch, indices)
+        return self.loader
 
     def log_progress(self, epoch: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor):
         elapsed = time.time() - self.started
@@ -522,29 +545,22 @@ class Run:
         return results
 
     def evaluate_epoch(self, epoch: int):
-        """Evaluate on rank 0 while the others wait; a failure leaves the epoch's checkpoint and says how to
-        evaluate it again."""
-        results = {}
-        if self.rank == 0:
-            try:
-                results = self.run_evaluation(f"epoch {epoch + 1}")
-            except Exception:
-                log(f"evaluation after epoch {epoch + 1} failed; the epoch's checkpoint {self.checkpoint_path} is "
-                    f"saved. Evaluate it again with: python evaluate.py --checkpoint {self.checkpoint_path}")
-                raise
-            self.write_log({"epoch": epoch + 1, "step": self.step, "eval": results})
-        if is_distributed():  # every process keeps the same history, so all agree when the run is finished
-            shared = [results]
-            dist.broadcast_object_list(shared, src=0)
-            results = shared[0]
+        """Evaluate (every process embeds its share of the test set); a failure leaves the epoch's checkpoint
+        and says how to evaluate it again."""
+        try:
+            results = self.run_evaluation(f"epoch {epoch + 1}")
+        except Exception:
+            log(f"evaluation after epoch {epoch + 1} failed; the epoch's checkpoint {self.checkpoint_path} is saved. "
+                f"Evaluate it again with: python evaluate.py --checkpoint {self.checkpoint_path}", self.rank)
+            raise
+        self.write_log({"epoch": epoch + 1, "step": self.step, "eval": results})
         self.history.append({"epoch": epoch + 1, "step": self.step, **results})
 
     def finish(self) -> dict:
         """Zero-shot / --epochs 0: evaluate once. Otherwise the summary of the run."""
         if self.train_set is None:  # nothing to train
-            results = self.run_evaluation("zero-shot" if self.config.tune == "zero-shot" else "untrained") \
-                if self.rank == 0 else {}
-            return {**results, "trainable": 0}
+            return {**self.run_evaluation("zero-shot" if self.config.tune == "zero-shot" else "untrained"),
+                    "trainable": 0}
         if self.step >= self.total_steps and not self.finished:  # trained, but its last evaluation failed
             self.evaluate_epoch(self.config.epochs - 1)
             self.save()

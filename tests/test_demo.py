@@ -1,6 +1,7 @@
 """The demo end to end, shrunk: world, tiny-CLIP pretraining with train.py, prompt tuning, evaluation."""
 import numpy as np
 import pytest
+import torch
 
 import data
 import demo
@@ -74,3 +75,18 @@ def test_synthetic_world_is_deterministic_reused_and_has_stills(tmp_path):
     train = data.build_dataset("synthetic", second, "train", num_frames=4, image_size=32)
     assert len(train) == 8 and all(c.split()[-1] in demo.WORLD_DIRECTIONS for c in train.captions)
     assert not train.augment  # a flip would swap "left" and "right"
+
+
+def test_reversal_pair_accuracy():
+    generator = torch.Generator().manual_seed(2)
+    text = torch.randn(6, 8, generator=generator)
+    twins = torch.randn(3, 8, generator=generator).repeat_interleave(2, dim=0)  # order-blind: twins identical
+    assert demo.reversal_pair_accuracy(text, twins) == 50.0
+    assert demo.reversal_pair_accuracy(torch.eye(6), torch.eye(6)) == 100.0
+    # Caption 0 prefers the wrong twin, caption 1 its own, captions 2 and 3 tie: (0 + 1 + 1/2 + 1/2) / 4.
+    text = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
+    video = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    assert demo.reversal_pair_accuracy(text, video) == 50.0
+    assert demo.reversal_pair_accuracy(torch.eye(2)[[1, 0]], torch.eye(2)) == 0.0
+    with pytest.raises(ValueError, match="even"):
+        demo.reversal_pair_accuracy(torch.eye(3), torch.eye(3))

@@ -184,21 +184,23 @@ def test_a_folder_in_use_is_refused_and_a_stale_lock_is_cleared(tmp_path):
 def test_two_runs_at_once_on_one_folder(small_setup, tmp_path):
     """A second process started while the first trains is refused; the first finishes and its log is its own."""
     config = small_config(small_setup, tmp_path, epochs=2)
-    script = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import train; "
+    slow_steps = "real = train.training_step; train.training_step = lambda *a: (time.sleep(0.3), real(*a))[1]; "
+    script = (f"import sys, time; sys.path.insert(0, {str(REPO)!r}); import train; {slow_steps}"
               f"train.train(train.TrainConfig(**{dataclasses.asdict(config)!r}))")
     first = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
     try:
         lock = tmp_path / "run.lock"
-        for _ in range(600):
+        for _ in range(1200):
             if lock.exists() or first.poll() is not None:
                 break
             subprocess.run(["sleep", "0.05"])
-        if first.poll() is None:
-            with pytest.raises(checkpoints.RunFolderError):
-                train.train(config)
+        assert first.poll() is None, "the first run ended before the second could start"
+        with pytest.raises(checkpoints.RunFolderError, match=str(first.pid)):
+            train.train(config)
     finally:
         assert first.wait(timeout=120) == 0
     assert [r["step"] for r in read_log(tmp_path) if "loss" in r] == list(range(1, 9))
+    assert not (tmp_path / "run.lock").exists()
 
 
 # -- resume only what can be resumed ----------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 import data
 import demo
+import evaluate
 import train
 from clip_model import CLIP, CLIPConfig
 from vop import VoP, VoPConfig
@@ -122,6 +123,38 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
         assert result["gradients"].keys() == gradients.keys()
         for name, gradient in gradients.items():
             torch.testing.assert_close(result["gradients"][name], gradient, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def _embedding_worker(rank, world_size, port, clip_state, world, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    clip = CLIP(SMALL_CLIP)
+    clip.load_state_dict(clip_state)
+    torch.manual_seed(1)
+    model = VoP(clip, VoPConfig("pos", num_frames=4))
+    test_set = data.build_dataset("synthetic", world, "test", num_frames=4, image_size=32)
+    torch.save(evaluate.embed(model, test_set, batch_size=3, num_workers=0), f"{out_path}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_evaluation_is_shared_between_processes(small_setup, tmp_path):
+    """Under torchrun each process embeds its share of the test set, and every process gets the whole of it,
+    in order, equal to what one process computes."""
+    clip_path, world = small_setup
+    clip_state = torch.load(clip_path, weights_only=True)
+    # 3 processes: the 8 captions and 8 videos do not split evenly, so shares of different lengths are joined.
+    mp.spawn(_embedding_worker, args=(3, _free_port(), clip_state, world, str(tmp_path / "embeddings")), nprocs=3,
+             join=True)
+    clip = CLIP(SMALL_CLIP)
+    clip.load_state_dict(clip_state)
+    test_set = data.build_dataset("synthetic", world, "test", num_frames=4, image_size=32)
+    torch.manual_seed(1)
+    text, video = evaluate.embed(VoP(clip, VoPConfig("pos", num_frames=4)), test_set, batch_size=3, num_workers=0)
+    assert len(text) == len(video) == 8
+    for rank in range(3):
+        shared_text, shared_video = torch.load(f"{tmp_path / 'embeddings'}.{rank}")
+        torch.testing.assert_close(shared_text, text)
+        torch.testing.assert_close(shared_video, video)
 
 
 def _torchrun_worker(rank, world_size, port, config):
