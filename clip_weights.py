@@ -38,12 +38,13 @@ from pathlib import Path
 
 import torch
 
-# OpenAI's public release files; the path component before the file name is the file's SHA-256.
+
 
 class WeightsError(ValueError):
     """A weights file or folder that cannot be read safely, or is not a CLIP this project can build."""
 
 
+# OpenAI's public release files; the path component before the file name is the file's SHA-256.
 OPENAI_MODELS = {
     "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
     "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",

@@ -17,6 +17,7 @@ import checkpoints
 import cli
 import data
 import demo
+import runs
 import evaluate as ev
 import train
 from clip_model import CLIP
@@ -138,7 +139,7 @@ def test_a_failing_evaluation_keeps_the_epoch_and_resume_evaluates_it(small_setu
     def broken(*args, **kwargs):
         raise RuntimeError("the test set's disk went away")
 
-    monkeypatch.setattr(train, "evaluate", broken)
+    monkeypatch.setattr(runs, "evaluate", broken)
     with pytest.raises(RuntimeError, match="disk went away"):
         train.train(config)
     assert "python evaluate.py --checkpoint" in capsys.readouterr().out
