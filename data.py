@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from annotations import DATASET_NAMES, read_annotations
+from annotations import read_annotations
 from video_io import VideoReadError, decode_frames
 
 # OpenAI CLIP's preprocessing constants (clip/clip.py `_transform`).

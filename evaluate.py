@@ -27,10 +27,8 @@ Shapes: T captions, V videos, E embedding size, M most captions of any one video
     python evaluate.py --checkpoint runs/msrvtt-9k/vop/last.pt [--data ... --data-root ... --split test]
     python evaluate.py --zero-shot --clip ViT-B/32 --data msrvtt-9k --data-root data/msrvtt
 """
-import dataclasses
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -77,7 +77,7 @@ def barrier():
 @dataclass
 class Run:
     """The state of one training run, and the machinery around the loop: folders, data, logs, checkpoints."""
-    config: "train.TrainConfig"
+    config: object  # train.TrainConfig (train.py imports this module, not the other way round)
     rank: int
     world_size: int
     device: torch.device
@@ -192,7 +192,7 @@ class Run:
 
     def read_data(self):
         """The annotations of both splits, then one probe of every listed video."""
-        config, image_size = self.config, None
+        config = self.config
         num_workers = config.num_workers if config.num_workers is not None else data.default_num_workers(
             processes_per_machine=int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size)))
         self.num_workers = num_workers

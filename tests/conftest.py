@@ -28,3 +28,15 @@ def tiny_clip(_tiny_clip):
 def vit_b32_clip():
     torch.manual_seed(0)
     return CLIP(CLIPConfig()).eval()  # ViT-B/32's shapes with random weights; nothing to download
+
+
+@pytest.fixture(scope="session")
+def small_setup(tmp_path_factory):
+    """(path of a small CLIP's state dict, a small synthetic world): see helpers.SMALL_CLIP and SMALL_WORLD."""
+    import demo
+    from helpers import SMALL_CLIP, SMALL_WORLD
+    root = tmp_path_factory.mktemp("small")
+    torch.manual_seed(0)
+    clip_path = root / "small_clip.pt"
+    torch.save(CLIP(SMALL_CLIP).state_dict(), clip_path)
+    return clip_path, demo.make_synthetic_world(root / "world", **SMALL_WORLD)

@@ -1,4 +1,4 @@
-"""Small files the tests write: a tiny clip copied under the names a dataset needs, CSV files."""
+"""What several test files use: small videos and CSV files the tests write, and a small CLIP to train."""
 import csv
 import json
 import shutil
@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+import train
 import video_io
+from clip_model import CLIPConfig
 
 
 def write_tiny_video(folder):
@@ -73,3 +75,25 @@ def start_python(code: str, cwd):
     prelude = f"import sys; sys.path.insert(0, {str(repository)!r})\n"
     return subprocess.Popen([sys.executable, "-c", prelude + code], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+# A CLIP small enough to train in seconds, with the real BPE vocabulary so captions tokenize for real, and a
+# small synthetic world to train it on (the `small_setup` fixture of conftest.py makes both).
+SMALL_CLIP = CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=16,
+                        context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                        transformer_layers=2)
+SMALL_WORLD = dict(num_videos=32, num_test_pairs=4, num_stills=8, frame_size=32, clip_frames=4)
+
+
+def small_config(small_setup, out_dir, **overrides):
+    """A TrainConfig for the small CLIP on the small world: 2 epochs of 4 steps, evaluated at the end."""
+    clip_path, world = small_setup
+    settings = dict(clip=str(clip_path), data="synthetic", data_root=str(world), prompts="pos", num_frames=4,
+                    batch_size=8, epochs=2, lr=5e-3, fn_layers=1, num_workers=0, out_dir=str(out_dir),
+                    log_every=1, eval_each_epoch=False)
+    return train.TrainConfig(**{**settings, **overrides})
+
+
+def read_log(out_dir):
+    with open(out_dir / "log.jsonl") as handle:
+        return [json.loads(line) for line in handle]

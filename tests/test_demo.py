@@ -5,7 +5,6 @@ import torch
 
 import data
 import demo
-import train
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """Off the happy path: files that would run code, broken videos, failing evaluations, busy or used output
 folders, mismatched resumes, bad flags. Every test asserts what is written, refused or counted."""
 import dataclasses
-import json
 import os
 import shutil
 import signal
@@ -15,25 +14,13 @@ import torch
 
 import checkpoints
 import cli
-import data
-import demo
-import runs
 import evaluate as ev
+import runs
 import train
 from clip_model import CLIP
-from test_train import SMALL_CLIP, SMALL_WORLD, read_log, small_config
+from helpers import SMALL_CLIP, read_log, small_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def small_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    torch.manual_seed(0)
-    clip_path = root / "small_clip.pt"
-    torch.save(CLIP(SMALL_CLIP).state_dict(), clip_path)
-    world = demo.make_synthetic_world(root / "world", **SMALL_WORLD)
-    return clip_path, world
 
 
 class RunsCode:

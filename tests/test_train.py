@@ -1,6 +1,5 @@
 """train.py: the loss, the schedule, distributed equivalence, checkpoints, resuming, and a failing run."""
 import dataclasses
-import json
 import math
 import os
 import socket
@@ -10,41 +9,11 @@ import torch
 import torch.multiprocessing as mp
 
 import data
-import demo
 import evaluate
 import train
-from clip_model import CLIP, CLIPConfig
+from clip_model import CLIP
+from helpers import SMALL_CLIP, read_log, small_config
 from vop import VoP, VoPConfig
-
-# A CLIP small enough to train in seconds, with the real BPE vocabulary so captions tokenize for real.
-SMALL_CLIP = CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=16,
-                        context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
-                        transformer_layers=2)
-SMALL_WORLD = dict(num_videos=32, num_test_pairs=4, num_stills=8, frame_size=32, clip_frames=4)
-
-
-@pytest.fixture(scope="module")
-def small_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    torch.manual_seed(0)
-    clip_path = root / "small_clip.pt"
-    torch.save(CLIP(SMALL_CLIP).state_dict(), clip_path)
-    world = demo.make_synthetic_world(root / "world", **SMALL_WORLD)
-    return clip_path, world
-
-
-def small_config(small_setup, out_dir, **overrides):
-    clip_path, world = small_setup
-    settings = dict(clip=str(clip_path), data="synthetic", data_root=str(world), prompts="pos", num_frames=4,
-                    batch_size=8, epochs=2, lr=5e-3, fn_layers=1, num_workers=0, out_dir=str(out_dir),
-                    log_every=1, eval_each_epoch=False)
-    return train.TrainConfig(**{**settings, **overrides})
-
-
-def read_log(out_dir):
-    with open(out_dir / "log.jsonl") as handle:
-        return [json.loads(line) for line in handle]
-
 
 def test_contrastive_loss_by_hand():
     video = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8]]), dim=-1)
