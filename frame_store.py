@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import time
 import uuid
@@ -49,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from video_io import VideoReadError, decode_frames
+from video_io import VideoReadError, decode_frames, map_in_processes
 
 FORMAT = 1
 MAGIC = b"VOPFRAMES1\n"
@@ -106,30 +105,29 @@ class FrameStore:
         todo = [path for path in mine if not self._has_entry(folder, path)]
         jobs = [(self, kind, str(path), dataset.num_frames, dataset.image_size) for path in todo]
         num_workers = data.default_num_workers() if num_workers is None else num_workers
-        parallel = num_workers > 1 and len(todo) >= 8  # a process pool costs about a second to start
+        parallel = num_workers > 1 and len(todo) >= 32  # a process pool costs about a second to start
         if todo:
             log(f"frame store {folder}: {len(mine) - len(todo)} of {len(mine)} videos stored; decoding "
                 f"{len(todo)} with {num_workers if parallel else 1} process(es)")
-        pool = None
-        if parallel:
-            context = multiprocessing.get_context(
-                "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
-            pool = context.Pool(num_workers, initializer=_init_build_worker)
-        results = pool.imap_unordered(_build_entry, jobs) if pool is not None else map(_build_entry, jobs)
-        failed, done, start, last_report = [], 0, time.time(), time.time()
-        try:
-            for path, error in results:
-                done += 1
-                if error:
-                    failed.append((path, error))
-                if time.time() - last_report > 30 or done == len(todo):
-                    rate = done / max(time.time() - start, 1e-9)
-                    log(f"frame store: {done}/{len(todo)} videos ({len(failed)} failed), {rate:.1f} videos/s, "
-                        f"{(len(todo) - done) / max(rate, 1e-9) / 60:.0f} min left")
-                    last_report = time.time()
-        finally:
-            if pool is not None:
-                pool.terminate()
+        start, last_report = time.time(), [time.time()]
+
+        def progress(done: int, total: int) -> None:
+            if time.time() - last_report[0] > 30 or done == total:
+                rate = done / max(time.time() - start, 1e-9)
+                log(f"frame store: {done}/{total} videos, {rate:.1f} videos/s, "
+                    f"{(total - done) / max(rate, 1e-9) / 60:.0f} min left")
+                last_report[0] = time.time()
+
+        if parallel:  # a video on which FFmpeg crashes kills its process: it is reported as failed
+            results = map_in_processes(_build_entry, jobs, num_workers, on_result=progress,
+                                       on_crash=lambda job: (job[2], f"{job[2]}: the decoder crashed on it"),
+                                       initializer=_init_build_worker)
+        else:
+            results = []
+            for job in jobs:
+                results.append(_build_entry(job))
+                progress(len(results), len(jobs))
+        failed = [(path, error) for path, error in results if error]
         size = self.size_bytes()
         log(f"frame store {self.root}: {len(mine) - len(failed)} videos of this dataset stored; {size / 1e9:.2f} GB "
             f"on disk in all" + (f"; {len(failed)} failed to decode, e.g. {failed[0][1]}" if failed else ""))

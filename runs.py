@@ -166,11 +166,15 @@ class Run:
     # -- the folder -----------------------------------------------------------------------------------------
 
     def take_folder(self):
-        """Lock out_dir (rank 0), and refuse to start over an earlier run that was not asked to continue."""
-        config = self.config
+        """Lock out_dir (rank 0), and refuse to start over an earlier run that was not asked to continue. Every
+        process learns rank 0's answer, so a refusal stops them all instead of leaving them waiting."""
+        config, problem = self.config, None
         if self.rank == 0:
-            self.folder = checkpoints.RunFolder(self.out_dir).__enter__()
-            earlier = self.folder.existing_run()
+            try:
+                self.folder = checkpoints.RunFolder(self.out_dir).__enter__()
+            except checkpoints.RunFolderError as error:
+                problem = str(error)
+            earlier = self.folder.existing_run() if self.folder else []
             resuming_here = config.resume == "auto" or (
                 config.resume and Path(config.resume).resolve() == self.checkpoint_path.resolve())
             if earlier and config.overwrite:
@@ -178,10 +182,14 @@ class Run:
                 self.folder.clear()
             elif earlier and not resuming_here and config.tune != "zero-shot" and config.epochs > 0:
                 self.release_folder()
-                raise checkpoints.RunFolderError(
-                    f"{self.out_dir} holds an earlier run ({', '.join(earlier)}): pass --resume auto to continue it, "
-                    f"--overwrite to start again from scratch, or another --out-dir")
-        barrier()
+                problem = (f"{self.out_dir} holds an earlier run ({', '.join(earlier)}): pass --resume auto to continue "
+                           f"it, --overwrite to start again from scratch, or another --out-dir")
+        if is_distributed():
+            shared = [problem]
+            dist.broadcast_object_list(shared, src=0)
+            problem = shared[0]
+        if problem:
+            raise checkpoints.RunFolderError(problem)
 
     def release_folder(self):
         if self.folder is not None:
@@ -349,6 +357,7 @@ class Run:
         skip = (self.step - epoch * self.steps_per_epoch) * local_batch
         indices = list(sampler)[skip: self.steps_per_epoch * local_batch]
         if self.loader is None:
+            self.started, self.start_step = time.time(), self.step  # samples/s count from the first step
             self.epoch_items = data.EpochSampler()
             self.loader = data.make_loader(self.train_set, local_batch, self.num_workers, sampler=self.epoch_items,
                                            pin_memory=self.device.type == "cuda", drop_last=True)

@@ -15,6 +15,8 @@ Skip on a first reading: data.py says *which* frames VoP uses; this module only 
 import json
 import multiprocessing
 import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -314,18 +316,51 @@ def probe_videos(paths, num_workers: int | None = None, cache_file=None) -> dict
         num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if num_workers <= 1 or len(todo) < 64:  # a process pool costs about a second to start
         probed = [probe_video(path) for path in todo]
-    else:
-        context = multiprocessing.get_context(
-            "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
-        with context.Pool(num_workers) as pool:
-            probed = pool.map(_probe_in_worker, [str(path) for path in todo],
-                              chunksize=max(1, min(64, len(todo) // (8 * num_workers))))
+    else:  # a file on which FFmpeg crashes kills its process: it is reported unreadable, the rest go on
+        probed = map_in_processes(_probe_in_worker, [str(path) for path in todo], num_workers,
+                                  on_crash=lambda path: ProbeResult(0, f"{path}: the decoder crashed on it"))
     for path, result in zip(todo, probed):
         results[path] = result
         cache[str(path)] = {**keys[path], "frames": result.frames, "error": result.error}
     if cache_file is not None and todo:
         _write_json_atomically(Path(cache_file), {"version": 1, "videos": cache})
     return {path: results[path] for path in paths}
+
+
+def map_in_processes(function, items: list, num_workers: int, on_crash, on_result=None, initializer=None) -> list:
+    """[function(item) for item in items], computed by `num_workers` processes (forkserver: they do not inherit
+    the FFmpeg threads of a parent that has decoded video). A process that dies (FFmpeg crashing on a broken
+    file, the out-of-memory killer) does not hang the caller, as it would a multiprocessing.Pool: after the
+    first death the unfinished items run again one at a time, in order, so the item whose process dies is known
+    and gets `on_crash(item)`. `on_result(done, total)` is called as results arrive (for progress lines);
+    `initializer()` runs once in each process."""
+    context = multiprocessing.get_context(
+        "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    results, pending, isolating = {}, list(range(len(items))), False
+    while pending:
+        # Chunks of items per task (a task costs about a millisecond to send); one item per task after a death.
+        size = 1 if isolating else max(1, min(64, len(pending) // (8 * num_workers)))
+        chunks = [pending[start:start + size] for start in range(0, len(pending), size)]
+        try:
+            with ProcessPoolExecutor(num_workers, mp_context=context, initializer=initializer) as pool:
+                futures = {pool.submit(_apply_to_each, function, [items[i] for i in chunk]): chunk for chunk in chunks}
+                while futures:
+                    finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        results.update(zip(futures.pop(future), future.result()))
+                        if on_result is not None:
+                            on_result(len(results), len(items))
+        except BrokenProcessPool:
+            if isolating:  # one process, one item a task, in order: the first unfinished item killed it
+                culprit = next(i for i in pending if i not in results)
+                results[culprit] = on_crash(items[culprit])
+            num_workers, isolating = 1, True
+        pending = [i for i in pending if i not in results]
+    return [results[i] for i in range(len(items))]
+
+
+def _apply_to_each(function, items: list) -> list:
+    return [function(item) for item in items]
 
 
 def _read_probe_cache(cache_file) -> dict:

@@ -187,3 +187,14 @@ def test_probe_runs_in_a_process_pool(videos, tmp_path):
     results = video_io.probe_videos(paths, num_workers=2)
     assert [result.ok for result in results.values()] == [True] * 63 + [False]
     assert all(result.frames == NUM_FRAMES_IN_FILE for result in list(results.values())[:63])
+
+
+def _dies_on_five(item: int) -> int:
+    if item == 5:
+        os._exit(3)  # what FFmpeg crashing on a broken file, or the out-of-memory killer, does to a worker
+    return 2 * item
+
+
+def test_a_dying_worker_costs_only_its_item_and_never_hangs():
+    results = video_io.map_in_processes(_dies_on_five, list(range(40)), 2, on_crash=lambda item: -item)
+    assert results == [2 * i if i != 5 else -5 for i in range(40)]
