@@ -7,6 +7,7 @@ Most tests write a similarity matrix S (captions x videos) directly: with text e
 embeddings the identity, text @ video.T is exactly S.
 """
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ import demo
 import evaluate as ev
 from vop import VoP, VoPConfig, config_as_dict
 
-FIXTURES_CLIP = ev.Path(__file__).parent / "fixtures" / "tiny_clip_openai_jit.pt"
+FIXTURES_CLIP = Path(__file__).parent / "fixtures" / "tiny_clip_openai_jit.pt"
 SOT, EOT = 998, 999  # the tiny fixture CLIP's vocabulary of 1,000
 
 
