@@ -195,12 +195,12 @@ class FrameStore:
         frames = decode_frames(video_path, candidates)  # (F * C, H, W, 3)
         # Neighbouring candidates fall on the same frame in short videos: keep each frame once.
         unique, first, inverse = np.unique(sampled["indices"], return_index=True, return_inverse=True)
-        frames = _shrink(frames[first], math.ceil(TRAINING_SIDE_PER_INPUT_SIDE * image_size))  # (U, h, w, 3)
+        frames = _shrink(frames[first], math.ceil(TRAINING_SIDE_PER_INPUT_SIDE * image_size))  # (distinct, h, w, 3)
         quality = [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality,
                    cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
         blobs = [_encode_image(frame, ".jpg", quality) for frame in frames]
         header = {"format": FORMAT, "key": key, "kind": kind, "frame_indices": unique.tolist(),
-                  "table": inverse.reshape(num_frames, self.candidates).tolist()}  # (F, C) image numbers
+                  "table": inverse.reshape(num_frames, self.candidates).tolist()}  # (F, candidates) image numbers
         return header, blobs
 
     @staticmethod
@@ -284,14 +284,14 @@ def _decode_image(blob: bytes) -> np.ndarray:
 
 
 def _shrink(frames: np.ndarray, max_short_side: int) -> np.ndarray:
-    """Downscale (U, H, W, 3) uint8 frames so that the shorter side is at most `max_short_side` (antialiased
+    """Downscale (distinct, H, W, 3) uint8 frames so that the shorter side is at most `max_short_side` (antialiased
     bicubic, as the training crop resizes); smaller frames are returned as they are."""
     height, width = frames.shape[1:3]
     if min(height, width) <= max_short_side:
         return frames
     scale = max_short_side / min(height, width)
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    video = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (U, 3, H, W) uint8
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (distinct, 3, H, W) uint8
     return F.interpolate(video, size=size, mode="bicubic", antialias=True).permute(0, 2, 3, 1).contiguous().numpy()
 
 

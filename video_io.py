@@ -66,7 +66,7 @@ def _open_capture(path: Path, raw_packets: bool = False) -> cv2.VideoCapture:
 class VideoLayout:
     header_frames: int  # the container's frame count (CAP_PROP_FRAME_COUNT); 0 when it gives none
     packets: int  # video packets in the file (one per frame in practice); -1 when not scanned
-    keyframes: np.ndarray  # (K,) packet indices of keyframes, ascending; empty when unknown
+    keyframes: np.ndarray  # (keyframes,) packet indices of keyframes, ascending; empty when unknown
     fourcc: str  # the codec's four characters as the container names them ("h264", "FMP4", "MJPG", ...)
 
 
@@ -139,9 +139,9 @@ def choose_strategy(wanted: np.ndarray, layout: VideoLayout) -> str:
     if len(keyframes) == 0 or keyframes[0] != 0:
         interval = 1 if layout.fourcc.lower() in INTRA_ONLY_FOURCCS else ASSUMED_KEYFRAME_INTERVAL
         keyframes = np.arange(0, int(np.max(wanted)) + 1, interval)
-    targets = np.unique(wanted)  # (U,) the seeking reader visits each distinct frame once
+    targets = np.unique(wanted)  # (distinct,) the seeking reader visits each distinct frame once
     lookback = np.maximum(targets - OPENCV_SEEK_LOOKBACK_FRAMES, 0)
-    starts = keyframes[np.searchsorted(keyframes, lookback, side="right") - 1]  # (U,) where each seek lands
+    starts = keyframes[np.searchsorted(keyframes, lookback, side="right") - 1]  # (distinct,) where each seek lands
     seek_cost = int(np.sum(targets - starts + 1 + SEEK_OVERHEAD_FRAMES))
     sequential_cost = int(targets[-1]) + 1
     return "seek" if seek_cost < sequential_cost else "sequential"
@@ -149,7 +149,7 @@ def choose_strategy(wanted: np.ndarray, layout: VideoLayout) -> str:
 
 def _nearest_decoded(wanted: np.ndarray, decoded: dict) -> np.ndarray:
     """Stack, for each wanted index, the decoded frame whose index is nearest. Returns (F, H, W, 3) uint8."""
-    available = np.array(sorted(decoded))  # (K,)
+    available = np.array(sorted(decoded))  # (decoded,)
     nearest = available[np.abs(available[None, :] - np.asarray(wanted)[:, None]).argmin(axis=1)]  # (F,)
     return np.stack([decoded[int(index)] for index in nearest])
 
