@@ -23,7 +23,8 @@ import torch
 from vop import VoPConfig
 
 CHECKPOINT_KEYS = ("config", "vop_config", "trainable")
-RUN_FILES = ("last.pt", "log.jsonl", "skipped_videos.txt")  # what a run leaves in its folder
+RUN_EVIDENCE = ("last.pt", "log.jsonl")  # a folder holding either holds a run that trained
+RUN_FILES = (*RUN_EVIDENCE, "skipped_videos.txt", "unreadable_test_videos.txt")  # what a run leaves in its folder
 
 
 class CheckpointError(ValueError):
@@ -157,8 +158,9 @@ class RunFolder:
         self.lock.unlink(missing_ok=True)
 
     def existing_run(self) -> list[str]:
-        """The files of an earlier run in this folder."""
-        return [name for name in RUN_FILES if (self.out_dir / name).exists()]
+        """The files of an earlier run that trained in this folder (a run that stopped before training, e.g. on
+        an unreadable test video, leaves only lists, which do not count)."""
+        return [name for name in RUN_EVIDENCE if (self.out_dir / name).exists()]
 
     def clear(self) -> None:
         """--overwrite: remove an earlier run's files (not the probe or frame caches, which stay valid)."""

@@ -180,6 +180,10 @@ class Run:
             if earlier and config.overwrite:
                 log(f"--overwrite: deleting the earlier run's {', '.join(earlier)} in {self.out_dir}")
                 self.folder.clear()
+            elif earlier and config.resume == "auto" and not self.checkpoint_path.is_file():
+                log(f"--resume auto: {self.out_dir} holds no checkpoint (the earlier run stopped before its first "
+                    f"save): starting afresh")
+                self.folder.clear()
             elif earlier and not resuming_here and config.tune != "zero-shot" and config.epochs > 0:
                 self.release_folder()
                 problem = (f"{self.out_dir} holds an earlier run ({', '.join(earlier)}): pass --resume auto to continue "

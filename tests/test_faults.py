@@ -249,3 +249,15 @@ def test_user_errors_are_one_line_and_the_data_root_comes_before_any_download(tm
 
 def test_default_clip_is_recorded(small_setup):
     assert train.TrainConfig().clip == "ViT-B/32"  # a run without --clip records the model it used
+
+
+def test_a_run_that_stopped_before_training_does_not_block_the_folder(small_setup, tmp_path):
+    clip_path, world = small_setup
+    config = small_config(small_setup, tmp_path, epochs=1)
+    (tmp_path / "unreadable_test_videos.txt").write_text("gone.mp4\tcannot open\n")  # a start that was stopped
+    (tmp_path / "skipped_videos.txt").write_text("bad.mp4\tcannot open\n")
+    assert "t2v" in train.train(config)  # not refused: nothing had trained there
+    (tmp_path / "last.pt").unlink()  # a run that logged steps but crashed before its first save
+    results = train.train(dataclasses.replace(config, resume="auto"))
+    assert "t2v" in results
+    assert [r["step"] for r in read_log(tmp_path) if "loss" in r] == [1, 2, 3, 4]  # the old lines are gone
