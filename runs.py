@@ -237,6 +237,9 @@ class Run:
         if self.rank != 0:
             results = video_io.probe_videos(paths, num_workers=num_workers, cache_file=cache)
         unreadable = {path: result.error for path, result in results.items() if not result.ok}
+        if self.rank == 0:  # lists from an earlier start would now be wrong
+            for name in ("unreadable_test_videos.txt", "skipped_videos.txt"):
+                (self.out_dir / name).unlink(missing_ok=True)
         bad_test = [path for path in map(str, self.test_set.video_paths) if path in unreadable]
         if bad_test:
             listing = self.out_dir / "unreadable_test_videos.txt"

@@ -257,6 +257,7 @@ def test_a_run_that_stopped_before_training_does_not_block_the_folder(small_setu
     (tmp_path / "unreadable_test_videos.txt").write_text("gone.mp4\tcannot open\n")  # a start that was stopped
     (tmp_path / "skipped_videos.txt").write_text("bad.mp4\tcannot open\n")
     assert "t2v" in train.train(config)  # not refused: nothing had trained there
+    assert not (tmp_path / "skipped_videos.txt").exists()  # and the stale lists are gone: every video reads
     (tmp_path / "last.pt").unlink()  # a run that logged steps but crashed before its first save
     results = train.train(dataclasses.replace(config, resume="auto"))
     assert "t2v" in results
