@@ -126,9 +126,10 @@ class Run:
     def prepare(cls, config, base_lr: float) -> "Run":
         """Everything before the first step but the optimiser; `config` is a train.TrainConfig."""
         check_config(config)
-        if config.data is None or config.data_root is None:
-            raise ConfigError("--data and --data-root are required (see the README for the datasets); to try VoP "
-                              "with no weights and no data, run the demo: python demo.py --prompts pos,ctx")
+        if not Path(config.data_root).expanduser().exists():
+            raise ConfigError(f"--data-root {config.data_root} does not exist: pass the folder of {config.data} (the "
+                              f"README shows each dataset's layout); to try VoP with no weights and no data, run the "
+                              f"demo: python demo.py --prompts pos,ctx")
         try:
             vop_config = VoPConfig(config.prompts, num_frames=config.num_frames, tune=config.tune,
                                    num_text_prompts=config.num_text_prompts,

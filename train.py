@@ -1,7 +1,7 @@
 """Train VoP (or one of the paper's baselines) for text-video retrieval, evaluate it, save it.
 
-    python train.py --data msrvtt-9k --data-root data/msrvtt --prompts fn,ctx      # CLIP ViT-B/32 by default
-    torchrun --nproc_per_node 4 train.py --data msrvtt-9k --data-root data/msrvtt --prompts fn,ctx
+    python train.py --prompts pos,ctx      # the paper's setting: CLIP ViT-B/32 on MSR-VTT-9k in data/msrvtt
+    torchrun --nproc_per_node 4 train.py --data msrvtt-7k --data-root /data/msrvtt --prompts fn,ctx
     python demo.py --prompts pos,ctx       # no weights, no data: the synthetic demo (demo.py)
 
 Read first: `contrastive_loss`, `get_lr` and the loop in `train`. A flat loop: symmetric InfoNCE over the
@@ -38,8 +38,8 @@ class TrainConfig:
     clip_activation: str | None = option(None, "the backbone's MLP activation when its files do not say "
                                          "(state dicts without a config): quick_gelu (OpenAI) or gelu (open_clip's "
                                          "LAION/DataComp weights)", choices=("quick_gelu", "gelu"))
-    data: str | None = option(None, "dataset", choices=DATASET_NAMES)
-    data_root: str | None = option(None, "the dataset's folder (the CSV file for --data csv)")
+    data: str = option("msrvtt-9k", "dataset", choices=DATASET_NAMES)
+    data_root: str = option("data/msrvtt", "the dataset's folder (the CSV file for --data csv)")
     train_split: str = option("train", "split to train on")
     test_split: str = option("test", "split evaluated after each epoch")
     prompts: str = option("", "video prompts: a comma list of pos, ctx, fn; empty = plain VoP")

@@ -247,10 +247,6 @@ def test_user_errors_are_one_line_and_the_data_root_comes_before_any_download(tm
     assert "ViT-B" not in completed.stdout + completed.stderr  # no download was tried
 
 
-def test_default_clip_is_recorded(small_setup):
-    assert train.TrainConfig().clip == "ViT-B/32"  # a run without --clip records the model it used
-
-
 def test_a_run_that_stopped_before_training_does_not_block_the_folder(small_setup, tmp_path):
     clip_path, world = small_setup
     config = small_config(small_setup, tmp_path, epochs=1)
@@ -262,3 +258,11 @@ def test_a_run_that_stopped_before_training_does_not_block_the_folder(small_setu
     results = train.train(dataclasses.replace(config, resume="auto"))
     assert "t2v" in results
     assert [r["step"] for r in read_log(tmp_path) if "loss" in r] == [1, 2, 3, 4]  # the old lines are gone
+
+
+def test_the_paper_setting_is_the_default_and_its_absence_points_to_the_demo(tmp_path, monkeypatch):
+    config = train.TrainConfig()
+    assert (config.clip, config.data, config.data_root) == ("ViT-B/32", "msrvtt-9k", "data/msrvtt")
+    monkeypatch.chdir(tmp_path)  # no data/msrvtt here
+    with pytest.raises(cli.ConfigError, match=r"data/msrvtt.*demo\.py"):
+        train.main(["--prompts", "pos,ctx"])
