@@ -503,7 +503,8 @@ def main(argv=None) -> dict:
                                               resolve_precision(config.precision, device))
     results = metrics_from_embeddings(text_embeddings, video_embeddings, dataset.caption_video_index, config.dsl,
                                       config.dsl_temperature, score_device=device)
-    print(format_results(results, f"{name} {config.split}"))
+    rows = " (training rows)" if config.split == trained.get("train_split", "train") else ""
+    print(format_results(results, f"{name} {config.split}{rows}"))
     if config.examples:
         draw_examples(dataset, text_embeddings, video_embeddings, config.examples)
         print(f"wrote {config.examples}", file=sys.stderr)
