@@ -165,6 +165,9 @@ def test_training_lowers_the_loss_and_saves_only_trainable_tensors(small_setup, 
     assert set(checkpoint["trainable"]) == trainable  # no frozen CLIP weight in the file
     assert checkpoint["step"] == 16 and checkpoint["config"]["prompts"] == "pos"
     assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "run.lock").exists()
+    # evaluate.py rebuilds the recorded backbone and the prompts from the checkpoint alone: the same numbers.
+    again = evaluate.main(["--checkpoint", str(tmp_path / "last.pt"), "--num-workers", "0", "--device", "cpu"])
+    assert again["t2v"] == pytest.approx(results["t2v"]) and again["v2t"] == pytest.approx(results["v2t"])
 
 
 def test_resume_continues_exactly(small_setup, tmp_path, monkeypatch):
