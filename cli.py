@@ -94,12 +94,12 @@ def build_parser(config_class, description: str, only_given: bool = False) -> ar
 def parse_config(config_class, argv=None, description: str = ""):
     """Parse argv into a `config_class`; a value that fails its field's check is argparse's error (exit 2)."""
     parser = build_parser(config_class, description)
-    values = vars(parser.parse_args(argv))
-    for f in dataclasses.fields(config_class):
-        problem = _check_value(values[f.name], f.metadata.get("check"))
-        if problem:
-            parser.error(f"argument --{f.name.replace('_', '-')}: must be {problem}, got {values[f.name]!r}")
-    return config_class(**values)
+    config = config_class(**vars(parser.parse_args(argv)))
+    try:
+        check_config(config)
+    except ConfigError as error:
+        parser.error(str(error))
+    return config
 
 
 def check_config(config) -> None:
@@ -123,6 +123,20 @@ def flag_error(error: ValueError, flag_of: dict | None = None) -> ConfigError:
         name = (flag_of or {}).get(name, name)
         return ConfigError(f"--{name.replace('_', '-')}:{rest}")
     return ConfigError(text)
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" is CUDA when there is one, else the CPU; a name torch does not know, or CUDA where
+    there is none, is a ConfigError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"--device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return device
 
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}

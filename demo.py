@@ -26,6 +26,7 @@ import clip_model
 import data
 import evaluate
 import train
+from cli import resolve_device
 from video_io import write_video
 from vop import VoP, VoPConfig
 
@@ -247,7 +248,7 @@ def run(overrides: dict, evaluate_before: bool = True) -> dict:
     tuned = train.TrainConfig(**{**dataclasses.asdict(train.TrainConfig()), **TUNE,
                                  "clip": str(clip_path), "data_root": str(world), "out_dir": "runs/demo",
                                  "overwrite": not overrides.get("resume"), **overrides})
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if tuned.device == "auto" else tuned.device)
+    device = resolve_device(tuned.device)
     if evaluate_before or tuned.tune == "zero-shot":
         print(f"[demo] step 3: the tiny CLIP before any tuning. The test split is {WORLD['num_test_pairs']} "
               "reversal pairs: 'moves left' and 'moves right' are the same frames in opposite order, so a model "

@@ -39,7 +39,8 @@ import checkpoints
 import clip_model
 import data
 from annotations import DATASET_NAMES
-from cli import PRECISIONS, ConfigError, at_least, greater_than, option, parse_config, resolve_precision, run_command
+from cli import (PRECISIONS, ConfigError, at_least, greater_than, option, parse_config, resolve_device,
+                 resolve_precision, run_command)
 from frame_store import FrameStore
 from vop import VoP, VoPConfig
 
@@ -143,7 +144,7 @@ def embed(model: VoP, dataset: data.VideoTextDataset, batch_size: int = 32, num_
     _check_model_device(model, device)
     if len(dataset.captions) == 0 or len(dataset.video_ids) == 0:
         raise ValueError(f"dataset {dataset.name!r} has no captions or no videos to evaluate")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
     videos = torch.utils.data.Subset(dataset.videos(), range(rank, len(dataset.video_ids), world_size))
     captions = list(dataset.captions[rank::world_size])
     autocast = torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -166,7 +167,8 @@ def embed(model: VoP, dataset: data.VideoTextDataset, batch_size: int = 32, num_
     return text_embeddings, video_embeddings
 
 
-def _distributed() -> bool:
+def is_distributed() -> bool:
+    """Under torchrun with more than one process."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -473,8 +475,7 @@ def main(argv=None) -> dict:
     config = parse_config(EvalConfig, argv, __doc__.split("\n\n")[0])
     if config.zero_shot == (config.checkpoint is not None):
         raise ConfigError("give either --checkpoint PATH or --zero-shot (with --clip), not both")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
-                          else config.device)
+    device = resolve_device(config.device)
     trained = {}
     if config.checkpoint:  # the checkpoint is read first: a bad file is named before any video is read
         checkpoint = checkpoints.load_checkpoint(config.checkpoint)

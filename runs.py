@@ -30,8 +30,8 @@ import checkpoints
 import clip_model
 import data
 import video_io
-from cli import ConfigError, check_config, flag_error, resolve_precision
-from evaluate import evaluate, format_results
+from cli import ConfigError, check_config, flag_error, resolve_device, resolve_precision
+from evaluate import evaluate, format_results, is_distributed
 from frame_store import FrameStore
 from vop import VoP, VoPConfig, config_as_dict, describe_parameters
 
@@ -42,14 +42,7 @@ from vop import VoP, VoPConfig, config_as_dict, describe_parameters
 
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
     """(rank, world size, this process's device). One process per GPU under torchrun; else (0, 1, device)."""
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device_name)
-    except RuntimeError as error:
-        raise ConfigError(f"--device: {error}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device_name}: no CUDA device is available here; use --device cpu")
+    device = resolve_device(device_name)
     if "RANK" not in os.environ:
         return 0, 1, device
     if not dist.is_initialized():
@@ -59,10 +52,6 @@ def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def barrier():
@@ -95,6 +84,7 @@ class Run:
     history: list = field(default_factory=list)
     replaced_videos: int = 0
     identity: dict = field(default_factory=dict)
+    trainable: list = field(default_factory=list)  # the parameters that learn, listed once (two uses per step)
     folder: checkpoints.RunFolder | None = None
     num_workers: int = 0
     store: FrameStore | None = None
@@ -106,10 +96,6 @@ class Run:
     @property
     def checkpoint_path(self) -> Path:
         return self.out_dir / "last.pt"
-
-    @property
-    def trainable(self) -> list:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
     def remaining_epochs(self) -> range:
         """The epochs still to train: all of them, those after a resumed step, none for zero-shot."""
@@ -271,6 +257,7 @@ class Run:
             self.model = VoP(clip, vop_config, grad_checkpointing=config.grad_checkpointing).to(self.device)
         except ValueError as error:
             raise flag_error(error, {"video_prompts": "prompts"}) from None
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.amp_dtype = resolve_precision(config.precision, self.device)
         for dataset in (self.train_set, self.test_set):  # read before the backbone, which sets the frame size
             if dataset is not None:

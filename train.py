@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from annotations import DATASET_NAMES
 from cli import PRECISIONS, at_least, between, build_parser, greater_than, option, parse_config, run_command
-from runs import Run, is_distributed
+from evaluate import is_distributed
+from runs import Run
 from vop import TUNE_MODES, VoP
 
 # The paper searched the learning rate per method in [1e-6, 1e-2] without giving the values; these are ours.
