@@ -19,12 +19,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from video_io import VIDEO_SUFFIXES
+from errors import UserError
 
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".wmv", ".flv")
 DATASET_NAMES = ("msrvtt-9k", "msrvtt-7k", "didemo", "activitynet", "lsmdc", "msvd", "csv", "synthetic")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError):
     """An annotation file that does not match its documented layout."""
 
 
@@ -46,7 +47,7 @@ def read_annotations(name: str, root, split: str, video_dir=None, skip_missing: 
     absent raise FileNotFoundError, or with `skip_missing` are left out with one warning that counts them.
     """
     if name not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}")
+        raise AnnotationError(f"unknown dataset {name!r}: choose one of {', '.join(DATASET_NAMES)}")
     root = Path(root).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"data root {root} does not exist: pass the dataset's folder (the CSV file for "
@@ -118,7 +119,7 @@ def _locator(video_dir: Path, default_suffix: str):
 
 def _check_split(name: str, split: str, allowed) -> None:
     if split not in allowed:
-        raise ValueError(f"{name} has no split {split!r}: choose one of {', '.join(sorted(allowed))}")
+        raise AnnotationError(f"{name} has no split {split!r}: choose one of {', '.join(sorted(allowed))}")
 
 
 def _msrvtt_entries(root: Path, split: str, train_csv: str, video_dir: Path):
@@ -223,8 +224,7 @@ def _lsmdc_entries(root: Path, split: str, video_dir: Path):
 def _msvd_entries(root: Path, split: str, video_dir: Path):
     _check_split("msvd", split, {"train", "val", "test"})
     captions_pkl = _require_file(root / "raw-captions.pkl", "MSVD caption file")
-    with open(captions_pkl, "rb") as handle:
-        tokenized = pickle.load(handle)  # video id -> list of token lists (CLIP4Clip's raw-captions.pkl)
+    tokenized = _read_plain_pickle(captions_pkl)  # video id -> list of token lists (CLIP4Clip's raw-captions.pkl)
     id_list = _require_file(root / f"{split}_list.txt", "MSVD split list")
     entries = []
     with open(id_list, encoding="utf-8") as handle:
@@ -238,6 +238,22 @@ def _msvd_entries(root: Path, split: str, video_dir: Path):
                 caption = " ".join(tokens) if isinstance(tokens, (list, tuple)) else str(tokens)
                 entries.append((video_id, caption, f"{id_list}:{line_number} ({captions_pkl}: {video_id}[{number}])"))
     return entries, _locator(video_dir, ".avi"), id_list
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):  # dicts, lists and strings need no class: anything else is refused
+        raise pickle.UnpicklingError(f"it asks for {module}.{name}")
+
+
+def _read_plain_pickle(path: Path):
+    """A pickle of plain containers (dicts, lists, tuples, strings, numbers) only: unpickling anything else could
+    run code from the file, so it is refused."""
+    try:
+        with open(path, "rb") as handle:
+            return _PlainUnpickler(handle).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+        raise AnnotationError(f"{path} is not a pickle of plain captions ({error}); it is refused, since "
+                              f"unpickling anything more could run code from the file") from None
 
 
 CSV_SPLITS = ("train", "val", "test")

@@ -1,91 +1,117 @@
 """What a training run writes and reads back: its checkpoint, its folder, and whether it can be resumed.
 
-Skip on a first reading: train.py saves `{"config", "vop_config", "trainable", "optimizer", "scaler", "step",
-"history", "run"}` with `save_checkpoint` and reads it with `load_checkpoint`; the rest keeps real runs safe.
+Skip on a first reading: train.py saves the checkpoint that `save_checkpoint` writes and `load_checkpoint` reads
+back; the rest keeps real runs safe.
 
-- No file runs code: checkpoints are read with `torch.load(weights_only=True)` and nothing else, so a crafted
-  pickle is refused, never executed. Every failure names the file.
-- Writes are atomic (a temporary file, then a rename): a crash never leaves half a checkpoint.
+- A checkpoint is a dict with a format version (`FORMAT`) and the fields of `FIELDS`, each checked on load: a
+  checkpoint of another version, or with a missing or malformed field, is refused in one line naming the file,
+  never half-used and never filled in with defaults.
+- No file runs code: checkpoints are read with `torch.load(weights_only=True)` only (files.read_torch_file).
+- Writes are atomic (files.atomic_write): a crash, a kill or a full disk never leaves half a checkpoint, and the
+  previous one stays whole.
 - A run owns its folder: `RunFolder` holds a lock file naming its process, refuses a second process, clears a
   lock whose process is gone, and refuses to start over a folder that holds a run unless told to resume it
   or overwrite it.
 - `resume_problems` names every difference between the saved run and the one asked for that would change
   the run's meaning (backbone, data, batch, frames, schedule, model).
 """
+import dataclasses
 import os
-import pickle
 import socket
 import sys
 from pathlib import Path
 
 import torch
 
+from errors import UserError
+from files import atomic_write, process_exists, read_torch_file
 from vop import VoPConfig
 
-CHECKPOINT_KEYS = ("config", "vop_config", "trainable")
+FORMAT = 2  # the checkpoint layout below; another number is refused
 RUN_EVIDENCE = ("last.pt", "log.jsonl")  # a folder holding either holds a run that trained
-RUN_FILES = (*RUN_EVIDENCE, "skipped_videos.txt", "unreadable_test_videos.txt")  # what a run leaves in its folder
+RUN_FILES = (*RUN_EVIDENCE, "skipped_videos.txt", "unreadable_test_videos.txt", "curves.png")  # a run's own files
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file that cannot be read safely, is not one of ours, or does not fit the run asked for."""
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(UserError):
     """An output folder that is in use by another process, or holds a run that was not asked to continue."""
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_tensor_dict(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in value.items())
+
+
+# Every field of a checkpoint and what it must be.
+FIELDS = {
+    "format": ("the format version", lambda value: value == FORMAT),
+    "config": ("train.py's settings (a dict)", lambda value: isinstance(value, dict)),
+    "vop_config": ("the model's VoPConfig (a dict of its fields)", lambda value: isinstance(value, dict)),
+    "run": ("what identifies the run (a dict)", lambda value: isinstance(value, dict)),
+    "trainable": ("the trainable tensors (names -> tensors)", _is_tensor_dict),
+    "optimizer": ("the optimizer's state (a dict)", lambda value: isinstance(value, dict)),
+    "scaler": ("the GradScaler's state (a dict)", lambda value: isinstance(value, dict)),
+    "step": ("the steps done (an integer >= 0)", _is_count),
+    "history": ("the evaluations (a list of dicts)", lambda value: isinstance(value, list)
+                and all(isinstance(entry, dict) for entry in value)),
+    "replaced_videos": ("the count of replaced items (an integer >= 0)", _is_count),
+}
+
+
 def save_checkpoint(checkpoint: dict, path) -> None:
-    """Write to a temporary file beside `path`, then rename: the old file stays whole until the new one is."""
-    path = Path(path)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(checkpoint, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def read_tensor_file(path, what: str = "checkpoint"):
-    """torch.load(weights_only=True) of `path`, with every failure turned into one CheckpointError naming the
-    file: tensors and plain Python values only, so loading cannot run code from the file."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise CheckpointError(f"{what} {path} is a folder, not a file (train.py writes <out_dir>/last.pt)")
-    if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist (train.py writes <out_dir>/last.pt)")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{what} {path} is empty (0 bytes): a copy that did not finish?")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights only" in str(error).lower():
-            raise CheckpointError(
-                f"{what} {path} holds objects other than tensors and plain values; it is refused, because "
-                f"loading it would run code from the file") from None
-        raise CheckpointError(f"{what} {path} is not a file torch.save wrote ({error})") from None
-    except Exception as error:  # truncated zip, text file, another format: all mean "not readable"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{what} {path} cannot be read ({type(error).__name__}: {reason}); is it cut "
-                              f"short, or another kind of file?") from None
+    """Write `checkpoint` (the FIELDS but `format`) atomically; a failed write raises files.WriteError, which
+    says that the previous checkpoint is intact."""
+    with atomic_write(path) as handle:
+        torch.save({"format": FORMAT, **checkpoint}, handle)
 
 
 def load_checkpoint(path) -> dict:
-    """A checkpoint written by train.py, as a dict; a CheckpointError naming the file for anything else."""
+    """A checkpoint written by train.py, every field checked; a CheckpointError naming the file otherwise."""
     checkpoint = read_tensor_file(path)
-    if isinstance(checkpoint, dict) and "vop_settings" in checkpoint and "vop_config" not in checkpoint:
-        checkpoint["vop_config"] = checkpoint.pop("vop_settings")  # written before VoPConfig existed
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
-    if missing:
-        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise CheckpointError(f"{path} is not a checkpoint written by train.py: it lacks {missing} (found {found})")
+    if not isinstance(checkpoint, dict) or not ({"trainable", "vop_config"} & set(checkpoint)):
+        found = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py (found {found})")
+    if checkpoint.get("format") != FORMAT:
+        written = f"format {checkpoint['format']!r}" if "format" in checkpoint else "an older format (no version)"
+        raise CheckpointError(f"{path} is a checkpoint of {written}; this code reads format {FORMAT}: evaluate it "
+                              f"with the version of this code that wrote it, or train again")
+    for name, (what, valid) in FIELDS.items():
+        if name not in checkpoint:
+            raise CheckpointError(f"{path} lacks {name!r} ({what}): the file is damaged or not train.py's")
+        if not valid(checkpoint[name]):
+            raise CheckpointError(f"{path}: {name!r} must be {what}, got {_short(checkpoint[name])}")
+    vop_config_of(checkpoint, path)  # refuses a configuration of other fields
     return checkpoint
 
 
-def vop_config_of(checkpoint: dict) -> VoPConfig:
-    return VoPConfig(**checkpoint["vop_config"])
+def read_tensor_file(path) -> object:
+    return read_torch_file(path, CheckpointError, "checkpoint")
+
+
+def vop_config_of(checkpoint: dict, path="the checkpoint") -> VoPConfig:
+    """The model's configuration, exactly as saved: every field present, no other, each valid."""
+    saved = checkpoint["vop_config"]
+    fields = {field.name for field in dataclasses.fields(VoPConfig)}
+    if set(saved) != fields:
+        raise CheckpointError(f"{path}: its vop_config has the fields {sorted(saved)}, not VoPConfig's "
+                              f"{sorted(fields)}: it was written by another version of this code")
+    try:
+        return VoPConfig(**saved)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: its vop_config is not valid: {error}") from None
+
+
+def _short(value) -> str:
+    text = repr(value) if not torch.is_tensor(value) else f"a tensor of shape {tuple(value.shape)}"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # -- resuming ---------------------------------------------------------------------------------------------
@@ -94,25 +120,23 @@ def vop_config_of(checkpoint: dict) -> VoPConfig:
 # precision, logging, evaluation batch) may change between the interrupted run and its continuation.
 RUN_IDENTITY = ("backbone_sha256", "activation", "data", "data_root", "train_split", "test_split", "train_items",
                 "batch_size", "num_frames", "epochs", "steps_per_epoch", "lr", "weight_decay", "warmup",
-                "grad_clip", "seed", "one_caption_per_video", "frame_store", "vop")
+                "grad_clip", "seed", "one_caption_per_video", "horizontal_flip", "frame_store", "vop")
 
 
 def resume_problems(saved: dict, current: dict) -> list[str]:
     """Each difference between the saved run's identity and the current one, as 'name: saved X, now Y'."""
-    problems = []
-    for key in RUN_IDENTITY:
-        if saved.get(key) != current.get(key):
-            problems.append(f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}")
-    return problems
+    return [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}"
+            for key in RUN_IDENTITY if saved.get(key) != current.get(key)]
 
 
 # -- the run's folder -------------------------------------------------------------------------------------
 
 class RunFolder:
-    """An output folder held by one process: `out_dir/run.lock` names the process that holds it.
+    """An output folder held by one process: `out_dir/run.lock` names the process that holds it (its PID, host,
+    and when it started, so that a PID reused after a reboot is not mistaken for the holder).
 
-    A second process is refused; a lock whose process no longer runs (a crash, a killed job) is cleared with
-    a note. Use as a context manager; only one process of a torchrun job (rank 0) takes the lock.
+    A second process is refused; a lock whose process no longer runs (a crash, a killed job, a reboot) is
+    cleared with a note. Use as a context manager; only one process of a torchrun job (rank 0) takes the lock.
     """
 
     def __init__(self, out_dir):
@@ -129,7 +153,7 @@ class RunFolder:
                 self._clear_stale_lock()
                 continue
             with os.fdopen(descriptor, "w") as handle:
-                handle.write(f"{os.getpid()} {socket.gethostname()}\n")
+                handle.write(f"{os.getpid()} {socket.gethostname()} {_process_start(os.getpid())}\n")
             self.held = True
             return self
         raise RunFolderError(f"could not take the lock {self.lock}; another process keeps taking it")
@@ -142,20 +166,39 @@ class RunFolder:
 
     def _clear_stale_lock(self) -> None:
         try:
-            pid_text, host = self.lock.read_text().split()[:2]
+            pid_text, host, *started = self.lock.read_text().split()
             pid = int(pid_text)
         except (OSError, ValueError):
-            pid, host = None, None  # unreadable or half-written: treat as stale
+            pid, host, started = None, None, []  # unreadable or half-written: treat as stale
         if pid is not None:
             if host != socket.gethostname():
                 raise RunFolderError(f"{self.out_dir} is in use by process {pid} on {host} (lock {self.lock}); if "
-                                     f"that run is over, delete the lock file, or choose another --out-dir")
-            if _process_exists(pid):
+                                     f"that run is over, delete {self.lock}, or choose another --out-dir")
+            same_process = process_exists(pid) and (not started or started[0] == _process_start(pid))
+            if same_process:
                 raise RunFolderError(f"{self.out_dir} is in use by another run (process {pid}); wait for it to "
-                                     f"finish, or choose another --out-dir")
+                                     f"finish, or choose another --out-dir. If no run is using it, delete "
+                                     f"{self.lock}")
         print(f"note: removing the lock {self.lock} left by process {pid}, which is no longer running",
               file=sys.stderr)
         self.lock.unlink(missing_ok=True)
+
+    def settle_earlier_run(self, resume: str | None, overwrite: bool, trains: bool, log=print) -> str | None:
+        """An earlier run that trained in this folder is continued (--resume), cleared (--overwrite, or --resume
+        auto over a run that never saved), or the reason to refuse the folder is returned (None: go ahead)."""
+        earlier, checkpoint = self.existing_run(), self.out_dir / "last.pt"
+        resuming_here = resume == "auto" or (resume and Path(resume).resolve() == checkpoint.resolve())
+        if earlier and overwrite:
+            log(f"--overwrite: deleting the earlier run's {', '.join(earlier)} in {self.out_dir}")
+            self.clear()
+        elif earlier and resume == "auto" and not checkpoint.is_file():
+            log(f"--resume auto: {self.out_dir} holds no checkpoint (the earlier run stopped before its first "
+                f"save): starting afresh")
+            self.clear()
+        elif earlier and not resuming_here and trains:
+            return (f"{self.out_dir} holds an earlier run ({', '.join(earlier)}): pass --resume auto to continue it, "
+                    f"--overwrite to start again from scratch, or another --out-dir")
+        return None
 
     def existing_run(self) -> list[str]:
         """The files of an earlier run that trained in this folder (a run that stopped before training, e.g. on
@@ -168,11 +211,13 @@ class RunFolder:
             (self.out_dir / name).unlink(missing_ok=True)
 
 
-def _process_exists(pid: int) -> bool:
+def _process_start(pid: int) -> str:
+    """When process `pid` started, as the kernel counts it (clock ticks since boot, with this boot's id), or
+    "-" where /proc does not tell: a reused PID, or one after a reboot, gives another value."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            ticks = handle.read().rsplit(")", 1)[1].split()[19]  # field 22: starttime
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return f"{handle.read().strip()}/{ticks}"
+    except (OSError, IndexError):
+        return "-"

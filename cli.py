@@ -1,15 +1,18 @@
-"""Command-line plumbing for train.py and evaluate.py: a config dataclass becomes argparse flags, every flag is
-checked before any work starts, and expected user errors print as one line instead of a traceback.
+"""Command-line plumbing for the scripts: a config dataclass becomes argparse flags, every flag is checked before
+any work starts, and expected user errors print as one line instead of a traceback.
 
 Skip on a first reading. Each config field is declared with `option(default, help, check=..., choices=...)`;
 `parse_config` builds the parser, parses, and refuses a bad value with argparse's one-line error naming the
-flag (exit status 2). `run_command` runs a script's main() and turns the errors a user can fix (a missing
-file, a wrong format, a mismatched checkpoint, a busy folder) into one line naming the thing and the fix;
-anything else keeps its traceback, since that is a bug to report.
+flag (exit status 2). `run_command` runs a script's main() and turns the errors a user can fix (errors.UserError
+and the file errors: a missing file, a wrong format, a mismatched checkpoint, a busy folder) into one line
+naming the thing and the fix; anything else keeps its traceback, since that is a bug to report. Ctrl-C and
+SIGTERM stop a program with one line too (what was saved, how to continue), exit status 130 / 143.
 """
 import argparse
+import contextlib
 import dataclasses
 import math
+import signal
 import sys
 import types
 import typing
@@ -17,25 +20,15 @@ from dataclasses import field
 
 import torch
 
-import annotations
-import checkpoints
-import video_io
-
-try:  # the weight readers' own error type, where clip_model has one
-    from clip_weights import WeightsError as _WeightsError
-except ImportError:  # pragma: no cover
-    _WeightsError = None
+from errors import Stopped, UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A combination of flags that cannot work, found after parsing (e.g. needs the backbone's size)."""
 
 
 # The errors a user can fix by changing a flag or a file; they print as one line.
-USER_ERRORS = tuple(error for error in (
-    ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, annotations.AnnotationError,
-    video_io.VideoReadError, checkpoints.CheckpointError, checkpoints.RunFolderError, _WeightsError)
-    if error is not None)
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 # -- declaring and checking options -------------------------------------------------------------------------
@@ -114,15 +107,20 @@ def check_config(config) -> None:
                               f"got {getattr(config, f.name)!r}")
 
 
-def flag_error(error: ValueError, flag_of: dict | None = None) -> ConfigError:
-    """'fn_layers: must be ...' (a VoPConfig / VoP message naming its field) -> '--fn-layers: must be ...';
-    `flag_of` maps fields whose flag has another name (video_prompts -> prompts)."""
-    text = str(error)
-    name, separator, rest = text.partition(":")
-    if separator and name.isidentifier():
-        name = (flag_of or {}).get(name, name)
-        return ConfigError(f"--{name.replace('_', '-')}:{rest}")
-    return ConfigError(text)
+@contextlib.contextmanager
+def flag_errors(**flag_of):
+    """Turn a ValueError that names a field ('fn_layers: must be ...', from VoPConfig or VoP) into a ConfigError
+    naming its flag ('--fn-layers: must be ...'); `flag_of` gives the flags of fields named otherwise
+    (video_prompts="prompts")."""
+    try:
+        yield
+    except ValueError as error:
+        text = str(error)
+        name, separator, rest = text.partition(":")
+        if separator and name.isidentifier():
+            name = flag_of.get(name, name)
+            raise ConfigError(f"--{name.replace('_', '-')}:{rest}") from None
+        raise ConfigError(text) from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -155,11 +153,25 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 def run_command(main, argv=None, program: str | None = None):
     """main(argv), with the errors a user can fix printed as one line (exit status 2); the rest keep their
-    traceback."""
+    traceback. SIGTERM stops it as Ctrl-C does: one line (what was saved, how to continue), then exit status
+    143 (130 for Ctrl-C), after the program's own clean-up (locks released, worker processes ended)."""
     program = program or sys.argv[0].rsplit("/", 1)[-1]
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         return main(argv)
     except USER_ERRORS as error:
         message = str(error) or type(error).__name__
         print(f"{program}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as stop:
+        by = getattr(stop, "signal", signal.SIGINT)
+        print(f"{program}: stopped ({'SIGTERM' if by == signal.SIGTERM else 'Ctrl-C'}). {stop}".rstrip(),
+              file=sys.stderr)
+        raise SystemExit(128 + by) from None
+
+
+def _stop_on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    stop = Stopped()
+    stop.signal = signal.SIGTERM
+    raise stop

@@ -1,9 +1,10 @@
 """CLIP (ViT image tower + text Transformer) in plain PyTorch, with OpenAI's parameter names.
 
-Parameter names are exactly the keys of OpenAI's release files (`visual.conv1.weight`,
-`transformer.resblocks.0.attn.in_proj_weight`, `text_projection`, ...), so a released state dict loads with
-`strict=True` and gives the numbers of OpenAI's reference code. Only ViT backbones exist here. Weights in
-other formats (Hugging Face transformers, open_clip) are renamed to these names on load, in clip_weights.py.
+The model only, as openai/CLIP's model.py: reading weight files (OpenAI's releases and the other formats) and
+building a CLIP from them is clip_weights.py's job (`clip_weights.load("ViT-B/32")`). Parameter names are
+exactly the keys of OpenAI's release files (`visual.conv1.weight`, `transformer.resblocks.0.attn.in_proj_weight`,
+`text_projection`, ...), so a released state dict loads with `strict=True` and gives the numbers of OpenAI's
+reference code. Only ViT backbones exist here.
 
 The towers expose their stages, so that VoP (vop.py) can run its own loop over the residual blocks and insert
 prompt tokens between them without a forked copy of the forward pass:
@@ -14,8 +15,6 @@ prompt tokens between them without a forked copy of the forward pass:
 Shapes (the project's legend): B images or captions, S sequence length, D tower width, E joint embedding size,
 R image side. Sequences are batch-first.
 """
-import math
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -23,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import clip_weights
+# The input CLIP expects: images normalised with the mean and std of OpenAI's training data (clip/clip.py).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -216,129 +217,15 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Building and loading (reading the files is clip_weights.py's job)
-# ---------------------------------------------------------------------------------------------------------
+def state_dict_mismatch(expected: dict, given: dict) -> str:
+    """'' if `given` has exactly the names and shapes of `expected` (name -> tensor), else what differs:
+    the missing and unexpected names and the wrong shapes, each list cut at 10."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong_shape = [f"{name} {tuple(given[name].shape)} instead of {tuple(tensor.shape)}"
+                   for name, tensor in expected.items() if name in given and given[name].shape != tensor.shape]
 
-# Entries OpenAI's release files carry besides the weights.
-_RELEASE_EXTRAS = ("input_resolution", "context_length", "vocab_size")
-_REQUIRED_FOR_SIZES = ("visual.conv1.weight", "visual.positional_embedding", "text_projection",
-                       "positional_embedding", "token_embedding.weight", "ln_final.weight")
-
-
-def config_from_state_dict(state_dict: dict, **given) -> CLIPConfig:
-    """Every size of the architecture from the tensors' shapes, as OpenAI's build_model does.
-
-    `given` holds CLIPConfig fields from a config file: head counts and the activation, which the tensors cannot
-    tell (without them: OpenAI's width // 64 heads and QuickGELU), and sizes, which must agree with the tensors.
-    """
-    sd = state_dict
-    if "visual.layer1.0.conv1.weight" in sd or "visual.attnpool.positional_embedding" in sd:
-        raise ValueError("this is a ResNet CLIP (it has visual.layer1 / visual.attnpool); only ViT backbones are "
-                         "supported: use ViT-B/32, ViT-B/16, ViT-L/14 or ViT-L/14@336px")
-    if sd and all(name.startswith("visual.") for name in sd):
-        raise ValueError("these weights hold an image tower only (every name starts with visual.): VoP needs "
-                         "CLIP's text tower too")
-    missing = [k for k in _REQUIRED_FOR_SIZES if k not in sd]
-    if missing:
-        raise ValueError(f"not a CLIP ViT state dict: missing {missing} (found {len(sd)} keys, e.g. "
-                         f"{list(sd)[:5]})")
-    vision_width, _, patch_size, _ = sd["visual.conv1.weight"].shape
-    num_patches = sd["visual.positional_embedding"].shape[0] - 1
-    grid = math.isqrt(num_patches)
-    if grid * grid != num_patches:
-        raise ValueError(f"visual.positional_embedding holds {num_patches} patch positions, not a square grid: "
-                         f"only square images are supported")
-    transformer_width = sd["ln_final.weight"].shape[0]
-
-    def count_layers(prefix: str) -> int:
-        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
-
-    def mlp_width(prefix: str, width: int) -> int:
-        c_fc = sd.get(prefix + "0.mlp.c_fc.weight")
-        return c_fc.shape[0] if c_fc is not None else 4 * width
-
-    sizes = dict(
-        embed_dim=sd["text_projection"].shape[1],
-        image_resolution=patch_size * grid,
-        vision_layers=count_layers("visual.transformer.resblocks."),
-        vision_width=vision_width,
-        vision_patch_size=patch_size,
-        vision_mlp_width=mlp_width("visual.transformer.resblocks.", vision_width),
-        context_length=sd["positional_embedding"].shape[0],
-        vocab_size=sd["token_embedding.weight"].shape[0],
-        transformer_width=transformer_width,
-        transformer_layers=count_layers("transformer.resblocks."),
-        transformer_mlp_width=mlp_width("transformer.resblocks.", transformer_width),
-    )
-    disagree = [f"{k}={given[k]} (the tensors say {sizes[k]})" for k in sizes if k in given and given[k] != sizes[k]]
-    if disagree:
-        raise ValueError(f"the config does not match the weights: {', '.join(disagree)}")
-    openai_rule = dict(vision_heads=vision_width // 64, transformer_heads=transformer_width // 64)
-    return CLIPConfig(**{**openai_rule, **given, **sizes})
-
-
-def build_model(state_dict: dict, **config) -> CLIP:
-    """A float32 CLIP in eval mode whose weights are exactly `state_dict` (OpenAI's names).
-
-    Sizes are inferred from the tensors; `config` gives the CLIPConfig fields they cannot tell, e.g.
-    `activation="gelu"`, `vision_heads=16` (see config_from_state_dict). Loading is strict: a missing,
-    unexpected or misshapen tensor is an error listing them, never a half-loaded model.
-    """
-    state_dict = {k: v for k, v in state_dict.items() if k not in _RELEASE_EXTRAS}
-    model = CLIP(config_from_state_dict(state_dict, **config))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = [f"{k}: {tuple(state_dict[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-                   if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or wrong_shape:
-        def show(keys):
-            return ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")
-        raise ValueError("state dict does not match the CLIP architecture inferred from it:"
-                         + (f"\n  missing keys: {show(missing)}" if missing else "")
-                         + (f"\n  unexpected keys: {show(unexpected)}" if unexpected else "")
-                         + (f"\n  wrong shapes: {show(wrong_shape)}" if wrong_shape else ""))
-    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
-    return model.eval()
-
-
-def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
-         download_root: str | os.PathLike | None = None, activation: str | None = None,
-         sha256: str | None = None) -> CLIP:
-    """A CLIP in eval mode with float32 weights on `device`.
-
-    `name_or_path`: one of OpenAI's model names (downloaded once, SHA-256 checked), or a weights file or folder
-    in any format clip_weights.py reads (OpenAI's release, a state dict, transformers, open_clip); no file runs
-    code. `activation` ("quick_gelu" or "gelu") is for weights without a config (a state dict); a config that
-    names another activation is an error. `sha256`, if given, must be the weights' digest.
-
-    The model's `source` says what was loaded, in plain str values that rebuild the same backbone:
-        {"clip": the model name, or the absolute path asked for (a file or a folder),
-         "path": the absolute path of the weights file read (of the shard index, for sharded weights),
-         "format": "openai-release" | "state-dict" | "transformers" | "open_clip",
-         "activation": "quick_gelu" | "gelu",
-         "sha256": the weights file's SHA-256 (of all shards in name order, for sharded weights)}
-        same = load(s["clip"], activation=s["activation"], sha256=s["sha256"])
-
-    Weights stay float32 on every device: mixed precision comes from `torch.autocast`, never from casting the
-    model, so that it can be trained safely.
-    """
-    weights = clip_weights.read_weights(name_or_path, download_root)
-    if sha256 is not None and sha256 != weights.sha256:
-        raise clip_weights.WeightsError(f"{weights.path}: SHA-256 {weights.sha256} is not the {sha256} expected (recorded when "
-                         f"the checkpoint was trained): these are other weights")
-    config = dict(weights.config)
-    if activation is not None:
-        if config.get("activation", activation) != activation:
-            raise clip_weights.WeightsError(f"{weights.path}: activation {activation!r} was asked for, but "
-                             f"{weights.config_path or 'OpenAI'} says {config['activation']!r}; drop the "
-                             f"activation (it is only for weights that carry no config)")
-        config["activation"] = activation
-    try:
-        model = build_model(weights.state_dict, **config)
-    except ValueError as error:
-        raise clip_weights.WeightsError(f"{weights.path}: {error}") from error
-    model.source = {"clip": weights.name, "path": str(weights.path), "format": weights.format,
-                    "activation": model.config.activation, "sha256": weights.sha256}
-    return model.to(device)
+    def show(names):
+        return ", ".join(names[:10]) + (f" ... ({len(names)} in all)" if len(names) > 10 else "")
+    return "; ".join(f"{what}: {show(names)}" for what, names in
+                     (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong_shape)) if names)

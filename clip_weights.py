@@ -1,7 +1,9 @@
-"""Reading CLIP weights in the formats people hold, without running code from any file. Skip on a first reading.
+"""Loading CLIP: weights in the formats people hold, read without running code from any file, and the model built
+from them. Skip on a first reading, after `load` (clip_model.py is the model; this module fills it).
 
-`read_weights(name_or_path)` returns the tensors under OpenAI's parameter names (clip_model.py's), plus what the
-file's config says that the tensors cannot (head counts, activation); clip_model.load builds the model from it.
+`load(name_or_path)` is the entry point: `read_weights` returns the tensors under OpenAI's parameter names
+(clip_model.py's), plus what the file's config says that the tensors cannot (head counts, activation), and
+`build_model` infers every size from the tensors, as OpenAI's build_model does, and loads them strictly.
 
     format          what it is                                                  heads, activation from
     openai-release  OpenAI's release: a name such as "ViT-B/32" (downloaded     OpenAI's rules: width // 64
@@ -38,9 +40,12 @@ from pathlib import Path
 
 import torch
 
+from clip_model import CLIP, CLIP_MEAN, CLIP_STD, CLIPConfig, state_dict_mismatch
+from errors import UserError
+from files import atomic_write, read_torch_file
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weights file or folder that cannot be read safely, or is not a CLIP this project can build."""
 
 
@@ -68,6 +73,125 @@ class Weights:
     sha256: str  # of the weights file (of all shards in name order, for sharded weights)
     config: dict = field(default_factory=dict)  # CLIPConfig fields the file's config gives
     config_path: Path | None = None  # that config file
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A CLIP from a name or a path: read the weights, infer the sizes, load strictly
+# ---------------------------------------------------------------------------------------------------------
+
+# Entries OpenAI's release files carry besides the weights.
+_RELEASE_EXTRAS = ("input_resolution", "context_length", "vocab_size")
+_REQUIRED_FOR_SIZES = ("visual.conv1.weight", "visual.positional_embedding", "text_projection",
+                       "positional_embedding", "token_embedding.weight", "ln_final.weight")
+
+
+def config_from_state_dict(state_dict: dict, **given) -> CLIPConfig:
+    """Every size of the architecture from the tensors' shapes, as OpenAI's build_model does.
+
+    `given` holds CLIPConfig fields from a config file: head counts and the activation, which the tensors cannot
+    tell (without them: OpenAI's width // 64 heads and QuickGELU), and sizes, which must agree with the tensors.
+    """
+    sd = state_dict
+    if "visual.layer1.0.conv1.weight" in sd or "visual.attnpool.positional_embedding" in sd:
+        raise WeightsError("this is a ResNet CLIP (it has visual.layer1 / visual.attnpool); only ViT backbones are "
+                         "supported: use ViT-B/32, ViT-B/16, ViT-L/14 or ViT-L/14@336px")
+    if sd and all(name.startswith("visual.") for name in sd):
+        raise WeightsError("these weights hold an image tower only (every name starts with visual.): VoP needs "
+                         "CLIP's text tower too")
+    missing = [k for k in _REQUIRED_FOR_SIZES if k not in sd]
+    if missing:
+        raise WeightsError(f"not a CLIP ViT state dict: missing {missing} (found {len(sd)} keys, e.g. "
+                         f"{list(sd)[:5]})")
+    vision_width, _, patch_size, _ = sd["visual.conv1.weight"].shape
+    num_patches = sd["visual.positional_embedding"].shape[0] - 1
+    grid = math.isqrt(num_patches)
+    if grid * grid != num_patches:
+        raise WeightsError(f"visual.positional_embedding holds {num_patches} patch positions, not a square grid: "
+                         f"only square images are supported")
+    transformer_width = sd["ln_final.weight"].shape[0]
+
+    def count_layers(prefix: str) -> int:
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+    def mlp_width(prefix: str, width: int) -> int:
+        c_fc = sd.get(prefix + "0.mlp.c_fc.weight")
+        return c_fc.shape[0] if c_fc is not None else 4 * width
+
+    sizes = dict(
+        embed_dim=sd["text_projection"].shape[1],
+        image_resolution=patch_size * grid,
+        vision_layers=count_layers("visual.transformer.resblocks."),
+        vision_width=vision_width,
+        vision_patch_size=patch_size,
+        vision_mlp_width=mlp_width("visual.transformer.resblocks.", vision_width),
+        context_length=sd["positional_embedding"].shape[0],
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        transformer_width=transformer_width,
+        transformer_layers=count_layers("transformer.resblocks."),
+        transformer_mlp_width=mlp_width("transformer.resblocks.", transformer_width),
+    )
+    disagree = [f"{k}={given[k]} (the tensors say {sizes[k]})" for k in sizes if k in given and given[k] != sizes[k]]
+    if disagree:
+        raise WeightsError(f"the config does not match the weights: {', '.join(disagree)}")
+    openai_rule = dict(vision_heads=vision_width // 64, transformer_heads=transformer_width // 64)
+    return CLIPConfig(**{**openai_rule, **given, **sizes})
+
+
+def build_model(state_dict: dict, **config) -> CLIP:
+    """A float32 CLIP in eval mode whose weights are exactly `state_dict` (OpenAI's names).
+
+    Sizes are inferred from the tensors; `config` gives the CLIPConfig fields they cannot tell, e.g.
+    `activation="gelu"`, `vision_heads=16` (see config_from_state_dict). Loading is strict: a missing,
+    unexpected or misshapen tensor is an error listing them, never a half-loaded model.
+    """
+    state_dict = {k: v for k, v in state_dict.items() if k not in _RELEASE_EXTRAS}
+    model = CLIP(config_from_state_dict(state_dict, **config))
+    mismatch = state_dict_mismatch(model.state_dict(), state_dict)
+    if mismatch:
+        raise WeightsError(f"the state dict does not match the CLIP architecture inferred from it: {mismatch}")
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    return model.eval()
+
+
+def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
+         download_root: str | os.PathLike | None = None, activation: str | None = None,
+         sha256: str | None = None) -> CLIP:
+    """A CLIP in eval mode with float32 weights on `device`.
+
+    `name_or_path`: one of OpenAI's model names (downloaded once, SHA-256 checked), or a weights file or folder
+    in any format clip_weights.py reads (OpenAI's release, a state dict, transformers, open_clip); no file runs
+    code. `activation` ("quick_gelu" or "gelu") is for weights without a config (a state dict); a config that
+    names another activation is an error. `sha256`, if given, must be the weights' digest.
+
+    The model's `source` says what was loaded, in plain str values that rebuild the same backbone:
+        {"clip": the model name, or the absolute path asked for (a file or a folder),
+         "path": the absolute path of the weights file read (of the shard index, for sharded weights),
+         "format": "openai-release" | "state-dict" | "transformers" | "open_clip",
+         "activation": "quick_gelu" | "gelu",
+         "sha256": the weights file's SHA-256 (of all shards in name order, for sharded weights)}
+        same = load(s["clip"], activation=s["activation"], sha256=s["sha256"])
+
+    Weights stay float32 on every device: mixed precision comes from `torch.autocast`, never from casting the
+    model, so that it can be trained safely.
+    """
+    weights = read_weights(name_or_path, download_root)
+    if sha256 is not None and sha256 != weights.sha256:
+        raise WeightsError(f"{weights.path}: SHA-256 {weights.sha256} is not the {sha256} expected (recorded when "
+                         f"the checkpoint was trained): these are other weights")
+    config = dict(weights.config)
+    if activation is not None:
+        if config.get("activation", activation) != activation:
+            raise WeightsError(f"{weights.path}: activation {activation!r} was asked for, but "
+                             f"{weights.config_path or 'OpenAI'} says {config['activation']!r}; drop the "
+                             f"activation (it is only for weights that carry no config)")
+        config["activation"] = activation
+    try:
+        model = build_model(weights.state_dict, **config)
+    except WeightsError as error:
+        raise WeightsError(f"{weights.path}: {error}") from None
+    model.source = {"clip": weights.name, "path": str(weights.path), "format": weights.format,
+                    "activation": model.config.activation, "sha256": weights.sha256}
+    return model.to(device)
 
 
 def read_weights(name_or_path: str | os.PathLike, download_root: str | os.PathLike | None = None) -> Weights:
@@ -179,7 +303,7 @@ def read_state_dict(path: Path) -> dict:
         for shard in shard_files(path):
             tensors.update(read_state_dict(shard))
         return tensors
-    obj = _torch_load_weights_only(path)
+    obj = read_torch_file(path, WeightsError, "weights file")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # a training checkpoint
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:
@@ -190,20 +314,6 @@ def read_state_dict(path: Path) -> dict:
     if all(name.startswith("module.") for name in obj):  # saved from a DistributedDataParallel wrapper
         obj = {name.removeprefix("module."): tensor for name, tensor in obj.items()}
     return obj
-
-
-def _torch_load_weights_only(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL (\S+)", str(error)) or re.search(r"(Unsupported operand \d+)", str(error))
-        what = f"it asks for {found.group(1)}" if found else str(error).strip().splitlines()[-1]
-        raise WeightsError(f"{path} was refused: {what}, which is not tensor data. Weights files are read with "
-                         f"torch.load(weights_only=True) only, since unpickling anything more can run code from "
-                         f"the file") from error
-    except Exception as error:
-        raise WeightsError(f"{path} cannot be read as a torch.save file: "
-                         f"{type(error).__name__}: {str(error).strip() or 'no detail'}") from error
 
 
 def shard_files(index_path: Path) -> list[Path]:
@@ -485,7 +595,6 @@ _OPEN_CLIP_FIXED = {
                  "scaled_cosine_attn": (False,), "scale_heads": (False,), "scale_attn_inner": (False,),
                  "scale_attn": (False,), "scale_fc": (False,), "hf_model_name": (None,)},
 }
-OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def open_clip_config(path: Path) -> dict:
@@ -504,7 +613,7 @@ def open_clip_config(path: Path) -> dict:
                 raise WeightsError(f"{path}: {part}.{key} = {settings[key]!r} is an architecture this CLIP does not "
                                  f"implement (it computes {key} = {allowed[0]!r})")
     preprocess = config.get("preprocess_cfg") or {}
-    for key, openai in (("mean", OPENAI_MEAN), ("std", OPENAI_STD)):
+    for key, openai in (("mean", CLIP_MEAN), ("std", CLIP_STD)):
         values = preprocess.get(key, openai)
         if not (isinstance(values, (list, tuple)) and len(values) == 3
                 and all(isinstance(a, (int, float)) and abs(a - b) < 1e-4 for a, b in zip(values, openai))):
@@ -516,8 +625,6 @@ def open_clip_config(path: Path) -> dict:
             raise WeightsError(f"{path}: vision_cfg.image_size {image_size} is not square; only square images work")
         image_size = image_size[0]
     vision_width, head_width = vision.get("width", 768), vision.get("head_width", 64)
-    if vision_width % head_width:
-        raise WeightsError(f"{path}: vision_cfg.width {vision_width} is not a multiple of head_width {head_width}")
     text_width = text.get("width", 512)
     return dict(embed_dim=model["embed_dim"], image_resolution=image_size,
                 vision_patch_size=vision.get("patch_size", 16), vision_width=vision_width,
@@ -553,18 +660,16 @@ def download(name: str, download_root: str | os.PathLike | None = None) -> Path:
     if target.is_file() and file_sha256(target) == expected_sha:
         return target
     root.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".part")
+    digest = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as f:
+        with urllib.request.urlopen(url, timeout=30) as response, atomic_write(target) as handle:
             while chunk := response.read(1 << 20):
-                f.write(chunk)
+                digest.update(chunk)
+                handle.write(chunk)
+            if digest.hexdigest() != expected_sha:  # raised inside: the download is never renamed into place
+                raise WeightsError(f"downloaded {url} but its SHA-256 does not match {expected_sha}; try again")
     except OSError as error:
-        partial.unlink(missing_ok=True)
         raise WeightsError(
             f"could not download CLIP {name} ({error}). Download {url} by hand, put it at {target} "
             f"(or anywhere) and pass --clip {target}") from error
-    if file_sha256(partial) != expected_sha:
-        partial.unlink()
-        raise WeightsError(f"downloaded {url} but its SHA-256 does not match {expected_sha}; try again")
-    partial.replace(target)
     return target

@@ -18,6 +18,7 @@ An epoch is every (video, caption) pair once (180k pairs on MSR-VTT-9k, as in CL
 """
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
 import os
@@ -28,14 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from annotations import read_annotations
-from video_io import VideoReadError, decode_frames
-
-# OpenAI CLIP's preprocessing constants (clip/clip.py `_transform`).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from clip_model import CLIP_MEAN, CLIP_STD
+from video_io import VideoReadError, available_cpus, decode_frames, exit_when_process_ends
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -179,7 +177,8 @@ class VideoTextDataset(Dataset):
     """
 
     def __init__(self, name, video_ids, video_paths, captions, caption_video_index, *, num_frames=12,
-                 image_size=224, train=False, augment=None, one_caption_per_video=False, seed=0, frame_store=None):
+                 image_size=224, train=False, augment=None, hflip=True, one_caption_per_video=False, seed=0,
+                 frame_store=None):
         self.name = name
         self.video_ids = list(video_ids)  # (V,) unique, in evaluation order
         self.video_paths = [Path(p) for p in video_paths]  # (V,)
@@ -187,6 +186,7 @@ class VideoTextDataset(Dataset):
         self.image_size = image_size
         self.train = train
         self.augment = train if augment is None else augment
+        self.hflip = hflip
         self.seed = seed
         self.frame_store = frame_store
         self.one_caption_per_video = one_caption_per_video
@@ -200,18 +200,14 @@ class VideoTextDataset(Dataset):
         else:
             self.captions = list(captions)  # (T,)
             self.caption_video_index = list(caption_video_index)  # (T,) index into video_ids
-        self.epoch = 0
 
     def __len__(self):
         return len(self.captions)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Training draws (frames, crop, flip, caption) depend only on (seed, epoch, item), not on which
-        worker loads an item or what came before it: a resumed run sees exactly the same batches."""
-        self.epoch = epoch
-
-    def item_rng(self, item: int, epoch: int | None = None) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, item])
+    def item_rng(self, item: int, epoch: int) -> np.random.Generator:
+        """Every training draw of an item (frames, crop, flip, caption) comes from (seed, epoch, item) alone,
+        not from which worker loads it or what came before: a resumed run sees exactly the same batches."""
+        return np.random.default_rng([self.seed, epoch, item])
 
     def load_video(self, video_index: int, rng: np.random.Generator | None = None) -> torch.Tensor:
         """Video j as (F, 3, R, R) float32; `rng` draws the training frames and augmentation."""
@@ -220,14 +216,14 @@ class VideoTextDataset(Dataset):
         if self.train:
             frames = (store.training_frames(path, self.num_frames, self.image_size, rng) if store is not None
                       else read_frames(path, self.num_frames, "rand", rng))  # (F, H, W, 3)
-            return video_transform(frames, self.augment, self.image_size, rng)
+            return video_transform(frames, self.augment, self.image_size, rng, hflip=self.hflip)
         if store is not None and not self.augment:
             return normalize(store.evaluation_frames(path, self.num_frames, self.image_size))  # (F, 3, R, R)
         return video_transform(read_frames(path, self.num_frames, "uniform"), self.augment, self.image_size, rng)
 
     def __getitem__(self, key) -> dict:
-        """`key` is an item index, or an (epoch, item) pair (see `EpochSampler`), which overrides `set_epoch`."""
-        epoch, item = key if isinstance(key, tuple) else (self.epoch, key)
+        """`key` is an (epoch, item) pair (see `EpochSampler`), or an item index (epoch 0)."""
+        epoch, item = key if isinstance(key, tuple) else (0, key)
         try:
             return self._load_item(epoch, item)
         except VideoReadError as error:
@@ -278,9 +274,8 @@ class VideoTextDataset(Dataset):
         subset = VideoTextDataset(self.name, [self.video_ids[j] for j in kept], [self.video_paths[j] for j in kept],
                                   [c for c, _ in pairs], [j for _, j in pairs], num_frames=self.num_frames,
                                   image_size=self.image_size, train=self.train, augment=self.augment,
-                                  one_caption_per_video=self.one_caption_per_video, seed=self.seed,
+                                  hflip=self.hflip, one_caption_per_video=self.one_caption_per_video, seed=self.seed,
                                   frame_store=self.frame_store)
-        subset.epoch = self.epoch
         return subset
 
 
@@ -301,7 +296,7 @@ class VideoOnlyDataset(Dataset):
 
 def build_dataset(name: str, root, split: str, num_frames: int = 12, image_size: int = 224, train=None,
                   skip_missing: bool = False, one_caption_per_video: bool = False, seed: int = 0,
-                  video_dir=None, augment=None, frame_store=None) -> VideoTextDataset:
+                  video_dir=None, augment=None, hflip: bool = True, frame_store=None) -> VideoTextDataset:
     """The one entry point: a VideoTextDataset for benchmark `name` (annotations.DATASET_NAMES) read from `root`.
 
     `train` defaults to split == "train": random frame per segment + random crop/flip; otherwise segment
@@ -315,43 +310,52 @@ def build_dataset(name: str, root, split: str, num_frames: int = 12, image_size:
         augment = train and name != "synthetic"
     return VideoTextDataset(name, annotations.video_ids, annotations.video_paths, annotations.captions,
                             annotations.caption_video_index, num_frames=num_frames, image_size=image_size,
-                            train=train, augment=augment, one_caption_per_video=one_caption_per_video, seed=seed,
-                            frame_store=frame_store)
+                            train=train, augment=augment, hflip=hflip, one_caption_per_video=one_caption_per_video,
+                            seed=seed, frame_store=frame_store)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 4. Loading in parallel (skip on a first reading)
 
 def default_num_workers(processes_per_machine: int = 1) -> int:
-    """DataLoader workers per training process: this process's share of the CPUs it may use (its affinity
-    mask, as DataLoader counts them, so the default never draws DataLoader's "too many workers" warning), and
-    at least 1, so that the main process never decodes. Under torchrun pass LOCAL_WORLD_SIZE."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cpus // max(1, processes_per_machine))
+    """DataLoader workers per training process: this process's share of the CPUs it may use (as DataLoader
+    counts them, so the default never draws its "too many workers" warning), and at least 1, so that the main
+    process never decodes. Under torchrun pass the processes per machine (LOCAL_WORLD_SIZE)."""
+    return max(1, available_cpus() // max(1, processes_per_machine))
 
 
-def worker_init_fn(worker_id: int) -> None:
+def worker_init_fn(worker_id: int, main_process: int | None = None) -> None:
     """DataLoader worker setup: one OpenCV thread per worker, so that workers do not fight over the cores
-    (video_io also gives FFmpeg's decoder that many threads). No random seeding: every draw comes from
-    VideoTextDataset.item_rng, a function of (seed, epoch, item) alone."""
+    (video_io also gives FFmpeg's decoder that many threads), and an exit of its own when the main process is
+    killed (a fork server is the workers' parent, so they would not notice). No random seeding: every draw
+    comes from VideoTextDataset.item_rng, a function of (seed, epoch, item) alone."""
     cv2.setNumThreads(1)
+    if main_process is not None:
+        exit_when_process_ends(main_process)
 
 
 class EpochSampler(Sampler):
-    """The items of one epoch as (epoch, item) keys, refilled by the training loop before each epoch.
+    """This process's items of each epoch as (epoch, item) keys: a shuffle that depends on (seed, epoch) alone,
+    split between the processes (DistributedSampler's order), cut to whole batches of `batch_size`.
 
-    Persistent workers keep their own copy of the dataset, so `dataset.set_epoch` in the main process does not
-    reach them; a key that carries its epoch does. One DataLoader then serves the whole run:
-        order = data.EpochSampler()
+    Persistent workers keep their own copy of the dataset, so the epoch travels in each key; one DataLoader
+    then serves the whole run, and a resumed run starts the epoch at the batch where it stopped:
+        order = data.EpochSampler(len(train_set), batch_size)
         loader = data.make_loader(train_set, batch_size, sampler=order, drop_last=True)
-        for epoch in ...: order.set_epoch(epoch, items_of_this_epoch); for batch in loader: ...
+        for epoch in ...: order.set_epoch(epoch); for batch in loader: ...
     """
 
-    def __init__(self, epoch: int = 0, items=()):
-        self.set_epoch(epoch, items)
+    def __init__(self, num_items: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
+        self.shuffle = DistributedSampler(range(num_items), num_replicas=world_size, rank=rank, shuffle=True,
+                                          seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.num_batches = len(self.shuffle) // batch_size  # the last incomplete batch is dropped
+        self.keys = []
 
-    def set_epoch(self, epoch: int, items) -> None:
-        self.keys = [(int(epoch), int(item)) for item in items]
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        self.shuffle.set_epoch(epoch)
+        items = list(self.shuffle)[first_batch * self.batch_size: self.num_batches * self.batch_size]
+        self.keys = [(epoch, int(item)) for item in items]
 
     def __iter__(self):
         return iter(self.keys)
@@ -364,11 +368,21 @@ def make_loader(dataset, batch_size: int, num_workers: int | None = None, **kwar
     """A DataLoader set up for video: `num_workers` defaults to `default_num_workers()`; the workers stay alive
     from one epoch to the next (persistent) and each keeps 2 batches ready (prefetch); one OpenCV thread per
     worker; workers started by a fork server rather than forked from a parent that has already decoded video
-    (FFmpeg's thread pools do not survive fork(): we saw 2 workers hang after the parent had read 720p clips)."""
+    (FFmpeg's thread pools do not survive fork(): we saw 2 workers hang after the parent had read 720p clips).
+    Stop its workers with `stop_workers` when done with it (or when stopped: they outlive an exception)."""
     num_workers = default_num_workers() if num_workers is None else num_workers
     if num_workers > 0:
         kwargs = {"persistent_workers": True, "prefetch_factor": 2, **kwargs}
         if "forkserver" in multiprocessing.get_all_start_methods():
             kwargs.setdefault("multiprocessing_context", "forkserver")
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, worker_init_fn=worker_init_fn,
-                      **kwargs)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                      worker_init_fn=functools.partial(worker_init_fn, main_process=os.getpid()), **kwargs)
+
+
+def stop_workers(loader: DataLoader) -> None:
+    """End a loader's worker processes now. Persistent workers otherwise live as long as the loader object,
+    which an exception's traceback keeps alive."""
+    iterator = getattr(loader, "_iterator", None)  # DataLoader keeps its persistent workers' iterator here
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None

@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,10 +22,12 @@ import numpy as np
 import torch
 
 import clip_model
+import clip_weights
 import data
 import evaluate
 import train
 from cli import resolve_device
+from files import atomic_write
 from video_io import write_video
 from vop import VoP, VoPConfig
 
@@ -82,12 +83,10 @@ def _motion_clip(rng, frame_size: int, clip_frames: int, colour: str, shape: str
 
 
 def _write_csv(path: Path, rows) -> None:
-    partial = path.with_suffix(".csv.tmp")
-    with open(partial, "w", newline="", encoding="utf-8") as handle:
+    with atomic_write(path, "w", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["video", "caption"])
         writer.writerows(rows)
-    os.replace(partial, path)
 
 
 def make_synthetic_world(root, seed: int = 0, num_videos: int = 512, num_test_pairs: int = 80,
@@ -227,9 +226,8 @@ def pretrained_tiny_clip(world: Path, root: Path, overrides: dict) -> Path:
     trainable = torch.load(out_dir / "last.pt", weights_only=True)["trainable"]
     state_dict = {name.removeprefix("clip."): tensor for name, tensor in trainable.items()}
     state_dict["logit_scale"] = torch.tensor(4.6052)  # frozen during training, as it stays for VoP
-    partial = path.with_suffix(".tmp")
-    torch.save(state_dict, partial)
-    partial.replace(path)
+    with atomic_write(path) as handle:
+        torch.save(state_dict, handle)
     return path
 
 
@@ -254,7 +252,7 @@ def run(overrides: dict, evaluate_before: bool = True) -> dict:
               "reversal pairs: 'moves left' and 'moves right' are the same frames in opposite order, so a model "
               "that ignores frame order scores 50% on the pairs.")
         before = train.train(dataclasses.replace(tuned, tune="zero-shot", prompts=""))
-        zero_shot = VoP(clip_model.load(clip_path, device), VoPConfig(tune="zero-shot", num_frames=tuned.num_frames))
+        zero_shot = VoP(clip_weights.load(clip_path, device), VoPConfig(tune="zero-shot", num_frames=tuned.num_frames))
         before["pairs"] = score_reversal_pairs(zero_shot.to(device), world, device)
         if tuned.tune == "zero-shot":
             return before

@@ -27,20 +27,22 @@ Shapes: T captions, V videos, E embedding size, M most captions of any one video
     python evaluate.py --checkpoint runs/msrvtt-9k/vop/last.pt [--data ... --data-root ... --split test]
     python evaluate.py --zero-shot --clip ViT-B/32 --data msrvtt-9k --data-root data/msrvtt
 """
+import contextlib
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image, ImageDraw
 
 import checkpoints
-import clip_model
+import clip_weights
 import data
+import distributed
 from annotations import DATASET_NAMES
 from cli import (PRECISIONS, ConfigError, at_least, greater_than, option, parse_config, resolve_device,
                  resolve_precision, run_command)
+from clip_model import CLIP_MEAN, CLIP_STD
 from frame_store import FrameStore
 from vop import VoP, VoPConfig
 
@@ -132,57 +134,67 @@ def dense_video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: 
 
 def embed(model: VoP, dataset: data.VideoTextDataset, batch_size: int = 32, num_workers: int | None = None,
           device="cpu", autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text_embeddings (T, E), video_embeddings (V, E)), float32 on the CPU, L2-normalised.
-
-    Every caption of `dataset.captions` and every unique video of `dataset.videos()` is encoded exactly once.
-    The model runs in eval mode without gradients; its previous train/eval mode is restored afterwards, so
-    train.py can call this between epochs. `autocast_dtype` (torch.float16 on CUDA, torch.bfloat16 on CPU)
-    runs the encoders under torch.autocast; the weights stay float32. Under torchrun every process embeds
-    its share of the videos and captions, and every process gets all of them back.
-    """
-    device = torch.device(device)
-    _check_model_device(model, device)
+    """(text_embeddings (T, E), video_embeddings (V, E)), float32 on the CPU, L2-normalised: every caption of
+    `dataset.captions` and every unique video of `dataset.videos()`, each encoded exactly once."""
     if len(dataset.captions) == 0 or len(dataset.video_ids) == 0:
         raise ValueError(f"dataset {dataset.name!r} has no captions or no videos to evaluate")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-    videos = torch.utils.data.Subset(dataset.videos(), range(rank, len(dataset.video_ids), world_size))
-    captions = list(dataset.captions[rank::world_size])
-    autocast = torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    loader = data.make_loader(videos, batch_size, num_workers, shuffle=False, pin_memory=device.type == "cuda",
-                              persistent_workers=False)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), autocast:  # not inference_mode: callers may reuse the tensors
-            video_embeddings = [model.encode_video(batch["video"].to(device, non_blocking=True)).float().cpu()
-                                for batch in loader]  # each (B, E)
-            text_embeddings = []
-            for start in range(0, len(captions), batch_size):
-                tokens = model.tokenize(captions[start:start + batch_size]).to(device)  # (B, L)
-                text_embeddings.append(model.encode_text(tokens).float().cpu())  # (B, E)
-    finally:
-        model.train(was_training)
-    text_embeddings = _join_shares(text_embeddings, len(dataset.captions), world_size)  # (T, E)
-    video_embeddings = _join_shares(video_embeddings, len(dataset.video_ids), world_size)  # (V, E)
+    video_embeddings = embed_videos(model, dataset.videos(), batch_size, num_workers, device, autocast_dtype)
+    text_embeddings = embed_captions(model, dataset.captions, batch_size, device, autocast_dtype)
     return text_embeddings, video_embeddings
 
 
-def is_distributed() -> bool:
-    """Under torchrun with more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def embed_videos(model: VoP, videos, batch_size: int = 32, num_workers: int | None = None, device="cpu",
+                 autocast_dtype: torch.dtype | None = None, progress=None) -> torch.Tensor:
+    """(V, E) float32 on the CPU, L2-normalised: the videos of `videos`, a dataset of items {"video": (F, 3, R,
+    R)} in the evaluation protocol's frames (data.VideoOnlyDataset, data.VideoFiles), in its order.
+
+    The model runs in eval mode without gradients; its train/eval mode is restored afterwards, so train.py can
+    call this between epochs. `autocast_dtype` (torch.float16 on CUDA, torch.bfloat16 on CPU) runs the encoder
+    under torch.autocast; the weights stay float32. Under torchrun every process embeds its share (videos
+    r, r + W, ...) and every process gets all of them back. `progress(done, total)` is called after each batch.
+    """
+    rank, world_size = distributed.rank_and_world_size()
+    share = torch.utils.data.Subset(videos, range(rank, len(videos), world_size))
+    loader = data.make_loader(share, batch_size, num_workers, shuffle=False, pin_memory=torch.device(device).type
+                              == "cuda", persistent_workers=False)
+    embeddings = []  # each (B, E)
+    with _inference(model, device, autocast_dtype):
+        for batch in loader:
+            embeddings.append(model.encode_video(batch["video"].to(device, non_blocking=True)).float().cpu())
+            if progress is not None:
+                progress(sum(len(part) for part in embeddings) * world_size, len(videos))
+    mine = torch.cat(embeddings) if embeddings else torch.empty(0)  # (rows of this process, E)
+    return distributed.join_shares(mine, len(videos))  # (V, E)
 
 
-def _join_shares(parts: list, total: int, world_size: int) -> torch.Tensor:
-    """Process r embedded rows r, r + W, r + 2W, ...: gather every process's rows and put them in order."""
-    mine = torch.cat(parts) if parts else torch.empty(0)  # (rows of this process, E)
-    if world_size == 1:
-        return mine
-    shares = [None] * world_size
-    dist.all_gather_object(shares, mine)
-    joined = torch.empty(total, shares[0].shape[1], dtype=shares[0].dtype)  # (total, E)
-    for rank, share in enumerate(shares):
-        joined[rank::world_size] = share
-    return joined
+def embed_captions(model: VoP, captions: list[str], batch_size: int = 32, device="cpu",
+                   autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(T, E) float32 on the CPU, L2-normalised: each caption encoded once (under torchrun, each process its
+    share, as embed_videos)."""
+    rank, world_size = distributed.rank_and_world_size()
+    share = list(captions[rank::world_size])
+    embeddings = []  # each (B, E)
+    with _inference(model, device, autocast_dtype):
+        for start in range(0, len(share), batch_size):
+            tokens = model.tokenize(share[start:start + batch_size]).to(device)  # (B, L)
+            embeddings.append(model.encode_text(tokens).float().cpu())
+    mine = torch.cat(embeddings) if embeddings else torch.empty(0)  # (rows of this process, E)
+    return distributed.join_shares(mine, len(captions))  # (T, E)
+
+
+@contextlib.contextmanager
+def _inference(model: VoP, device, autocast_dtype: torch.dtype | None):
+    """Eval mode, no gradients, autocast if asked; the model's train/eval mode is restored afterwards."""
+    device = torch.device(device)
+    _check_model_device(model, device)
+    was_training = model.training
+    model.eval()
+    try:
+        # not inference_mode: callers may reuse the tensors
+        with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            yield
+    finally:
+        model.train(was_training)
 
 
 def _check_model_device(model: torch.nn.Module, device: torch.device) -> None:
@@ -321,20 +333,6 @@ def video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: torch.
                              score_device, candidate_owner=owner_video)
 
 
-def text_to_video_ranks(text_embeddings, video_embeddings, caption_video_index, dsl: bool = False,
-                        temperature: float = 100.0, chunk_size: int | None = None) -> torch.Tensor:
-    """(T,) expected rank of each caption's video."""
-    return expected_ranks(*text_to_video_counts(text_embeddings, video_embeddings, caption_video_index, dsl,
-                                                temperature, chunk_size))
-
-
-def video_to_text_ranks(text_embeddings, video_embeddings, caption_video_index, dsl: bool = False,
-                        temperature: float = 100.0, chunk_size: int | None = None) -> torch.Tensor:
-    """(V,) expected rank of each video among the V videos, each scored by its best caption."""
-    return expected_ranks(*video_to_text_counts(text_embeddings, video_embeddings, caption_video_index, dsl,
-                                                temperature, chunk_size))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # 4. A model on a test set, a checkpoint's model, the qualitative figure
 
@@ -378,11 +376,10 @@ def load_model_from_checkpoint(path, device="cpu", clip=None) -> tuple[VoP, dict
     points at the same weights somewhere else, and weights with another SHA-256 are refused.
     """
     checkpoint = checkpoints.load_checkpoint(path)
-    run = checkpoint.get("run") or {}  # older checkpoints recorded only config["clip"]
-    backbone = clip or run.get("backbone") or checkpoint["config"].get("clip") or "ViT-B/32"
-    backbone_model = clip_model.load(backbone, device, activation=run.get("activation"),
-                                     sha256=run.get("backbone_sha256"))
-    model = VoP(backbone_model, checkpoints.vop_config_of(checkpoint)).to(device)
+    run = checkpoint["run"]
+    backbone = clip_weights.load(clip or run["backbone"], device, activation=run.get("activation"),
+                                 sha256=run.get("backbone_sha256"))
+    model = VoP(backbone, checkpoints.vop_config_of(checkpoint, path)).to(device)
     try:
         model.load_trainable_state_dict(checkpoint["trainable"])
     except ValueError as error:
@@ -392,8 +389,8 @@ def load_model_from_checkpoint(path, device="cpu", clip=None) -> tuple[VoP, dict
 
 def _to_pixels(video: torch.Tensor) -> np.ndarray:
     """(F, 3, S, S) CLIP-normalised -> (F, S, S, 3) uint8 RGB: undo data.normalize."""
-    mean = torch.tensor(data.CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(data.CLIP_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     pixels = (video.float() * std + mean).clamp(0, 1) * 255  # (F, 3, S, S)
     return pixels.round().byte().permute(0, 2, 3, 1).numpy()
 
@@ -489,7 +486,7 @@ def main(argv=None) -> dict:
     num_frames = config.num_frames or (checkpoints.vop_config_of(checkpoint).num_frames if trained else 12)
     dataset = data.build_dataset(name, root, config.split, num_frames=num_frames, train=False, frame_store=store)
     if config.zero_shot:
-        clip = clip_model.load(config.clip or "ViT-B/32", device, activation=config.clip_activation)
+        clip = clip_weights.load(config.clip or "ViT-B/32", device, activation=config.clip_activation)
         model = VoP(clip, VoPConfig(tune="zero-shot", num_frames=num_frames)).to(device).eval()
         model_name = f"zero-shot {config.clip or 'ViT-B/32'}"
     else:

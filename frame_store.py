@@ -39,7 +39,6 @@ import json
 import math
 import os
 import time
-import uuid
 from pathlib import Path
 
 import cv2
@@ -48,12 +47,12 @@ import torch
 import torch.nn.functional as F
 
 import data
+from files import atomic_write, remove_leftover_temporaries
 from video_io import VideoReadError, decode_frames, map_in_processes
 
 FORMAT = 1
 MAGIC = b"VOPFRAMES1\n"
 TRAINING_SIDE_PER_INPUT_SIDE = math.sqrt(2)  # stored shorter side, at most, in units of R (see above)
-STALE_TEMPORARY_SECONDS = 3600  # a temporary file this old belongs to a build that crashed
 
 
 class FrameStore:
@@ -100,7 +99,7 @@ class FrameStore:
             return {"stored": 0, "built": 0, "failed": [], "bytes": self.size_bytes()}
         kind = "train" if dataset.train else "eval"
         folder = self._folder(kind, dataset.num_frames, dataset.image_size)
-        self._remove_stale_temporaries(folder)
+        remove_leftover_temporaries(folder)
         mine = list(dict.fromkeys(dataset.video_paths[rank::world_size]))  # unique, in order
         todo = [path for path in mine if not self._has_entry(folder, path)]
         jobs = [(self, kind, str(path), dataset.num_frames, dataset.image_size) for path in todo]
@@ -209,12 +208,10 @@ class FrameStore:
         offsets = np.concatenate([[0], np.cumsum([len(blob) for blob in blobs])]).tolist()
         header_bytes = json.dumps({**header, "offsets": offsets}).encode()
         entry.parent.mkdir(parents=True, exist_ok=True)
-        partial = entry.with_name(f"{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(partial, "wb") as handle:
+        with atomic_write(entry) as handle:
             handle.write(MAGIC + len(header_bytes).to_bytes(8, "little") + header_bytes)
             for blob in blobs:
                 handle.write(blob)
-        os.replace(partial, entry)
 
     @staticmethod
     def _read_header(entry: Path, key: str):
@@ -242,17 +239,6 @@ class FrameStore:
                 return blobs
         except OSError:
             return None
-
-    @staticmethod
-    def _remove_stale_temporaries(folder: Path) -> None:
-        if not folder.is_dir():
-            return
-        for partial in folder.glob("*.tmp"):
-            try:
-                if time.time() - partial.stat().st_mtime > STALE_TEMPORARY_SECONDS:
-                    partial.unlink()
-            except OSError:
-                pass  # renamed or removed by its builder meanwhile
 
 
 def _parse_header(handle, key: str):

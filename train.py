@@ -4,14 +4,14 @@
     torchrun --nproc_per_node 4 train.py --data msrvtt-7k --data-root /data/msrvtt --prompts fn,ctx
     python demo.py --prompts pos,ctx       # no weights, no data: the synthetic demo (demo.py)
 
-Read first: `contrastive_loss`, `get_lr` and the loop in `train`. A flat loop: symmetric InfoNCE over the
-global batch, AdamW on the trainable tensors only, cosine decay after a linear warm-up, gradient clipping, fp16
-autocast + GradScaler on CUDA (bf16 autocast on request). After each epoch the checkpoint (out_dir/last.pt:
-the trainable tensors, config, optimizer and scaler state, step, results) is written, atomically, *before*
-evaluating, so a failed evaluation never costs the epoch; `--resume auto` continues exactly where it stopped.
-
-What runs around the loop (checks, the output folder, data and video probes, checkpoints, logs, resuming)
-is runs.py's `Run`: skip it on a first reading.
+Read `train` top to bottom: it builds the data, the model (CLIP with VoP's prompts), the optimizer and the
+loader, then loops over `training_step`: symmetric InfoNCE over the global batch (`contrastive_loss`), AdamW
+on the trainable tensors only (`make_optimizer`), cosine decay after a linear warm-up (`get_lr`), gradient
+clipping, fp16 autocast + GradScaler on CUDA (bf16 on request). After each epoch the checkpoint
+(out_dir/last.pt: the trainable tensors, optimizer and scaler state, step, results) is written, atomically,
+*before* evaluating, so a failed evaluation never costs the epoch; `--resume auto` continues exactly where it
+stopped. What `train` calls on `run` (runs.py: the output folder and its lock, the data and video checks,
+checkpoints and the resume checks, logs) is machinery: skip it on a first reading.
 """
 import math
 import sys
@@ -21,11 +21,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import data
+import distributed
 from annotations import DATASET_NAMES
-from cli import PRECISIONS, at_least, between, build_parser, greater_than, option, parse_config, run_command
-from evaluate import is_distributed
-from runs import Run
-from vop import TUNE_MODES, VoP
+from cli import (PRECISIONS, at_least, between, build_parser, check_config, flag_errors, greater_than, option,
+                 parse_config, resolve_device, resolve_precision, run_command)
+from clip_weights import load as load_clip
+from evaluate import evaluate, format_results
+from errors import Stopped
+from runs import Run, results_title, run_identity
+from vop import TUNE_MODES, VoP, VoPConfig, describe_parameters
 
 # The paper searched the learning rate per method in [1e-6, 1e-2] without giving the values; these are ours.
 DEFAULT_LR = {"prompts": 1e-3, "full": 1e-6, "partial": 1e-5, "bias": 1e-4, "proj": 1e-4, "zero-shot": 0.0}
@@ -48,14 +53,17 @@ class TrainConfig:
     num_frames: int = option(12, "frames sampled per video", at_least(1))
     batch_size: int = option(32, "global batch (split over the processes under torchrun)", at_least(1))
     epochs: int = option(5, "passes over every (video, caption) pair; 0 evaluates only", at_least(0))
-    lr: float | None = option(None, "peak learning rate; default: DEFAULT_LR for the --tune mode", greater_than(0))
-    weight_decay: float = option(0.2, "AdamW weight decay (matrices only)", at_least(0))
+    lr: float | None = option(None, "peak learning rate; default by --tune: " + ", ".join(
+        f"{mode} {lr:g}" for mode, lr in DEFAULT_LR.items() if lr), greater_than(0))
+    weight_decay: float = option(0.2, "AdamW weight decay (tensors of 2+ dims: matrices and prompts)", at_least(0))
     warmup: float = option(0.1, "fraction of the steps spent warming up linearly", between(0, 1))
     grad_clip: float = option(1.0, "clip the gradient norm to this (inf: no clipping)", greater_than(0))
     fn_layers: int = option(8, "K of VoP^F: layers run per frame before the video-wide ones", at_least(1))
     num_text_prompts: int = option(8, "text prompt tokens per layer", at_least(0))
     num_visual_prompts: int = option(8, "visual prompt tokens per layer", at_least(0))
     video_prompt_length: int = option(4, "of the visual tokens, how many the video prompts make", at_least(0))
+    flip: bool = option(True, "random horizontal flips in training; --no-flip when captions name directions "
+                              "(a flip turns 'moves left' into 'moves right')")
     precision: str = option("auto", "autocast: auto (fp16 + GradScaler on CUDA, fp32 on CPU), fp32, fp16, bf16",
                             choices=("auto", *PRECISIONS))
     grad_checkpointing: bool = option(False, "recompute the frozen blocks' activations in backward")
@@ -76,7 +84,7 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The paper's path: the loss, the schedule, one step, the loop
+# The paper's path: the loss, the schedule, the optimiser, one step, the loop
 
 
 def contrastive_loss(video_embeddings, text_embeddings, logit_scale):
@@ -96,33 +104,35 @@ def get_lr(step: int, total_steps: int, base_lr: float, warmup: float) -> float:
 
 
 def make_optimizer(model: VoP, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW on the trainable tensors only; weight decay on matrices, not on norms and biases (CLIP, open_clip)."""
+    """AdamW on the trainable tensors only. Weight decay (the paper's 0.2) on every trainable tensor of two or
+    more dimensions: weight matrices, the prompt tables and VoP^F's frame position embedding, which decay
+    towards zero, their initial scale (VPT and CoOp decay their prompts too). None on the 1-dimensional
+    tensors, norms and biases (CLIP's and open_clip's rule; it matters only for the baselines and VoP^C's LSTM)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW([{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
                               {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
 
 
-def training_step(run: Run, batch: dict, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step on one batch: (loss, gradient norm before clipping)."""
-    model, optimizer, scaler = run.model, run.optimizer, run.scaler
+def training_step(model: VoP, optimizer, scaler, batch: dict, lr: float, grad_clip: float, device: torch.device,
+                  amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on this process's share of a global batch: (loss, gradient norm before clipping)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    frames = batch["video"].to(run.device, non_blocking=True)  # (B, F, 3, R, R)
-    tokens = model.tokenize(batch["caption"]).to(run.device)  # (B, 77 - P)
-    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+    frames = batch["video"].to(device, non_blocking=True)  # (B, F, 3, R, R)
+    tokens = model.tokenize(batch["caption"]).to(device)  # (B, 77 - P)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         video_embeddings, text_embeddings = model(frames, tokens)  # (B, E) each
     # Every process scores its own rows against the whole global batch (see gather_with_grad).
     loss = contrastive_loss(gather_with_grad(video_embeddings.float()), gather_with_grad(text_embeddings.float()),
                             model.logit_scale)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"loss is {loss.item()} at step {run.step}: stopping. The last good checkpoint {run.checkpoint_path} is "
-            f"intact. Try a lower --lr, or --precision bf16 / fp32.")
+    if not torch.isfinite(loss):  # before backward: the weights stay as the last good step left them
+        raise FloatingPointError(f"the loss is {loss.item()}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    sum_gradients_across_processes(run.trainable)
+    sum_gradients_across_processes(trainable)
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, run.config.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
     scaler.step(optimizer)
     scaler.update()
     return loss.detach(), grad_norm
@@ -130,41 +140,97 @@ def training_step(run: Run, batch: dict, lr: float) -> tuple[torch.Tensor, torch
 
 def train(config: TrainConfig) -> dict:
     """Train, saving and then evaluating after each epoch; return the last evaluation."""
-    base_lr = config.lr if config.lr is not None else DEFAULT_LR[config.tune]
-    run = Run.prepare(config, base_lr)  # flags, output folder, data and video checks, CLIP, VoP (runs.py)
-    with run:  # holds the output folder until the run ends, however it ends
-        optimizer = make_optimizer(run.model, base_lr, config.weight_decay)
-        scaler = torch.amp.GradScaler(run.device.type, enabled=run.amp_dtype == torch.float16)  # fp16 only
-        run.resume(optimizer, scaler)  # with --resume: the checkpoint's state, if it belongs to this run
-        run.fill_frame_store()  # with --frame-store: decode each video once, now
-        for epoch in run.remaining_epochs():
-            run.model.train()
-            replaced = []  # training videos that failed to decode this epoch (each replaced by another item)
-            for batch in run.batches(epoch):
-                lr = get_lr(run.step, run.total_steps, base_lr, config.warmup)
-                loss, grad_norm = training_step(run, batch, lr)
-                run.step += 1
-                replaced += [path for path in batch.get("replaced_video", []) if path]
-                if run.step % config.log_every == 0 or run.step == run.total_steps:
-                    run.log_progress(epoch, loss, lr, grad_norm)
-                if config.save_every and run.step % config.save_every == 0:
-                    run.save()
-            run.count_replaced(epoch, replaced)
-            run.save()  # before evaluating: a failed evaluation must not cost the epoch
-            if config.eval_each_epoch or epoch == config.epochs - 1:
-                run.evaluate_epoch(epoch)
-                run.save()  # now with the epoch's results
-        return run.finish()
+    check_config(config)
+    with flag_errors(video_prompts="prompts"):  # a bad value names its flag
+        model_config = VoPConfig(config.prompts, num_frames=config.num_frames, tune=config.tune,
+                                 num_text_prompts=config.num_text_prompts, num_visual_prompts=config.num_visual_prompts,
+                                 video_prompt_length=config.video_prompt_length, fn_layers=config.fn_layers)
+    rank, world_size, device = distributed.setup(resolve_device(config.device))  # (0, 1, device) without torchrun
+    amp_dtype = resolve_precision(config.precision, device)  # None: float32
+    with Run(config, rank, world_size) as run:  # holds out_dir (runs.py) until the run ends, however it ends
+        # 1. The data: (video, caption) pairs; every video is probed once and unreadable ones are left out.
+        train_set, test_set = run.read_data()
+        # 2. The model: CLIP, frozen (the baselines tune a part of it), with VoP's prompts around it.
+        torch.manual_seed(config.seed)  # the prompts' initialisation
+        clip = load_clip(config.clip, device, activation=config.clip_activation)
+        with flag_errors(video_prompts="prompts"):
+            model = VoP(clip, model_config, grad_checkpointing=config.grad_checkpointing).to(device)
+        for dataset in (train_set, test_set):  # read before the backbone, which sets the input side
+            if dataset is not None:
+                dataset.image_size = clip.visual.input_resolution
+        run.log(f"model: VoP {model.describe()} on {config.clip}; {describe_parameters(model)}")
+        if train_set is None:  # --tune zero-shot or --epochs 0: nothing to train
+            results = evaluate(model, test_set, config.eval_batch_size, run.num_workers, device, amp_dtype)
+            run.log(format_results(results, results_title(config, "zero-shot" if config.tune == "zero-shot" else
+                                                              "untrained", test_set)))
+            return {**results, "trainable": 0}
+        # 3. The optimiser and the schedule.
+        base_lr = config.lr if config.lr is not None else DEFAULT_LR[config.tune]
+        optimizer = make_optimizer(model, base_lr, config.weight_decay)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 needs loss scaling
+        steps_per_epoch = len(train_set) // config.batch_size  # the last incomplete batch is dropped
+        total_steps = steps_per_epoch * config.epochs
+        # 4. Where to start: step 0, or where --resume's checkpoint stopped (it must belong to this run).
+        identity = run_identity(config, clip, train_set, steps_per_epoch, base_lr, model_config)  # what resume checks
+        step, history = run.resume(model, optimizer, scaler, identity)
+        # 5. The batches: each process loads its share of each global batch, decoded by parallel workers.
+        run.fill_frame_store(train_set, test_set)  # --frame-store: decode each video once, now
+        local_batch = config.batch_size // world_size
+        order = data.EpochSampler(len(train_set), local_batch, rank, world_size, seed=config.seed)
+        loader = data.make_loader(train_set, local_batch, run.num_workers, sampler=order, drop_last=True,
+                                  pin_memory=device.type == "cuda")
+        try:
+            for epoch in range(step // steps_per_epoch, config.epochs):
+                model.train()
+                order.set_epoch(epoch, first_batch=step - epoch * steps_per_epoch)  # a resumed epoch skips ahead
+                replaced = []  # training videos that failed to decode (each was replaced by another item)
+                for batch in loader:
+                    lr = get_lr(step, total_steps, base_lr, config.warmup)
+                    loss, grad_norm = training_step(model, optimizer, scaler, batch, lr, config.grad_clip, device,
+                                                    amp_dtype)
+                    step += 1
+                    replaced += [path for path in batch["replaced_video"] if path]
+                    run.log_step(epoch, step, total_steps, loss, lr, grad_norm)
+                    if config.save_every and step % config.save_every == 0:
+                        run.save(model, optimizer, scaler, step, history)
+                run.count_replaced(epoch, step, replaced)
+                run.save(model, optimizer, scaler, step, history)  # before evaluating: never lose the epoch
+                if config.eval_each_epoch or epoch == config.epochs - 1:
+                    history.append(evaluate_epoch(model, test_set, epoch, step, run, device, amp_dtype))
+                    run.save(model, optimizer, scaler, step, history)  # now with the epoch's results
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cli.run_command): one line on what is saved
+            raise Stopped(f"Stopped at step {step}/{total_steps}. {run.saved_note(total_steps)}") from None
+        except FloatingPointError as error:
+            raise FloatingPointError(f"{error} at step {step}: stopping. Try a lower --lr, or --precision bf16 / "
+                                     f"fp32. {run.saved_note(total_steps)}") from None
+        finally:
+            data.stop_workers(loader)
+        if not history or history[-1]["epoch"] < config.epochs:  # resumed after its last evaluation failed
+            history.append(evaluate_epoch(model, test_set, config.epochs - 1, step, run, device, amp_dtype))
+            run.save(model, optimizer, scaler, step, history)
+        elif step == run.start_step:  # a finished run, resumed: show what it ended with
+            run.log(format_results(history[-1], results_title(config, f"epoch {config.epochs}", test_set)))
+        return run.finish(step, history, trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def evaluate_epoch(model: VoP, test_set, epoch: int, step: int, run: Run, device, amp_dtype) -> dict:
+    """The test split's retrieval metrics after `epoch` (every process embeds its share), printed as the paper's
+    table and logged."""
+    with run.evaluation_failure_note(epoch):  # says that the epoch's checkpoint is saved and how to evaluate it
+        results = evaluate(model, test_set, run.config.eval_batch_size, run.num_workers, device, amp_dtype)
+    run.log(format_results(results, results_title(run.config, f"epoch {epoch + 1}", test_set)))
+    run.write_log({"epoch": epoch + 1, "step": step, "eval": results})
+    return {"epoch": epoch + 1, "step": step, **results}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Distributed training (active only under torchrun, when RANK is set)
+# Several processes (active only under torchrun): the loss needs the whole global batch
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All processes' rows (W*B, E), so the loss contrasts every pair of the global batch. Gradients flow back
     through this process's own rows only; the other rows are constants here."""
-    if not is_distributed():
+    if not distributed.is_distributed():
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.detach().contiguous())
@@ -176,7 +242,7 @@ def sum_gradients_across_processes(parameters):
     """Why a sum: each process computes the same global loss, but its backward pass only reaches the
     embeddings of its own rows, so it holds only their share of the gradient. The shares add up to the full
     gradient; DDP's averaging would give 1/W of it."""
-    if is_distributed():
+    if distributed.is_distributed():
         for p in parameters:
             if p.grad is not None:
                 dist.all_reduce(p.grad)

@@ -12,9 +12,12 @@ Skip on a first reading: data.py says *which* frames VoP uses; this module only 
   decode; in parallel, cached, so that a run can leave unreadable videos out before it starts.
 - `write_video`: encode frames with OpenCV (tests and the synthetic demo make their clips with it).
 """
+import functools
 import json
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -24,11 +27,13 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from errors import UserError
+from files import atomic_write
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".wmv", ".flv")
 
 
-class VideoReadError(RuntimeError):
+class VideoReadError(UserError):
     """A video file that OpenCV cannot open or from which no frame decodes."""
 
 
@@ -188,15 +193,17 @@ def _read_sequential(path: Path, wanted: np.ndarray):
 def _read_seeking(path: Path, wanted: np.ndarray):
     """Seek to each wanted frame with CAP_PROP_POS_FRAMES (the X-Pool / ModelScope way).
 
-    Returns (F, H, W, 3) uint8 RGB, or None if any seek or read fails (the caller then falls back to the
-    sequential pass, which knows how to handle short and broken files).
+    Returns (F, H, W, 3) uint8 RGB, or None if any seek or read fails or lands elsewhere (the caller then falls
+    back to the sequential pass, which knows how to handle short, broken and mislabelled files).
     """
     capture = _open_capture(path)
     frames = {}
     for index in sorted(set(int(i) for i in wanted)):
         capture.set(cv2.CAP_PROP_POS_FRAMES, index)
         ok, frame_bgr = capture.read()
-        if not ok or frame_bgr is None:
+        # OpenCV clamps a seek past the frame count its header gives, and then reads another frame: the
+        # position after the read tells.
+        if not ok or frame_bgr is None or int(capture.get(cv2.CAP_PROP_POS_FRAMES)) != index + 1:
             capture.release()
             return None
         frames[index] = _bgr_to_rgb(frame_bgr)
@@ -219,8 +226,9 @@ def decode_frames(path, sample: Callable[[int], np.ndarray], strategy: str = "au
 
     `strategy`: "sequential" (one grab() pass, retrieve() only wanted frames), "seek" (CAP_PROP_POS_FRAMES per
     frame), or "auto" (`choose_strategy`, from the file's keyframes). Both give identical frames. Images (.png,
-    .jpg, ...) are read as a one-frame video. The fps is never used (it can be 0); the header's frame count is
-    a hint only: if the stream ends before it, the frames are re-sampled over the frames that really decode.
+    .jpg, ...) are read as a one-frame video. The fps is never used (it can be 0). The frame count is the file's
+    packets, counted (`scan_video`); the header's count only where they could not be counted; if the stream
+    ends before that count, the frames are re-sampled over the frames that really decode.
     Raises VideoReadError naming the file if it cannot be opened or nothing decodes.
     """
     path = Path(path)
@@ -230,7 +238,9 @@ def decode_frames(path, sample: Callable[[int], np.ndarray], strategy: str = "au
         return _read_image_as_video(path, len(sample(1)))
 
     layout = scan_video(path)
-    num_total = layout.header_frames or max(layout.packets, 0) or _count_decodable_frames(path)
+    # What the file holds (its packets, counted) over what its header claims: a header that under-reports would
+    # make the segments cover only the start of the video. The header is used only when packets were not counted.
+    num_total = (layout.packets if layout.packets > 0 else layout.header_frames) or _count_decodable_frames(path)
     if num_total < 1:
         raise VideoReadError(f"{path}: no frame decodes; the file is empty or corrupt. Re-encode or remove it.")
 
@@ -313,7 +323,7 @@ def probe_videos(paths, num_workers: int | None = None, cache_file=None) -> dict
         else:
             todo.append(path)
     if num_workers is None:
-        num_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        num_workers = available_cpus()
     if num_workers <= 1 or len(todo) < 64:  # a process pool costs about a second to start
         probed = [probe_video(path) for path in todo]
     else:  # a file on which FFmpeg crashes kills its process: it is reported unreadable, the rest go on
@@ -336,6 +346,7 @@ def map_in_processes(function, items: list, num_workers: int, on_crash, on_resul
     `initializer()` runs once in each process."""
     context = multiprocessing.get_context(
         "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    initializer = functools.partial(_start_worker, initializer, os.getpid())
     results, pending, isolating = {}, list(range(len(items))), False
     while pending:
         # Chunks of items per task (a task costs about a millisecond to send); one item per task after a death.
@@ -363,6 +374,36 @@ def _apply_to_each(function, items: list) -> list:
     return [function(item) for item in items]
 
 
+def _start_worker(initializer, main_process: int) -> None:
+    exit_when_process_ends(main_process)
+    if initializer is not None:
+        initializer()
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use (its affinity mask, which a job scheduler may set below the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def exit_when_process_ends(pid: int, interval: float = 1.0) -> None:
+    """In a worker process: end it within `interval` seconds of process `pid` (the main process) ending.
+
+    Workers started by a fork server are its children, not the main process's: when the main process is
+    killed (SIGKILL, the out-of-memory killer), they would wait for work forever, and keep the fork server and
+    the resource tracker alive with them. A daemon thread that polls the main process ends them instead."""
+    def watch():
+        while True:
+            time.sleep(interval)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:
+                pass  # it exists (under another user: PID reuse); keep waiting
+
+    threading.Thread(target=watch, name="exit-when-main-ends", daemon=True).start()
+
+
 def _read_probe_cache(cache_file) -> dict:
     if cache_file is None or not Path(cache_file).is_file():
         return {}
@@ -375,9 +416,8 @@ def _read_probe_cache(cache_file) -> dict:
 
 def _write_json_atomically(path: Path, content) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(content), encoding="utf-8")
-    os.replace(partial, path)
+    with atomic_write(path, "w", encoding="utf-8") as handle:
+        json.dump(content, handle)
 
 
 # ----------------------------------------------------------------------------------------------------------

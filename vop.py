@@ -6,20 +6,27 @@ paper's comparison rows as training modes (`tune`): which parameters learn and w
 
 Legend (the project's one legend, README "Read the code"): B videos or captions, F frames, N patch tokens per
 frame, P prompt tokens, L text tokens, D tower width, E joint embedding size, R image side, K layers run per
-frame by VoP^F.
+frame by VoP^F. Layers are numbered from 0, as the code indexes them: a tower of 12 blocks has layers 0..11.
 
 The token sequences (one row per sequence; `|` separates the parts):
 
-    text, every layer          [SOS] | P text prompts | caption tokens ... [EOT] ... padding      (B, 1 + P + L-1, D)
-    frame, every layer (VoP)   [CLS] | P visual prompts | N patch tokens                          (B*F, 1 + P + N, D)
-        P = 8 shared tokens; with `pos` and/or `ctx`: 4 shared | 4 position | 4 generated
-    video, layers K+1.. (fn)   F x [CLS] | P video prompts | F*N patch tokens (frame by frame)     (B, F + P + F*N, D)
+    text, every layer             [SOS] | P text prompts | caption tokens ... [EOT] ... padding    (B, 1 + P + L-1, D)
+    frame, every layer (VoP)      [CLS] | P visual prompts | N patch tokens                        (B*F, 1 + P + N, D)
+        P = 8 shared tokens; with `pos` and/or `ctx`: 4 shared | 4 position | 4 generated (4 = video_prompt_length)
+    frame, layers 0..K-1 (fn)     as above
+    video, layers K.. (fn)        F x [CLS] | P video prompts | F*N patch tokens (frame by frame)  (B, F + P + F*N, D)
 
 The prompt invariant, kept in three one-line functions below: layer 0 *inserts* its prompts right after
 [SOS] / [CLS]; before every next layer the previous layer's P prompt outputs are *replaced* by that layer's
 prompts at the same places, so every layer sees the same sequence length; prompts never reach the read-out.
 In the text tower the layer-0 prompts enter before CLIP's positional embedding, so captions get 77 - P
 positions, and [EOT] moves P places right.
+
+VoP^C read literally (Sec. 3.3.2): a layer's context prompts are made from the frames' [CLS] tokens as they
+enter that layer. At layer 0 those are the class embedding plus position 0, the same vector for every frame of
+every video, so the layer-0 context prompts are a learned constant per frame position (the BiLSTM's recurrence
+still tells positions apart); from layer 1 on, the [CLS] tokens carry each frame's content. This is the
+paper's description, kept as it is (tests/test_vop.py pins it).
 """
 from dataclasses import asdict, dataclass
 
@@ -28,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clip_model import CLIP
+from clip_model import CLIP, state_dict_mismatch
 from prompts import ContextPrompts, FunctionPrompts, PositionPrompts, TextPrompts, VisualPrompts
 from tokenizer import tokenize
 
@@ -45,7 +52,7 @@ class VoPConfig:
     num_text_prompts: int = 8  # P of the text tower
     num_visual_prompts: int = 8  # P of the image tower (per frame, and per video in VoP^F's upper layers)
     video_prompt_length: int = 4  # of the visual prompts, how many `pos` / `ctx` make per frame
-    fn_layers: int = 8  # K: VoP^F runs layers 1..K per frame, K+1.. over the whole video
+    fn_layers: int = 8  # K: VoP^F runs layers 0..K-1 per frame, layers K.. over the whole video
 
     def __post_init__(self):
         object.__setattr__(self, "video_prompts", parse_video_prompts(self.video_prompts))
@@ -121,22 +128,24 @@ class VoP(nn.Module):
         self.clip = clip
         self.config = config
         self.grad_checkpointing = grad_checkpointing
-        c, video_prompts = config, config.video_prompts
-        num_text, num_visual = (c.num_text_prompts, c.num_visual_prompts) if c.has_prompts else (0, 0)
+        video_prompts, video_prompt_length = config.video_prompts, config.video_prompt_length
+        num_text, num_visual = (config.num_text_prompts, config.num_visual_prompts) if config.has_prompts else (0, 0)
         text_width, vision_width = clip.transformer.width, clip.visual.transformer.width
 
         self.text_prompts = TextPrompts(clip.transformer.layers, num_text, text_width)
-        # Layers that see one frame at a time: all of them, or the lower K when `fn` makes the rest video-wide.
-        self.frame_layers = c.fn_layers if "fn" in video_prompts else vision_layers
+        # Layers that see one frame at a time: all of them, or layers 0..K-1 when `fn` makes the rest video-wide.
+        self.frame_layers = config.fn_layers if "fn" in video_prompts else vision_layers
         # `pos` and `ctx` take video_prompt_length of the visual tokens; the rest stay shared by all frames.
         per_frame_video_prompts = "pos" in video_prompts or "ctx" in video_prompts
-        num_shared = num_visual - c.video_prompt_length if per_frame_video_prompts else num_visual
+        num_shared = num_visual - video_prompt_length if per_frame_video_prompts else num_visual
         self.visual_prompts = VisualPrompts(self.frame_layers, num_shared, vision_width)
-        self.position_prompts = (PositionPrompts(self.frame_layers, c.num_frames, c.video_prompt_length, vision_width)
-                                 if "pos" in video_prompts else None)
-        self.context_prompts = ContextPrompts(c.video_prompt_length, vision_width) if "ctx" in video_prompts else None
-        self.function_prompts = (FunctionPrompts(vision_layers - c.fn_layers, c.num_frames, num_visual, vision_width)
-                                 if "fn" in video_prompts else None)
+        self.position_prompts = (
+            PositionPrompts(self.frame_layers, config.num_frames, video_prompt_length, vision_width)
+            if "pos" in video_prompts else None)
+        self.context_prompts = ContextPrompts(video_prompt_length, vision_width) if "ctx" in video_prompts else None
+        self.function_prompts = (
+            FunctionPrompts(vision_layers - config.fn_layers, config.num_frames, num_visual, vision_width)
+            if "fn" in video_prompts else None)
         self._set_trainable()
 
     @property
@@ -176,7 +185,7 @@ class VoP(nn.Module):
         x = insert_prompts(x, self.text_prompts(0).expand(B, -1, -1), after=1)  # (B, P + L, D)
         x = x + clip.positional_embedding[: x.shape[1]].to(x.dtype)
         x = self._run_block(blocks[0], x, causal=True)
-        # Layers 1..: each layer's prompts take the place of the previous layer's prompt outputs.
+        # Layers 1, 2, ...: each layer's prompts take the place of the previous layer's prompt outputs.
         for layer in range(1, len(blocks)):
             x = replace_prompts(x, self.text_prompts(layer).expand(B, -1, -1), after=1)  # (B, P + L, D)
             x = self._run_block(blocks[layer], x, causal=True)
@@ -193,11 +202,11 @@ class VoP(nn.Module):
         """
         B, num_frames, _ = cls_tokens.shape
         parts = [self.visual_prompts(layer).expand(B, num_frames, -1, -1)]  # (B, F, shared, D)
-        if self.position_prompts is not None:
-            parts.append(self.position_prompts(layer).expand(B, -1, -1, -1))  # (B, F, 4, D): VoP^P
-        if self.context_prompts is not None:
-            parts.append(self.context_prompts(cls_tokens).to(parts[0].dtype))  # (B, F, 4, D): VoP^C
-        return torch.cat(parts, dim=2)
+        if self.position_prompts is not None:  # VoP^P: (B, F, video_prompt_length, D)
+            parts.append(self.position_prompts(layer).expand(B, -1, -1, -1))
+        if self.context_prompts is not None:  # VoP^C: (B, F, video_prompt_length, D), from this layer's [CLS]s
+            parts.append(self.context_prompts(cls_tokens).to(parts[0].dtype))
+        return torch.cat(parts, dim=2)  # (B, F, P, D)
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Per-frame embeddings (B, F, E), not normalised, from frames (B, F, 3, R, R)."""
@@ -207,33 +216,35 @@ class VoP(nn.Module):
         visual = self.clip.visual
         blocks = visual.transformer.resblocks
         x = visual.embed(frames.flatten(0, 1))  # (B*F, 1 + N, D): [CLS | N patches], positions added
-        D = x.shape[-1]
 
-        def prompts_of(layer: int) -> torch.Tensor:  # (B*F, P, D), made from the [CLS]s entering the layer
-            return self.frame_prompts(layer, x[:, 0].view(B, num_frames, D)).flatten(0, 1)
+        def prompts_of(layer: int, x: torch.Tensor) -> torch.Tensor:
+            """(B*F, P, D): the layer's prompts, made from the frames' [CLS] tokens as they enter it."""
+            cls_tokens = x[:, 0].view(B, num_frames, x.shape[-1])  # (B, F, D)
+            return self.frame_prompts(layer, cls_tokens).flatten(0, 1)
 
         # Layer 0: prompts enter after [CLS], *before* ln_pre, which they pass through like the patches.
-        x = visual.ln_pre(insert_prompts(x, prompts_of(0), after=1))  # (B*F, 1 + P + N, D)
+        x = visual.ln_pre(insert_prompts(x, prompts_of(0, x), after=1))  # (B*F, 1 + P + N, D)
         x = self._run_block(blocks[0], x)
-        # Layers 1..K-1 (all of them without `fn`): each layer's prompts replace the previous layer's.
+        # Layers 1..K-1 (1..11 without `fn`): each layer's prompts replace the previous layer's.
         for layer in range(1, self.frame_layers):
-            x = self._run_block(blocks[layer], replace_prompts(x, prompts_of(layer), after=1))
+            x = self._run_block(blocks[layer], replace_prompts(x, prompts_of(layer, x), after=1))
         if self.function_prompts is None:
             return visual.head(x[:, 0]).view(B, num_frames, -1)  # each frame's [CLS] -> (B, F, E)
         return self._encode_video_wide(x, B, num_frames)
 
     def _encode_video_wide(self, x: torch.Tensor, B: int, num_frames: int) -> torch.Tensor:
-        """VoP^F's upper layers K+1..: one sequence per video, [F x CLS | P video prompts | F*N patches].
-        x: (B*F, 1 + P + N, D), the frames after layer K -> per-frame embeddings (B, F, E)."""
-        visual, fn = self.clip.visual, self.function_prompts
-        video_blocks = visual.transformer.resblocks[self.frame_layers:]
+        """VoP^F's upper layers K..: one sequence per video, [F x CLS | P video prompts | F*N patches].
+        x: (B*F, 1 + P + N, D), the frames after layer K-1 -> per-frame embeddings (B, F, E)."""
+        visual, function_prompts = self.clip.visual, self.function_prompts
+        video_blocks = visual.transformer.resblocks[self.frame_layers:]  # layers K, K+1, ...
         x = remove_prompts(x, after=1, num_prompts=self.num_frame_prompts)  # (B*F, 1 + N, D)
-        x = fn.add_frame_position(x.view(B, num_frames, -1, x.shape[-1]))  # (B, F, 1 + N, D)
+        x = function_prompts.add_frame_position(x.view(B, num_frames, -1, x.shape[-1]))  # (B, F, 1 + N, D)
         x = torch.cat([x[:, :, 0], x[:, :, 1:].flatten(1, 2)], dim=1)  # (B, F + F*N, D): the F [CLS]s first
-        x = insert_prompts(x, fn(0).expand(B, -1, -1), after=num_frames)  # (B, F + P + F*N, D)
+        # Video layer 0 (layer K) inserts the video prompts after the F [CLS]s; the next ones replace them.
+        x = insert_prompts(x, function_prompts(0).expand(B, -1, -1), after=num_frames)  # (B, F + P + F*N, D)
         x = self._run_block(video_blocks[0], x)
         for video_layer in range(1, len(video_blocks)):
-            x = replace_prompts(x, fn(video_layer).expand(B, -1, -1), after=num_frames)
+            x = replace_prompts(x, function_prompts(video_layer).expand(B, -1, -1), after=num_frames)
             x = self._run_block(video_blocks[video_layer], x)
         return visual.head(x[:, :num_frames])  # each frame's [CLS] -> (B, F, E)
 
@@ -288,22 +299,18 @@ class VoP(nn.Module):
     def load_trainable_state_dict(self, state_dict: dict):
         """Load tensors saved by `trainable_state_dict`; refuse a set that does not fit, naming what differs."""
         expected = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        wrong_shape = [f"{name} {tuple(state_dict[name].shape)} vs {tuple(p.shape)}"
-                       for name, p in expected.items() if name in state_dict and state_dict[name].shape != p.shape]
-        if missing or unexpected or wrong_shape:
-            raise ValueError(f"the saved tensors do not fit this VoP ({self.describe()}): missing {missing[:8]}, "
-                             f"unexpected {unexpected[:8]}, wrong shapes {wrong_shape[:8]}")
+        mismatch = state_dict_mismatch(expected, state_dict)
+        if mismatch:
+            raise ValueError(f"the saved tensors do not fit this VoP ({self.describe()}): {mismatch}")
         with torch.no_grad():
             for name, p in expected.items():
                 p.copy_(state_dict[name])
 
     def describe(self) -> str:
-        c = self.config
-        prompts = ",".join(c.video_prompts) or "none"
-        return f"tune={c.tune} video_prompts={prompts} frames={c.num_frames}" + (
-            f" K={c.fn_layers}" if "fn" in c.video_prompts else "")
+        config = self.config
+        prompts = ",".join(config.video_prompts) or "none"
+        return f"tune={config.tune} video_prompts={prompts} frames={config.num_frames}" + (
+            f" K={config.fn_layers}" if "fn" in config.video_prompts else "")
 
 
 def config_as_dict(config: VoPConfig) -> dict:

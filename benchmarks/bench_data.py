@@ -149,8 +149,7 @@ def visits(kind: str, paths: list, out: Path) -> dict:
     figures["eval_bytes"] = np.mean([p.stat().st_size for p in eval_entries])
     for epoch, (name, dataset_) in enumerate([("train_decode", train_decode), ("train_store", train_store),
                                               ("eval_decode", eval_decode), ("eval_store", eval_store)]):
-        dataset_.set_epoch(epoch)
-        figures[name] = rate(lambda item: dataset_[item], items)
+        figures[name] = rate(lambda item: dataset_[(epoch, item)], items)
     exact = all(torch.equal(eval_decode[j]["video"], eval_store[j]["video"]) for j in items[:3])
     print(f"| {kind} | {figures['train_decode']:.1f} | {figures['train_store']:.1f} | "
           f"**{figures['train_store'] / figures['train_decode']:.1f}x** | {figures['eval_decode']:.1f} | "
@@ -186,12 +185,12 @@ def probing(paths: list, out: Path, copies: int) -> None:
 def loader_rate(dataset, workers: int, epochs: int = 3, visits_per_video: int = 8) -> float:
     """Videos/s (wall) through one DataLoader with persistent workers, batches of 4, over `epochs` epochs in
     which each video is visited `visits_per_video` times; the best epoch after the first (which starts them)."""
-    order = data.EpochSampler()
-    loader = data.make_loader(dataset, 4, workers, sampler=order, timeout=300)
+    keys = []  # (epoch, item) keys, refilled in place each epoch: the persistent workers follow them
+    loader = data.make_loader(dataset, 4, workers, sampler=keys, timeout=300)
     rates = []
     for epoch in range(epochs):
         visits = np.random.default_rng(epoch).permutation(len(dataset) * visits_per_video) % len(dataset)
-        order.set_epoch(epoch, visits)
+        keys[:] = [(epoch, int(item)) for item in visits]
         start = time.perf_counter()
         count = sum(batch["video"].shape[0] for batch in loader)
         rates.append(count / (time.perf_counter() - start))

@@ -46,6 +46,7 @@ from common import Trainer, machine_line, random_captions, timed_median  # noqa:
 import torch  # noqa: E402  (after common, which puts the repository on the path)
 
 import clip_model  # noqa: E402
+import clip_weights  # noqa: E402
 import data  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
@@ -73,7 +74,7 @@ def write_dataset(out: Path, clips: list, test_share: int = 8) -> Path:
 
 def model_only_rate(clip_path: Path) -> float:
     """Videos/s of train.py's step (forward, InfoNCE, backward, AdamW) on random frames: the model alone."""
-    model = VoP(clip_model.load(clip_path), VoPConfig("", num_frames=NUM_FRAMES)).train()
+    model = VoP(clip_weights.load(clip_path), VoPConfig("", num_frames=NUM_FRAMES)).train()
     trainer = Trainer(model, torch.device("cpu"), fp16=False)
     frames = torch.randn(BATCH_SIZE, NUM_FRAMES, 3, 224, 224)  # (B, F, 3, R, R)
     captions = random_captions(BATCH_SIZE)
@@ -114,26 +115,30 @@ def busy_cores(seconds: float = 1.0) -> float | None:
 def timed_training():
     """Record every training step as (epoch, start, end, batch size, main process CPU-seconds at start and at
     end), and the frame store's fill time."""
-    marks = {"steps": [], "fill_seconds": 0.0}
-    step, fill = train.training_step, runs.Run.fill_frame_store
+    marks = {"steps": [], "fill_seconds": 0.0, "epoch": 0}
+    step, fill, set_epoch = train.training_step, runs.Run.fill_frame_store, data.EpochSampler.set_epoch
 
-    def timed_step(run, batch, lr):
+    def timed_step(model, optimizer, scaler, batch, *args):
         start, start_cpu = time.perf_counter(), time.process_time()
-        result = step(run, batch, lr)
-        marks["steps"].append((run.step // run.steps_per_epoch, start, time.perf_counter(), len(batch["caption"]),
-                               start_cpu, time.process_time()))
+        result = step(model, optimizer, scaler, batch, *args)
+        marks["steps"].append((marks["epoch"], start, time.perf_counter(), len(batch["caption"]), start_cpu,
+                               time.process_time()))
         return result
 
-    def timed_fill(run):
+    def timed_fill(run, *datasets):
         start = time.perf_counter()
-        fill(run)
+        fill(run, *datasets)
         marks["fill_seconds"] = time.perf_counter() - start
 
-    train.training_step, runs.Run.fill_frame_store = timed_step, timed_fill
+    def noted_epoch(order, epoch, *args, **kwargs):
+        marks["epoch"] = epoch
+        set_epoch(order, epoch, *args, **kwargs)
+
+    train.training_step, runs.Run.fill_frame_store, data.EpochSampler.set_epoch = timed_step, timed_fill, noted_epoch
     try:
         yield marks
     finally:
-        train.training_step, runs.Run.fill_frame_store = step, fill
+        train.training_step, runs.Run.fill_frame_store, data.EpochSampler.set_epoch = step, fill, set_epoch
 
 
 def train_run(name: str, out: Path, clip_path: Path, csv_path: Path, epochs: int, workers: int,

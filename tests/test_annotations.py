@@ -116,7 +116,7 @@ def test_csv_split_column_selects_rows_and_unknown_splits_are_named(tmp_path, ti
     assert test.video_ids == ["two.mp4"] and test.caption_video_index == [0, 0]
     with pytest.raises(annotations.AnnotationError, match=r"split.csv.*'val'.*test, train"):
         annotations.read_annotations("csv", tmp_path / "split.csv", "val")  # names the splits that exist
-    with pytest.raises(ValueError, match="nonsense"):
+    with pytest.raises(annotations.AnnotationError, match="nonsense"):
         annotations.read_annotations("csv", tmp_path / "split.csv", "nonsense")
     write_csv(tmp_path / "odd.csv", ["video", "caption", "split"], [["one.mp4", "x", "training"]])
     with pytest.raises(annotations.AnnotationError, match=r"odd.csv:2.*training"):
@@ -132,7 +132,7 @@ def test_csv_with_a_byte_order_mark(tmp_path, tiny_video):
 def test_missing_data_root_is_named_before_anything_else(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         annotations.read_annotations("msrvtt-9k", tmp_path / "nowhere", "train")
-    with pytest.raises(ValueError, match="msrvtt-9k"):  # the unknown name is met with the list of known ones
+    with pytest.raises(annotations.AnnotationError, match="msrvtt-9k"):  # the unknown name is met with the list of known ones
         annotations.read_annotations("msr-vtt", tmp_path, "train")
 
 

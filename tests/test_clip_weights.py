@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import clip_weights
-from clip_model import build_model, load
+from clip_weights import build_model, load
 from vop import VoP, VoPConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -154,7 +154,7 @@ def test_safetensors_reader_validates_the_header(tmp_path, broken, named):
     entry = {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 48]}
     path = tmp_path / "broken.safetensors"
     write_safetensors(path, {"weight": tensor}, header={"weight": broken(entry)})
-    with pytest.raises(ValueError, match=named) as error:
+    with pytest.raises(clip_weights.WeightsError, match=named) as error:
         clip_weights.read_safetensors(path)
     assert "broken.safetensors" in str(error.value)
 
@@ -162,7 +162,7 @@ def test_safetensors_reader_validates_the_header(tmp_path, broken, named):
 def test_safetensors_header_length_is_bounded(tmp_path):
     path = tmp_path / "long_header.safetensors"
     path.write_bytes((10 ** 6).to_bytes(8, "little") + b'{"a": 1}')
-    with pytest.raises(ValueError, match="long_header.safetensors"):
+    with pytest.raises(clip_weights.WeightsError, match="long_header.safetensors"):
         clip_weights.read_safetensors(path)
 
 
@@ -198,7 +198,7 @@ def test_vision_model_without_text_tower(tmp_path):
     write_safetensors(tmp_path / "model.safetensors",
                       {k: v for k, v in tensors.items() if k.startswith(("vision_model.", "visual_projection"))})
     shutil.copy(HF / "config.json", tmp_path)
-    with pytest.raises(ValueError, match="text tower") as error:
+    with pytest.raises(clip_weights.WeightsError, match="text tower") as error:
         load(tmp_path)
     assert "model.safetensors" in str(error.value)
 
@@ -208,7 +208,7 @@ def test_transformers_config_of_another_model(tmp_path, model_type):
     shutil.copy(HF / "model.safetensors", tmp_path)
     config = json.loads((HF / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
-    with pytest.raises(ValueError, match=model_type):
+    with pytest.raises(clip_weights.WeightsError, match=model_type):
         load(tmp_path)
 
 
@@ -217,7 +217,7 @@ def test_transformers_unsupported_activation(tmp_path):
     config = json.loads((HF / "config.json").read_text())
     config["vision_config"]["hidden_act"] = "relu"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="hidden_act"):
+    with pytest.raises(clip_weights.WeightsError, match="hidden_act"):
         load(tmp_path)
 
 
@@ -231,13 +231,13 @@ def open_clip_copy(tmp_path, edit):
 
 def test_open_clip_resnet_is_refused(tmp_path):
     folder = open_clip_copy(tmp_path, lambda cfg: cfg["vision_cfg"].update(layers=[3, 4, 6, 3]))
-    with pytest.raises(ValueError, match="ResNet"):
+    with pytest.raises(clip_weights.WeightsError, match="ResNet"):
         load(folder)
 
 
 def test_open_clip_setting_that_changes_the_computation_is_refused(tmp_path):
     folder = open_clip_copy(tmp_path, lambda cfg: cfg["text_cfg"].update(no_causal_mask=True))
-    with pytest.raises(ValueError, match="no_causal_mask"):
+    with pytest.raises(clip_weights.WeightsError, match="no_causal_mask"):
         load(folder)
 
 
@@ -266,7 +266,7 @@ def test_open_clip_checkpoint_without_its_config(tmp_path):
 
 def test_empty_file(tmp_path):
     (tmp_path / "empty.pt").touch()
-    with pytest.raises(ValueError, match=r"empty\.pt.*empty"):
+    with pytest.raises(clip_weights.WeightsError, match=r"empty\.pt.*empty"):
         load(tmp_path / "empty.pt")
 
 
@@ -285,21 +285,21 @@ def test_missing_path_names_it(tmp_path):
 def test_file_of_unknown_format(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="notes.pt"):
+    with pytest.raises(clip_weights.WeightsError, match="notes.pt"):
         load(path)
 
 
 def test_pickled_non_state_dict(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([1, 2, 3], path)
-    with pytest.raises(ValueError, match="list.pt"):
+    with pytest.raises(clip_weights.WeightsError, match="list.pt"):
         load(path)
 
 
 def test_truncated_release_file(tmp_path):
     path = tmp_path / "cut.pt"
     path.write_bytes(RELEASE_FILE.read_bytes()[:100_000])
-    with pytest.raises(ValueError, match="cut.pt"):
+    with pytest.raises(clip_weights.WeightsError, match="cut.pt"):
         load(path)
 
 
@@ -331,7 +331,7 @@ def test_crafted_pickle_runs_nothing(tmp_path, monkeypatch, how):
         release_with_data_pkl(path, pickle.dumps(RunsAShellCommand(), protocol=2))
     else:
         torch.save({"state_dict": {"visual.proj": RunsAShellCommand()}}, path)
-    with pytest.raises(ValueError, match="evil.pt") as error:
+    with pytest.raises(clip_weights.WeightsError, match="evil.pt") as error:
         load(path)
     assert "system" in str(error.value)  # names what it refused
     assert not (tmp_path / "PWNED").exists()
@@ -414,10 +414,16 @@ def test_named_model_is_checked_against_its_sha256(tmp_path, monkeypatch):
     assert model.source["format"] == "openai-release"
     assert load("tiny", download_root=cache).config.vision_layers == 3
     assert len(calls) == 1  # the second load found the verified file in the cache
-    with pytest.raises(ValueError, match="gelu"):
+    with pytest.raises(clip_weights.WeightsError, match="gelu"):
         load("tiny", download_root=cache, activation="gelu")  # OpenAI's models are QuickGELU
 
     (cache / "tiny.pt").write_bytes(b"corrupted")
     monkeypatch.setitem(clip_weights.OPENAI_MODELS, "tiny", f"https://example.invalid/{'0' * 64}/tiny.pt")
     with pytest.raises(clip_weights.WeightsError, match="SHA-256"):
         load("tiny", download_root=cache)
+
+
+def test_open_clip_heads_are_width_floor_divided_by_head_width(tmp_path):
+    """open_clip makes width // head_width heads (floor), whether or not head_width divides the width."""
+    model = load(open_clip_copy(tmp_path, lambda cfg: cfg["vision_cfg"].update(head_width=24)))
+    assert model.config.vision_heads == 64 // 24 == 2  # 24 does not divide 64: refused before

@@ -163,27 +163,41 @@ def test_training_draws_depend_on_seed_epoch_and_item_only(tmp_path, tiny_video)
     first = dataset[0]["video"]
     dataset[1]  # drawing another item in between must not change item 0's draw
     assert torch.equal(dataset[0]["video"], first)
-    epochs = []
-    for epoch in range(4):
-        dataset.set_epoch(epoch)
-        epochs.append(dataset[0]["video"])
-        assert torch.equal(dataset[(epoch, 0)]["video"], epochs[-1])  # an (epoch, item) key says the same
+    epochs = [dataset[(epoch, 0)]["video"] for epoch in range(4)]
+    assert torch.equal(epochs[0], first)  # a plain index is epoch 0
     assert not all(torch.equal(epochs[0], other) for other in epochs[1:])  # each epoch draws anew
-    dataset.set_epoch(0)
-    assert torch.equal(dataset[(2, 0)]["video"], epochs[2])  # the key's epoch wins over set_epoch
+    dataset[(1, 1)]
+    assert torch.equal(dataset[(2, 0)]["video"], epochs[2])  # and the same again, whatever came between
 
 
 def test_persistent_workers_follow_the_epoch_in_each_key(tmp_path, tiny_video):
     dataset = csv_dataset(tmp_path, tiny_video, ["one.mp4", "two.mp4", "three.mp4"])
-    order = data.EpochSampler()
+    order = data.EpochSampler(len(dataset), batch_size=3)
     loader = data.make_loader(dataset, batch_size=3, num_workers=2, sampler=order)
     assert loader.persistent_workers and loader.prefetch_factor == 2
-    for epoch in (0, 3):
-        order.set_epoch(epoch, [2, 0, 1])
-        batch = next(iter(loader))
-        assert batch["caption"] == ["v2 c0", "v0 c0", "v1 c0"] and batch["replaced_video"] == ["", "", ""]
-        for row, item in enumerate([2, 0, 1]):  # workers drew what the main process draws for (epoch, item)
-            assert torch.equal(batch["video"][row], dataset[(epoch, item)]["video"])
+    try:
+        for epoch in (0, 3):
+            order.set_epoch(epoch)
+            items = [item for _, item in order.keys]
+            batch = next(iter(loader))
+            assert batch["caption"] == [f"v{item} c0" for item in items] and batch["replaced_video"] == ["", "", ""]
+            for row, item in enumerate(items):  # workers drew what the main process draws for (epoch, item)
+                assert torch.equal(batch["video"][row], dataset[(epoch, item)]["video"])
+    finally:
+        data.stop_workers(loader)
+
+
+def test_epoch_order_depends_on_seed_and_epoch_and_a_resumed_epoch_skips_its_done_batches():
+    def keys(epoch, first_batch=0, seed=0, rank=0, world_size=1):
+        order = data.EpochSampler(10, batch_size=2, rank=rank, world_size=world_size, seed=seed)
+        order.set_epoch(epoch, first_batch)
+        return order.keys
+
+    assert keys(1) == keys(1) and keys(1) != keys(2) and keys(1, seed=1) != keys(1)
+    assert sorted(item for _, item in keys(1)) == list(range(10)) and {epoch for epoch, _ in keys(1)} == {1}
+    assert keys(1, first_batch=3) == keys(1)[6:]
+    shares = keys(1, rank=0, world_size=2) + keys(1, rank=1, world_size=2)  # 2 processes, 2 whole batches each
+    assert len(shares) == 8 and len(set(shares)) == 8
 
 
 def test_default_workers_are_this_processs_share_of_its_cpus(monkeypatch):
@@ -210,11 +224,10 @@ def test_a_training_video_that_fails_is_replaced_and_reported(tmp_path, tiny_vid
     dataset = csv_dataset(tmp_path, tiny_video, ["a.mp4", "b.mp4", "broken.mp4", "d.mp4"])
     (tmp_path / "broken.mp4").write_text("passed the probe once, not a video now\n")
     broken_item = dataset.captions.index("v2 c0")
-    dataset.set_epoch(1)
-    item = dataset[broken_item]
+    item = dataset[(1, broken_item)]
     assert item["replaced_video"].endswith("broken.mp4")
     assert item["video_index"] != 2 and item["caption"] == dataset.captions[item["video_index"]]
-    assert torch.equal(item["video"], dataset[item["video_index"]]["video"])  # that other item, as drawn
+    assert torch.equal(item["video"], dataset[(1, item["video_index"])]["video"])  # that other item, as drawn
     again = dataset[(1, broken_item)]
     assert again["caption"] == item["caption"] and torch.equal(again["video"], item["video"])  # deterministic
     batch = default_collate([dataset[0], item])  # the report collates into a batch

@@ -24,6 +24,14 @@ FIXTURES_CLIP = Path(__file__).parent / "fixtures" / "tiny_clip_openai_jit.pt"
 SOT, EOT = 998, 999  # the tiny fixture CLIP's vocabulary of 1,000
 
 
+def t2v_ranks(*args, **kwargs) -> torch.Tensor:
+    return ev.expected_ranks(*ev.text_to_video_counts(*args, **kwargs))
+
+
+def v2t_ranks(*args, **kwargs) -> torch.Tensor:
+    return ev.expected_ranks(*ev.video_to_text_counts(*args, **kwargs))
+
+
 def embeddings_for(similarities) -> tuple[torch.Tensor, torch.Tensor]:
     """(text (T, V), video (V, V)) whose products are exactly `similarities` (T, V)."""
     similarities = torch.as_tensor(similarities, dtype=torch.float64)
@@ -56,7 +64,7 @@ def test_known_rank():
     text, video = embeddings_for([[0.5, 0.9, 0.1, 0.8, 0.7, 0.0]])
     greater, tied = ev.text_to_video_counts(text, video, [0])
     assert greater.tolist() == [3] and tied.tolist() == [0]
-    assert ev.text_to_video_ranks(text, video, [0]).tolist() == [4.0]
+    assert t2v_ranks(text, video, [0]).tolist() == [4.0]
     metrics = ev.retrieval_metrics(greater, tied)
     assert metrics["R@1"] == 0 and metrics["R@5"] == 100 and metrics["MdR"] == 4 and metrics["MnR"] == 4
 
@@ -65,7 +73,7 @@ def test_two_identical_candidates_give_half_a_hit():
     text, video = embeddings_for([[0.5, 0.5]])
     greater, tied = ev.text_to_video_counts(text, video, [0])
     assert greater.tolist() == [0] and tied.tolist() == [1]
-    assert ev.text_to_video_ranks(text, video, [0]).tolist() == [1.5]
+    assert t2v_ranks(text, video, [0]).tolist() == [1.5]
     assert ev.retrieval_metrics(greater, tied)["R@1"] == 50.0
     # Identical video embeddings (an order-blind model on a reversal pair): each caption gets R@1 = 50.
     text = torch.nn.functional.normalize(torch.randn(2, 8, dtype=torch.float64), dim=1)
@@ -103,7 +111,7 @@ def test_multi_caption_text_to_video():
     greater, tied = ev.text_to_video_counts(text, video, MSVD_INDEX)
     assert greater.tolist() == [0, 1, 1, 0, 2, 0, 1]
     assert tied.tolist() == [0, 0, 1, 0, 0, 0, 1]
-    assert ev.text_to_video_ranks(text, video, MSVD_INDEX).tolist() == [1, 2, 2.5, 1, 3, 1, 2.5]
+    assert t2v_ranks(text, video, MSVD_INDEX).tolist() == [1, 2, 2.5, 1, 3, 1, 2.5]
     metrics = ev.retrieval_metrics(greater, tied)
     assert metrics["R@1"] == pytest.approx(100 * 3 / 7)
     assert metrics["R@5"] == 100 and metrics["MdR"] == 2.0 and metrics["MnR"] == pytest.approx(13 / 7)
@@ -119,7 +127,7 @@ def test_multi_caption_video_to_text():
     text, video = embeddings_for(MSVD_SIMILARITIES)
     greater, tied = ev.video_to_text_counts(text, video, MSVD_INDEX)
     assert greater.tolist() == [0, 0, 1] and tied.tolist() == [0, 1, 1]
-    assert ev.video_to_text_ranks(text, video, MSVD_INDEX).tolist() == [1, 1.5, 2.5]
+    assert v2t_ranks(text, video, MSVD_INDEX).tolist() == [1, 1.5, 2.5]
     metrics = ev.retrieval_metrics(greater, tied)
     assert metrics["R@1"] == pytest.approx(50.0)
     assert metrics["MdR"] == 1.5 and metrics["MnR"] == pytest.approx(5 / 3)
@@ -336,8 +344,8 @@ def test_dsl_rescues_a_query_lost_to_a_hub_video():
     # video 1 is caption 0's alone (softmax ~ 1 -> 0.8): caption 0 now finds its video.
     text, video = embeddings_for([[0.9, 0.8], [0.9, 0.1]])
     index = [1, 0]
-    assert ev.text_to_video_ranks(text, video, index).tolist() == [2, 1]
-    assert ev.text_to_video_ranks(text, video, index, dsl=True).tolist() == [1, 1]
+    assert t2v_ranks(text, video, index).tolist() == [2, 1]
+    assert t2v_ranks(text, video, index, dsl=True).tolist() == [1, 1]
     results = ev.metrics_from_embeddings(text, video, index, dsl=True)
     assert results["t2v"]["R@1"] == 100 and results["dsl"] is True
     assert ev.DSL_LABEL in ev.format_results(results, "toy")
@@ -349,7 +357,7 @@ def test_chunked_dsl_equals_the_reference(temperature):
     text, video, index = random_retrieval_problem(seed=1, num_videos=9, max_captions=3, duplicates=False)
     reference = reference_matrices(text, video, index, dsl=True, temperature=temperature)
     plain = reference_matrices(text, video, index)
-    for direction, ranks in (("t2v", ev.text_to_video_ranks), ("v2t", ev.video_to_text_ranks)):
+    for direction, ranks in (("t2v", t2v_ranks), ("v2t", v2t_ranks)):
         expected = reference_ranks(*reference[direction])[0]
         assert not torch.equal(expected, reference_ranks(*plain[direction])[0])  # DSL does change the ranking
         for chunk_size in (2, 5, None):
@@ -359,7 +367,7 @@ def test_chunked_dsl_equals_the_reference(temperature):
     best_first = reference_matrices(text, video, index)["v2t"][0]  # (V, V)
     other_order = best_first * torch.softmax(temperature * best_first, dim=0)  # softmax over the query videos
     assert not torch.equal(reference_ranks(other_order, torch.arange(len(video)))[0],
-                           ev.video_to_text_ranks(text, video, index, dsl=True, temperature=temperature))
+                           v2t_ranks(text, video, index, dsl=True, temperature=temperature))
 
 
 def test_format_results_layout():
@@ -396,7 +404,10 @@ def test_missing_or_foreign_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match="nope.pt"):
         ev.load_model_from_checkpoint(tmp_path / "nope.pt")
     torch.save({"trainable": {}}, tmp_path / "odd.pt")
-    with pytest.raises(checkpoints.CheckpointError, match="odd.pt.*vop_config"):
+    with pytest.raises(checkpoints.CheckpointError, match="odd.pt.*format"):
+        ev.load_model_from_checkpoint(tmp_path / "odd.pt")
+    torch.save({"format": checkpoints.FORMAT, "trainable": {}}, tmp_path / "odd.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="odd.pt.*'config'"):
         ev.load_model_from_checkpoint(tmp_path / "odd.pt")
 
 
@@ -445,9 +456,10 @@ def test_end_to_end_and_checkpoint_reload(tiny_clip, tiny_world, tmp_path, monke
     assert torch.allclose(video_embeddings.norm(dim=1), torch.ones(6), atol=1e-5)
 
     checkpoint_path = tmp_path / "last.pt"
-    torch.save({"config": {"clip": str(FIXTURES_CLIP), "data": "synthetic", "data_root": str(tiny_world)},
-                "vop_config": config_as_dict(model.config), "trainable": model.trainable_state_dict(), "step": 3},
-               checkpoint_path)
+    checkpoints.save_checkpoint({
+        "config": {"data": "synthetic", "data_root": str(tiny_world)}, "vop_config": config_as_dict(model.config),
+        "run": {"backbone": str(FIXTURES_CLIP)}, "trainable": model.trainable_state_dict(), "optimizer": {},
+        "scaler": {}, "step": 3, "history": [], "replaced_videos": 0}, checkpoint_path)
     reloaded, checkpoint = ev.load_model_from_checkpoint(checkpoint_path)
     assert checkpoint["step"] == 3 and not reloaded.training
     reloaded_text, reloaded_video = ev.embed(reloaded, dataset, batch_size=4)

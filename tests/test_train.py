@@ -3,13 +3,17 @@ import dataclasses
 import math
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+import checkpoints
 import data
+import distributed
 import evaluate
+import runs
 import train
 from clip_model import CLIP
 from helpers import SMALL_CLIP, read_log, small_config
@@ -73,6 +77,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
     torch.manual_seed(0)
     clip = CLIP(SMALL_CLIP)
@@ -94,6 +99,12 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
             torch.testing.assert_close(result["gradients"][name], gradient, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def _test_sets(world):
+    """The small world's 8 test pairs, and a 2-video part of it: fewer videos and captions than 3 processes."""
+    test_set = data.build_dataset("synthetic", world, "test", num_frames=4, image_size=32)
+    return test_set, test_set.without_videos(range(2, 8))
+
+
 def _embedding_worker(rank, world_size, port, clip_state, world, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -101,14 +112,15 @@ def _embedding_worker(rank, world_size, port, clip_state, world, out_path):
     clip.load_state_dict(clip_state)
     torch.manual_seed(1)
     model = VoP(clip, VoPConfig("pos", num_frames=4))
-    test_set = data.build_dataset("synthetic", world, "test", num_frames=4, image_size=32)
-    torch.save(evaluate.embed(model, test_set, batch_size=3, num_workers=0), f"{out_path}.{rank}")
+    embeddings = [evaluate.embed(model, test_set, batch_size=3, num_workers=0) for test_set in _test_sets(world)]
+    torch.save(embeddings, f"{out_path}.{rank}")
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_evaluation_is_shared_between_processes(small_setup, tmp_path):
     """Under torchrun each process embeds its share of the test set, and every process gets the whole of it,
-    in order, equal to what one process computes."""
+    in order, equal to what one process computes; also with fewer videos and captions than processes."""
     clip_path, world = small_setup
     clip_state = torch.load(clip_path, weights_only=True)
     # 3 processes: the 8 captions and 8 videos do not split evenly, so shares of different lengths are joined.
@@ -116,31 +128,68 @@ def test_evaluation_is_shared_between_processes(small_setup, tmp_path):
              join=True)
     clip = CLIP(SMALL_CLIP)
     clip.load_state_dict(clip_state)
-    test_set = data.build_dataset("synthetic", world, "test", num_frames=4, image_size=32)
     torch.manual_seed(1)
-    text, video = evaluate.embed(VoP(clip, VoPConfig("pos", num_frames=4)), test_set, batch_size=3, num_workers=0)
-    assert len(text) == len(video) == 8
+    model = VoP(clip, VoPConfig("pos", num_frames=4))
+    expected = [evaluate.embed(model, test_set, batch_size=3, num_workers=0) for test_set in _test_sets(world)]
+    assert [len(text) for text, _ in expected] == [8, 2] and [len(video) for _, video in expected] == [8, 2]
     for rank in range(3):
-        shared_text, shared_video = torch.load(f"{tmp_path / 'embeddings'}.{rank}")
-        torch.testing.assert_close(shared_text, text)
-        torch.testing.assert_close(shared_video, video)
+        for (shared_text, shared_video), (text, video) in zip(torch.load(f"{tmp_path / 'embeddings'}.{rank}"),
+                                                              expected):
+            torch.testing.assert_close(shared_text, text)
+            torch.testing.assert_close(shared_video, video)
 
 
-def _torchrun_worker(rank, world_size, port, config):
+TENSOR_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter",
+                      "reduce_scatter_tensor", "scatter", "gather", "all_to_all", "all_to_all_single", "send", "recv")
+
+
+def _torchrun_worker(rank, world_size, port, config, devices_path):
+    """train.train as torchrun starts it, with every tensor collective recording the device of its tensors."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
+    seen = set()
+
+    def recording(collective):
+        def wrapped(*args, **kwargs):
+            for value in [*args, *kwargs.values()]:
+                for tensor in (value if isinstance(value, (list, tuple)) else [value]):
+                    if torch.is_tensor(tensor):
+                        seen.add((collective.__name__, tensor.device.type))
+            return collective(*args, **kwargs)
+        return wrapped
+
+    for name in TENSOR_COLLECTIVES:
+        if hasattr(torch.distributed, name):
+            setattr(torch.distributed, name, recording(getattr(torch.distributed, name)))
     train.train(config)
+    torch.save(sorted(seen), f"{devices_path}.{rank}")
 
 
+@pytest.mark.slow
 def test_train_under_torchrun_style_launch(small_setup, tmp_path):
-    """train.train with RANK/WORLD_SIZE set, as torchrun launches it: 2 CPU processes, gloo, global batch 8."""
-    config = small_config(small_setup, tmp_path, epochs=1, eval_each_epoch=True)
-    mp.spawn(_torchrun_worker, args=(2, _free_port(), config), nprocs=2, join=True)
-    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    """train.train with RANK/WORLD_SIZE set, as torchrun launches it: 2 CPU processes, gloo, global batch 8.
+
+    On a GPU machine the process group must serve every tensor a collective is handed: the gradients and
+    embeddings live on the GPU, a count may live on the CPU. NCCL alone refuses CPU tensors (a run that
+    passed a CPU count to all_reduce crashed at the end of its first epoch), so every device type the
+    collectives see here must be one that the backend chosen for a CUDA run serves."""
+    config = small_config(small_setup, tmp_path / "run", epochs=1, eval_each_epoch=True)
+    mp.spawn(_torchrun_worker, args=(2, _free_port(), config, str(tmp_path / "devices")), nprocs=2, join=True)
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert checkpoint["step"] == 32 // 8  # steps count global batches: each process saw 4 of its own
     assert len(checkpoint["history"]) == 1 and "t2v" in checkpoint["history"][0]  # rank 0 evaluated
-    losses = [record["loss"] for record in read_log(tmp_path) if "loss" in record]
+    losses = [record["loss"] for record in read_log(tmp_path / "run") if "loss" in record]
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+    served = distributed.backend_devices(distributed.backend_for(torch.device("cuda")))
+    for rank in range(2):
+        seen = torch.load(f"{tmp_path / 'devices'}.{rank}")
+        assert {"all_gather", "all_reduce"} <= {name for name, _ in seen}  # the loss and the gradient sum
+        assert {device for _, device in seen} <= served, seen
+
+
+def test_the_cuda_backend_serves_cpu_tensors_too():
+    assert distributed.backend_devices(distributed.backend_for(torch.device("cuda"))) == {"cpu", "cuda"}
+    assert distributed.backend_devices("nccl") == {"cuda"}  # what a CPU count would have met
 
 
 def test_bf16_autocast_on_cpu(small_setup, tmp_path):
@@ -218,5 +267,45 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_setup, t
 
 def test_resuming_with_another_prompt_configuration_is_refused(small_setup, tmp_path):
     train.train(small_config(small_setup, tmp_path, epochs=1))
-    with pytest.raises(ValueError, match="vop"):
+    with pytest.raises(checkpoints.CheckpointError, match="vop"):
         train.train(small_config(small_setup, tmp_path, epochs=1, prompts="fn", resume="auto"))
+
+
+
+# -- the bugs a careful reader found ----------------------------------------------------------------------
+
+def test_the_default_out_dir_does_not_depend_on_the_order_the_prompts_were_typed():
+    runs_of = [runs.default_out_dir(train.TrainConfig(prompts=prompts)) for prompts in ("fn,pos", "pos,fn", " pos , fn")]
+    assert runs_of[0] == runs_of[1] == runs_of[2] == str(Path("runs") / "msrvtt-9k" / "vop-pos-fn")
+
+
+def test_weight_decay_applies_to_matrices_and_prompts_not_to_norms_and_biases(tiny_clip):
+    model = VoP(tiny_clip, VoPConfig("pos,ctx,fn", num_frames=4, fn_layers=1))
+    optimizer = train.make_optimizer(model, lr=1e-3, weight_decay=0.2)
+    names = {id(p): name for name, p in model.named_parameters()}
+    decayed = {names[id(p)] for group in optimizer.param_groups if group["weight_decay"] for p in group["params"]}
+    not_decayed = {names[id(p)] for group in optimizer.param_groups if not group["weight_decay"]
+                   for p in group["params"]}
+    assert decayed == {"text_prompts.tokens", "visual_prompts.tokens", "position_prompts.tokens",
+                       "function_prompts.tokens", "function_prompts.frame_position", "context_prompts.to_tokens.weight",
+                       "context_prompts.context.weight_ih_l0", "context_prompts.context.weight_hh_l0",
+                       "context_prompts.context.weight_ih_l0_reverse", "context_prompts.context.weight_hh_l0_reverse"}
+    assert not_decayed == {"context_prompts.to_tokens.bias", "context_prompts.context.bias_ih_l0",
+                           "context_prompts.context.bias_hh_l0", "context_prompts.context.bias_ih_l0_reverse",
+                           "context_prompts.context.bias_hh_l0_reverse"}
+    full = train.make_optimizer(VoP(tiny_clip, VoPConfig(tune="full", num_frames=4)), lr=1e-6, weight_decay=0.2)
+    no_decay = full.param_groups[1]["params"]
+    assert all(p.ndim < 2 for p in no_decay) and all(p.ndim >= 2 for p in full.param_groups[0]["params"])
+    assert len(no_decay) > 0 and full.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_a_relative_clip_path_is_recorded_resolved_so_evaluation_works_from_anywhere(small_setup, tmp_path,
+                                                                                      monkeypatch):
+    clip_path, world = small_setup
+    monkeypatch.chdir(clip_path.parent)
+    results = train.train(small_config(small_setup, tmp_path / "run", clip=clip_path.name, epochs=1))
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert checkpoint["run"]["backbone"] == str(clip_path.resolve())
+    monkeypatch.chdir(tmp_path)  # another folder: the relative name would now point nowhere
+    again = evaluate.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--num-workers", "0", "--device", "cpu"])
+    assert again["t2v"] == pytest.approx(results["t2v"])

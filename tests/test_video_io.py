@@ -49,18 +49,20 @@ def test_seek_and_sequential_strategies_return_identical_frames(videos, suffix):
         np.testing.assert_array_equal(sequential, automatic)
 
 
-def test_header_frame_count_that_lies_is_not_trusted(videos, tmp_path):
+@pytest.mark.parametrize("header_frames", [100, 20])
+def test_a_header_frame_count_that_lies_is_not_trusted(videos, tmp_path, header_frames):
+    """The header over-reports (100) or under-reports (20) the 40 frames the file holds: the segments must span
+    the 40 frames that exist, neither clamped at the end of the file nor covering only its first half."""
     # AVI keeps the frame count in the main header (avih.dwTotalFrames) and the stream header (strh.dwLength).
     content = bytearray(videos["avi"].read_bytes())
     strh = content.find(b"strh")
-    content[48:52] = struct.pack("<I", 100)
-    content[strh + 40:strh + 44] = struct.pack("<I", 100)
+    content[48:52] = struct.pack("<I", header_frames)
+    content[strh + 40:strh + 44] = struct.pack("<I", header_frames)
     lying = tmp_path / "lying.avi"
     lying.write_bytes(bytes(content))
-    assert int(cv2.VideoCapture(str(lying)).get(cv2.CAP_PROP_FRAME_COUNT)) == 100  # the lie is in place
+    assert int(cv2.VideoCapture(str(lying)).get(cv2.CAP_PROP_FRAME_COUNT)) == header_frames  # the lie is in place
     for strategy in ("sequential", "seek", "auto"):
         frames = data.read_frames(lying, 8, strategy=strategy)
-        # Re-sampled over the 40 frames that exist, not clamped at the end of the file.
         np.testing.assert_array_equal(decoded_indices(frames), data.sample_frame_indices(NUM_FRAMES_IN_FILE, 8))
 
 

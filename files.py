@@ -1,0 +1,113 @@
+"""Files written whole or not at all, and torch files read without running code. Skip on a first reading.
+
+- `atomic_write(path)`: write to a temporary file beside `path`, then rename it over `path` (atomic on POSIX):
+  a crash, a full disk or a kill never leaves half a file, and the previous version stays whole until the new
+  one is. The temporary is named `<name>.<pid>.<random>.tmp`, so `remove_leftover_temporaries` can tell
+  the ones a dead process left behind (a SIGKILL mid-write) from those a live writer is still writing.
+- `read_torch_file(path)`: `torch.load(weights_only=True)` and nothing else, so a crafted pickle is refused,
+  never executed; every failure is one error naming the file.
+"""
+import contextlib
+import errno
+import os
+import pickle
+import re
+import secrets
+import time
+from pathlib import Path
+
+from errors import UserError
+
+TEMPORARY = re.compile(r"\.(\d+)\.[0-9a-f]+\.tmp$")  # <name>.<pid>.<random>.tmp
+STALE_TEMPORARY_SECONDS = 3600  # a temporary this old is left over, whoever wrote it (another machine, PID reuse)
+
+
+class WriteError(UserError):
+    """A file that could not be written (no space, no permission); the previous version, if any, is intact."""
+
+
+# What a failed write looks like: no space, over quota, a file too large (ulimit -f), no permission, read-only.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb", encoding: str | None = None):
+    """`with atomic_write(path) as handle: ...` writes `path` whole or not at all (see the module docstring).
+    A failed write (no space, no permission) raises WriteError naming `path` and saying whether its previous
+    version is intact; no temporary is left behind, whatever fails."""
+    path = Path(path)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temporary, mode, encoding=encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        raise WriteError(f"could not write {path}: {error.strerror}{_previous(path)}") from None
+    except RuntimeError as error:  # torch.save reports a failed write (a full disk) as a RuntimeError
+        if not any(sign in str(error) for sign in ("write", "unexpected pos")):
+            raise
+        raise WriteError(f"could not write {path}: the disk is full or refused the write{_previous(path)}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+
+
+def _previous(path: Path) -> str:
+    return "; its previous version is intact" if path.exists() else ""
+
+
+def remove_leftover_temporaries(folder) -> int:
+    """Remove the temporaries in `folder` that a process which no longer runs (or an hour ago) left behind;
+    returns how many. A live writer's temporary stays."""
+    removed = 0
+    for temporary in Path(folder).glob("*.tmp") if Path(folder).is_dir() else ():
+        match = TEMPORARY.search(temporary.name)
+        try:
+            dead = match is not None and not process_exists(int(match.group(1)))
+            if dead or time.time() - temporary.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                temporary.unlink()
+                removed += 1
+        except OSError:
+            pass  # renamed or removed by its writer meanwhile
+    return removed
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def read_torch_file(path, error=UserError, what: str = "file"):
+    """`torch.load(path, weights_only=True)` on the CPU: tensors and plain Python values only, so loading cannot
+    run code from the file. Every failure is one `error` naming the file."""
+    import torch  # here, so that the video workers that import this module do not pay for torch
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise error(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    if path.stat().st_size == 0:
+        raise error(f"{what} {path} is empty (0 bytes): an interrupted copy or download?")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as failure:
+        found = re.search(r"GLOBAL (\S+)", str(failure)) or re.search(r"(Unsupported operand \d+)", str(failure))
+        if found or "weights only" in str(failure).lower():
+            asked = f" (it asks for {found.group(1)})" if found else ""
+            raise error(f"{what} {path} holds objects other than tensors and plain values{asked}; it is refused, "
+                        f"because loading it would run code from the file") from None
+        raise error(f"{what} {path} is not a file torch.save wrote ({failure})") from None
+    except Exception as failure:  # truncated zip, text file, another format: all mean "not readable"
+        reason = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
+        raise error(f"{what} {path} cannot be read ({type(failure).__name__}: {reason}); is it cut short, or "
+                    f"another kind of file?") from None
