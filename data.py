@@ -1,8 +1,8 @@
 """Video-text data for VoP: which frames of a video the model sees, how they become CLIP's input, and the
 (video, caption) dataset that yields them.
 
-1. `sample_frame_indices` - split the video into F equal segments; take each segment's middle frame
-   (evaluation) or a random frame inside it (training).
+1. `sample_frame_indices` - split the video into F segments (the published code's integer cut); take each
+   segment's middle frame (evaluation) or a random frame inside it (training).
 2. CLIP's preprocessing - evaluation: bicubic resize of the shorter side to R and a center crop, with the
    exact arithmetic of CLIP's torchvision `Resize` + `CenterCrop`; training: one random resized crop and flip
    for all frames of a video; then CLIP's mean/std normalisation.
@@ -39,30 +39,51 @@ from video_io import VideoReadError, available_cpus, decode_frames, exit_when_pr
 # ----------------------------------------------------------------------------------------------------------
 # 1. Which frames
 
-def sample_frame_indices(num_total: int, num_frames: int, mode: str = "uniform", rng=None) -> np.ndarray:
-    """Indices of `num_frames` frames out of `num_total`, one per equal segment.
+SAMPLER_VERSION = 2  # which frames sample_frame_indices picks; stored frames of another version are not reused
 
-    Segment k covers the time span [k * num_total / num_frames, (k + 1) * num_total / num_frames); frame i
-    covers [i, i + 1). "uniform" takes the frame under the segment's midpoint (deterministic, evaluation);
-    "rand" takes a frame that overlaps the segment, uniformly at random (training). With fewer frames than
-    segments, neighbouring segments fall on the same frame, so frames repeat and the output keeps its length.
+
+def segment_edges(num_total: int, num_frames: int) -> np.ndarray:
+    """(F + 1,) int64: the F segments of a video of `num_total` >= F frames, segment k being frames
+    edges[k] .. edges[k + 1] - 1. The published code's integer cut (X-Pool's `load_frames_from_video`, kept by
+    the authors' release): np.linspace(0, num_total, F + 1).astype(int)."""
+    return np.linspace(0, num_total, num_frames + 1).astype(np.int64)
+
+
+def sample_frame_indices(num_total: int, num_frames: int, mode: str = "uniform", rng=None) -> np.ndarray:
+    """Indices of `num_frames` frames out of `num_total`, one per segment (`segment_edges`).
+
+    "uniform" (evaluation, deterministic) takes segment k's middle frame as the published code does:
+    (edges[k] + edges[k + 1] - 1) // 2. "rand" (training) takes any frame of segment k, uniformly at random:
+    edges[k] .. edges[k + 1] - 1. (The published code draws with random.choice(range(edges[k], edges[k + 1] - 1)),
+    which also leaves out each segment's last frame and fails on one-frame segments; we draw from the whole
+    segment, which is what "a random frame of each segment" means.)
+
+    A video with fewer frames than F cannot give one frame per segment. The published code then reads every
+    frame and repeats the last one to fill F, which would show order-aware prompts many copies of one frame;
+    here the F segments are spread evenly over the video's real length (segment k covers the time
+    [k * num_total / F, (k + 1) * num_total / F)) and each takes the frame under its midpoint, or, in training,
+    a random frame it overlaps: frames repeat, in order, and the output keeps its length.
     Returns (num_frames,) int64, non-decreasing, each in [0, num_total).
     """
     if num_total < 1:
         raise ValueError(f"sample_frame_indices: the video has {num_total} frames; need at least 1")
     if num_frames < 1:
         raise ValueError(f"sample_frame_indices: num_frames must be >= 1, got {num_frames}")
-    edges = np.linspace(0.0, num_total, num_frames + 1)  # (F + 1,) segment boundaries in frame units
+    if mode not in ("uniform", "rand"):
+        raise ValueError(f"sample_frame_indices: mode must be 'uniform' or 'rand', got {mode!r}")
+    rng = np.random.default_rng() if rng is None and mode == "rand" else rng
+    if num_total >= num_frames:
+        edges = segment_edges(num_total, num_frames)  # (F + 1,)
+        if mode == "uniform":
+            return (edges[:-1] + edges[1:] - 1) // 2
+        return rng.integers(edges[:-1], edges[1:])  # (F,) high exclusive: up to edges[k + 1] - 1
+    edges = np.linspace(0.0, num_total, num_frames + 1)  # (F + 1,) real-valued: the video is shorter than F
     if mode == "uniform":
-        middles = (edges[:-1] + edges[1:]) / 2  # (F,)
-        indices = np.floor(middles).astype(np.int64)
-    elif mode == "rand":
-        rng = np.random.default_rng() if rng is None else rng
+        indices = np.floor((edges[:-1] + edges[1:]) / 2).astype(np.int64)
+    else:
         first = np.floor(edges[:-1]).astype(np.int64)  # (F,) first frame overlapping each segment
         stop = np.maximum(np.ceil(edges[1:]).astype(np.int64), first + 1)  # (F,) one past the last
-        indices = rng.integers(first, stop)  # (F,)
-    else:
-        raise ValueError(f"sample_frame_indices: mode must be 'uniform' or 'rand', got {mode!r}")
+        indices = rng.integers(first, stop)
     return np.clip(indices, 0, num_total - 1)
 
 

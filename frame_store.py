@@ -8,8 +8,8 @@ captions x 5 epochs). A visit to the store costs about 10 ms: 12 JPEG decodes, t
 What it keeps, per video file (path, size, mtime) and sampling settings (F frames, input side R):
 - evaluation: the F segment middles after CLIP's resize + center crop (data.resize_center_crop), R x R, as
   lossless PNG. Evaluation frames from the store are bit-identical to decoding the video.
-- training: for each of the F segments, C candidate frames (default 4): the middles of the segment's C equal
-  sub-segments, i.e. data.sample_frame_indices(num_total, F * C) read as F rows of C. JPEG, quality 90, full
+- training: for each of the F segments (data.segment_edges, the frames training draws from), C candidate frames
+  (default 4): the middles of the segment's C sub-segments (`training_candidates`). JPEG, quality 90, full
   chroma resolution (4:4:4); a frame whose shorter side exceeds ceil(sqrt(2) * R) (317 for R = 224) is first
   downscaled to that, so that the smallest crop of the training augmentation (half the area) still has R
   pixels a side. MSR-VTT's 320x240 frames are kept at their size.
@@ -24,7 +24,8 @@ How training with the store differs from decoding every visit:
 3. Frames larger than sqrt(2) * R on their shorter side are resized once before the random crop.
 The crop, flip and every random draw are as without the store, from (seed, epoch, item) alone.
 
-On disk: DIR/<kind>-<settings>/<sha1 of "path|size|mtime_ns">.frames; each file is the magic line, an
+On disk: DIR/<kind>-<settings>/<sha1 of "path|size|mtime_ns">.frames, the settings including the version of
+the sampling rule (data.SAMPLER_VERSION), so frames picked by another rule are rebuilt, never reused; each file is the magic line, an
 8-byte header length, a JSON header (the key, candidate table, byte offsets) and the encoded images. Safety:
 each entry is written to a temporary file in its folder and renamed (os.replace, atomic), so a reader sees a
 whole entry or none; two processes building the same entry write the same bytes and the last rename wins; a
@@ -149,9 +150,10 @@ class FrameStore:
     def _folder(self, kind: str, num_frames: int, image_size: int) -> Path:
         if kind == "train":
             side = math.ceil(TRAINING_SIDE_PER_INPUT_SIDE * image_size)
-            name = f"train-f{num_frames}-c{self.candidates}-side{side}-q{self.jpeg_quality}-v{FORMAT}"
+            name = f"train-f{num_frames}-c{self.candidates}-side{side}-q{self.jpeg_quality}"
         else:
-            name = f"eval-f{num_frames}-r{image_size}-v{FORMAT}"
+            name = f"eval-f{num_frames}-r{image_size}"
+        name += f"-s{data.SAMPLER_VERSION}-v{FORMAT}"
         return self.root / name
 
     def _has_entry(self, folder: Path, video_path) -> bool:
@@ -188,7 +190,7 @@ class FrameStore:
         sampled = {}
 
         def candidates(num_total: int) -> np.ndarray:  # (F * C,); decode_frames may call it again
-            sampled["indices"] = data.sample_frame_indices(num_total, num_frames * self.candidates)
+            sampled["indices"] = training_candidates(num_total, num_frames, self.candidates).reshape(-1)
             return sampled["indices"]
 
         frames = decode_frames(video_path, candidates)  # (F * C, H, W, 3)
@@ -239,6 +241,19 @@ class FrameStore:
                 return blobs
         except OSError:
             return None
+
+
+def training_candidates(num_total: int, num_frames: int, candidates: int) -> np.ndarray:
+    """(F, C) frame indices: for each of the F segments training draws from (data.segment_edges), the middles of
+    its C sub-segments, cut as the segments are cut. With fewer frames than F, each row repeats the frame
+    data.sample_frame_indices takes for that segment."""
+    if num_total < num_frames:
+        return np.repeat(data.sample_frame_indices(num_total, num_frames)[:, None], candidates, axis=1)
+    edges = data.segment_edges(num_total, num_frames)  # (F + 1,)
+    lengths = edges[1:] - edges[:-1]  # (F,) >= 1
+    sub_edges = edges[:-1, None] + (np.linspace(0, 1, candidates + 1)[None, :] * lengths[:, None]).astype(np.int64)
+    starts, stops = sub_edges[:, :-1], sub_edges[:, 1:]  # (F, C) each; a sub-segment may be empty in a short one
+    return (starts + np.maximum(stops - 1, starts)) // 2
 
 
 def _parse_header(handle, key: str):

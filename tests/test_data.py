@@ -14,18 +14,39 @@ from helpers import msrvtt_root, place_videos, write_csv, write_tiny_video
 # --- sampler ----------------------------------------------------------------------------------------------
 
 
-def test_uniform_takes_each_segments_middle_frame():
-    np.testing.assert_array_equal(data.sample_frame_indices(120, 12, "uniform"), np.arange(5, 120, 10))
-    np.testing.assert_array_equal(data.sample_frame_indices(12, 12, "uniform"), np.arange(12))
+def published_uniform_indices(vlen: int, num_frames: int) -> list[int]:
+    """The frames the published code reads in 'uniform' mode (X-Pool's load_frames_from_video, kept by the authors'
+    ModelScope release), written out: integer segment edges, each segment's (first + last) // 2."""
+    intervals = np.linspace(start=0, stop=vlen, num=num_frames + 1).astype(int)
+    ranges = [(intervals[k], intervals[k + 1] - 1) for k in range(num_frames)]
+    return [(first + last) // 2 for first, last in ranges]
 
 
-def test_rand_stays_inside_its_segment_and_varies():
+@pytest.mark.parametrize("num_frames", [8, 12])
+def test_uniform_picks_exactly_the_published_frames(num_frames):
+    for vlen in [*range(num_frames, 2001), 4321, 10_000, 54_000]:
+        assert data.sample_frame_indices(vlen, num_frames, "uniform").tolist() == \
+            published_uniform_indices(vlen, num_frames), vlen
+    assert data.sample_frame_indices(450, 12)[:4].tolist() == [18, 55, 93, 130]  # an MSR-VTT-like 15 s clip
+
+
+def test_uniform_frames_are_what_read_frames_decodes(tmp_path):
+    """A real file, read with a seek to each wanted frame: the decoded frames are the published ones."""
+    from helpers import decoded_indices, index_video_frames
+    clip = video_io.write_video(tmp_path / "index.avi", index_video_frames(40), 30, "MJPG")
+    for num_frames in (8, 12):
+        for strategy in ("seek", "sequential"):
+            frames = data.read_frames(clip, num_frames, "uniform", strategy=strategy)
+            assert decoded_indices(frames).tolist() == published_uniform_indices(40, num_frames)
+
+
+def test_rand_draws_every_frame_of_its_segment_and_no_other():
     rng = np.random.default_rng(0)
     num_total, num_frames = 100, 12
-    edges = np.linspace(0, num_total, num_frames + 1)
-    draws = np.stack([data.sample_frame_indices(num_total, num_frames, "rand", rng) for _ in range(300)])
-    assert (draws >= np.floor(edges[:-1])).all() and (draws < np.ceil(edges[1:])).all()
-    assert all(len(np.unique(draws[:, k])) > 3 for k in range(num_frames))  # really random per segment
+    edges = np.linspace(0, num_total, num_frames + 1).astype(int)  # the published segments
+    draws = np.stack([data.sample_frame_indices(num_total, num_frames, "rand", rng) for _ in range(600)])
+    for k in range(num_frames):
+        assert set(draws[:, k].tolist()) == set(range(edges[k], edges[k + 1]))  # the last frame included
 
 
 def test_short_video_repeats_frames_to_keep_the_length():

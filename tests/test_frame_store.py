@@ -66,7 +66,7 @@ def test_evaluation_frames_from_the_store_are_bit_identical(tmp_path, monkeypatc
 def test_training_frames_are_drawn_among_the_stored_candidates(tmp_path, index_clip):
     store = frame_store.FrameStore(tmp_path / "store", candidates=3)
     num_frames = 4
-    candidates = data.sample_frame_indices(NUM_FRAMES_IN_FILE, num_frames * 3).reshape(num_frames, 3)  # (F, C)
+    candidates = frame_store.training_candidates(NUM_FRAMES_IN_FILE, num_frames, 3)  # (F, C)
     rng = np.random.default_rng(0)
     drawn = np.stack([decoded_indices(store.training_frames(index_clip, num_frames, 32, rng)) for _ in range(60)])
     for segment in range(num_frames):  # (60,) draws of this segment: only its candidates, and each of them
@@ -191,9 +191,37 @@ for kind in ("train", "test"):
     expected = [dataset_at(tmp_path / "test", train=False).videos()[j]["video"] for j in range(6)]
     evaluation = dataset_at(tmp_path / "test", train=False, frame_store=store)
     training = dataset_at(tmp_path / "train", frame_store=store)
-    candidates = set(data.sample_frame_indices(NUM_FRAMES_IN_FILE, 16).tolist())
+    candidates = set(frame_store.training_candidates(NUM_FRAMES_IN_FILE, 4, 4).reshape(-1).tolist())
     forbid_decoding(monkeypatch)  # every entry is whole: nothing needs decoding again
     for j in range(6):
         assert torch.equal(evaluation.videos()[j]["video"], expected[j])
         frames = store.training_frames(training.video_paths[j], 4, 32, np.random.default_rng(j))
         assert set(decoded_indices(frames).tolist()) <= candidates
+
+
+@pytest.mark.parametrize("num_frames, candidates", [(12, 4), (8, 4), (12, 3)])
+def test_training_candidates_lie_in_the_segments_training_draws_from(num_frames, candidates):
+    for num_total in [*range(num_frames, 300), 450, 1000, 7919]:
+        table = frame_store.training_candidates(num_total, num_frames, candidates)  # (F, C)
+        edges = data.segment_edges(num_total, num_frames)
+        assert table.shape == (num_frames, candidates)
+        assert (table >= edges[:-1, None]).all() and (table < edges[1:, None]).all(), num_total
+        assert (np.diff(table, axis=1) >= 0).all()
+        lengths = edges[1:] - edges[:-1]
+        distinct = np.array([len(np.unique(row)) for row in table])
+        assert (distinct == np.minimum(lengths, candidates)).all(), num_total  # as spread as the segment allows
+    short = frame_store.training_candidates(5, 12, 4)  # fewer frames than segments: the sampler's frame, repeated
+    np.testing.assert_array_equal(short, np.repeat(data.sample_frame_indices(5, 12)[:, None], 4, axis=1))
+
+
+def test_entries_made_by_another_sampling_rule_are_rebuilt_once_not_reused(tmp_path, index_clip, monkeypatch):
+    make_videos(tmp_path, index_clip, 2)
+    old_rule = frame_store.FrameStore(tmp_path / "store")
+    monkeypatch.setattr(data, "SAMPLER_VERSION", data.SAMPLER_VERSION - 1)
+    assert old_rule.build(dataset_at(tmp_path, train=False, frame_store=old_rule), num_workers=0,
+                          log=quiet)["built"] == 2
+    monkeypatch.undo()
+    store = frame_store.FrameStore(tmp_path / "store")
+    dataset = dataset_at(tmp_path, train=False, frame_store=store)
+    assert store.build(dataset, num_workers=0, log=quiet)["built"] == 2  # the old entries are not used
+    assert store.build(dataset, num_workers=0, log=quiet)["built"] == 0  # and the new ones are, from then on
