@@ -66,6 +66,9 @@ def read_annotations(name: str, root, split: str, video_dir=None, skip_missing: 
         entries, locate, annotation_file = _msvd_entries(root, split, video_dir)
     elif name == "csv":
         _check_split("csv", split, set(CSV_SPLITS))
+        if root.is_dir():
+            raise AnnotationError(f"--data csv takes the CSV file itself, and {root} is a folder: pass the CSV file "
+                                  f"as --data-root (e.g. {root / 'my_data.csv'})")
         entries, locate, annotation_file = _csv_entries(root, split)
     else:
         _check_split("synthetic", split, {"train", "test", "stills"})
@@ -266,7 +269,9 @@ def _csv_entries(csv_path: Path, split: str | None):
     for (split "train"), so that nobody reports training rows as test results by accident.
     `split` None (the synthetic world, one file per split) takes every row."""
     rows = list(_read_csv_rows(csv_path, ["video", "caption"]))
-    has_split_column = bool(rows) and "split" in rows[0][1]
+    if not rows:
+        raise AnnotationError(f"{csv_path} has a header but no rows: add one row per (video, caption) pair")
+    has_split_column = "split" in rows[0][1]
     if split is not None and not has_split_column and split != "train":
         raise AnnotationError(
             f"{csv_path} has no 'split' column, so all its rows are training rows and there is no {split!r} "
@@ -313,8 +318,9 @@ def _assemble(entries, locate, annotation_file, skip_missing) -> Annotations:
         summary = (f"{len(missing)} of {len(missing) + len(video_ids)} videos listed in {annotation_file} are "
                    f"missing (first: {first_id!r} at {first_where}, expected at {first_path})")
         if not skip_missing:
-            raise FileNotFoundError(f"{summary}. Add the videos, fix the paths, or pass skip_missing=True.")
-        warnings.warn(f"{summary}; skipping them (skip_missing=True).", stacklevel=3)
+            raise FileNotFoundError(f"{summary}. Add the videos, fix the paths, or pass --skip-missing to leave them "
+                                    f"out (skip_missing=True in Python)")
+        warnings.warn(f"{summary}; leaving them out (--skip-missing).", stacklevel=3)
     if not captions:
         raise AnnotationError(f"{annotation_file}: no usable (video, caption) pair")
     return Annotations(video_ids, video_paths, captions, caption_video_index, Path(annotation_file))

@@ -143,8 +143,10 @@ class RunFolder:
         self.out_dir = Path(out_dir)
         self.lock = self.out_dir / "run.lock"
         self.held = False
+        self.created = False  # by this process: a run that fails before writing anything leaves no empty folder
 
     def __enter__(self):
+        self.created = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
@@ -158,10 +160,15 @@ class RunFolder:
             return self
         raise RunFolderError(f"could not take the lock {self.lock}; another process keeps taking it")
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, exc_type=None, *exc_info):
         if self.held:
             self.lock.unlink(missing_ok=True)
             self.held = False
+            left = {path.name for path in self.out_dir.iterdir()}
+            if exc_type is not None and self.created and left <= {"video_probe.json"}:
+                for name in left:  # nothing but a cache this failed start made: remove the folder it made
+                    (self.out_dir / name).unlink(missing_ok=True)
+                self.out_dir.rmdir()
         return False
 
     def _clear_stale_lock(self) -> None:

@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,8 +26,10 @@ import clip_model
 import clip_weights
 import data
 import evaluate
+import runs
 import train
-from cli import resolve_device
+from cli import build_parser, resolve_device, run_command
+from figures import draw_comparison
 from files import atomic_write
 from video_io import write_video
 from vop import VoP, VoPConfig
@@ -231,8 +234,19 @@ def pretrained_tiny_clip(world: Path, root: Path, overrides: dict) -> Path:
     return path
 
 
+def link_tiny_clip(path: Path) -> Path:
+    """DEMO_ROOT/tiny_clip.pt, a link to the tiny CLIP the demo uses: a stable name to pass as --clip when
+    training the tiny CLIP on one's own videos."""
+    link = path.parent / "tiny_clip.pt"
+    temporary = path.parent / f"tiny_clip.pt.{os.getpid()}.link"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(path.name)
+    os.replace(temporary, link)  # atomic: another demo never sees the link missing
+    return link
+
+
 def run(overrides: dict, evaluate_before: bool = True) -> dict:
-    """The demo; `overrides` are the TrainConfig fields the user set (train.given_options)."""
+    """The demo; `overrides` are the TrainConfig fields the user set (`parse_options`)."""
     started = time.time()
     root = DEMO_ROOT
     root.mkdir(parents=True, exist_ok=True)
@@ -241,6 +255,8 @@ def run(overrides: dict, evaluate_before: bool = True) -> dict:
     print("[demo] step 1: the synthetic motion world (real mp4 files, 32x32 px, 8 frames per clip).")
     world = make_synthetic_world(root / "world", **WORLD)
     clip_path = pretrained_tiny_clip(world, root, overrides)
+    print(f"[demo] to train this tiny CLIP on your own videos: python train.py --clip {link_tiny_clip(clip_path)} "
+          f"--data csv --data-root my_data.csv (it sees 32 x 32 px frames)")
 
     # The demo's runs are disposable: each starts afresh in runs/demo, unless asked to --resume.
     tuned = train.TrainConfig(**{**dataclasses.asdict(train.TrainConfig()), **TUNE,
@@ -259,7 +275,7 @@ def run(overrides: dict, evaluate_before: bool = True) -> dict:
     what = f"VoP with video prompts {tuned.prompts!r}" if tuned.prompts else "plain VoP (text + visual prompts)"
     print(f"[demo] step 4: {tuned.tune} tuning of {what} on the moving clips; CLIP stays frozen.")
     results = train.train(tuned)
-    out_dir = Path(tuned.out_dir or train.default_out_dir(tuned))
+    out_dir = Path(tuned.out_dir or runs.default_out_dir(tuned))
     model, _ = evaluate.load_model_from_checkpoint(out_dir / "last.pt", device)
     results["pairs"] = score_reversal_pairs(model, world, device)
     print(f"[demo] done in {time.time() - started:.0f} s. Every configuration, as in the README's table: "
@@ -272,31 +288,48 @@ ALL_ROWS = [("zero-shot", ""), ("prompts", ""), ("prompts", "pos"), ("prompts", 
             ("prompts", "fn,pos"), ("prompts", "fn,ctx"), ("prompts", "pos,ctx")]
 
 
-def run_all(argv=None) -> str:
-    """Train and evaluate every row of ALL_ROWS on the demo; return (and print) a markdown table."""
+def run_all(overrides: dict, figure: Path = Path("runs/demo-all/comparison.png")) -> str:
+    """Train and evaluate every row of ALL_ROWS on the demo; print a markdown table (and return it), and draw
+    the rows' t2v R@1 and reversal-pair scores side by side in `figure`."""
     lines = ["| method | trainable | t2v R@1 | t2v R@5 | t2v MnR | v2t R@1 | reversal pairs | seconds |",
              "|---|---|---|---|---|---|---|---|"]
+    rows = []
     for tune, prompts in ALL_ROWS:
-        overrides = {**train.given_options(argv), "tune": tune, "prompts": prompts,
-                     "out_dir": f"runs/demo-all/{tune}-{prompts or 'vop'}"}
         started = time.time()
-        results = run(overrides, evaluate_before=False)
+        results = run({**overrides, "tune": tune, "prompts": prompts,
+                       "out_dir": f"runs/demo-all/{tune}-{prompts or 'vop'}"}, evaluate_before=False)
         name = "zero-shot CLIP" if tune == "zero-shot" else f"VoP {prompts}" if prompts else "VoP"
         t2v, v2t = results["t2v"], results["v2t"]
         lines.append(f"| {name} | {results.get('trainable', 0):,} | {t2v['R@1']:.1f} | {t2v['R@5']:.1f} | "
                      f"{t2v['MnR']:.1f} | {v2t['R@1']:.1f} | {results['pairs']:.1f} | {time.time() - started:.0f} |")
+        rows.append({"name": name, "t2v R@1": t2v["R@1"], "reversal pairs": results["pairs"]})
     table = "\n".join(lines)
     print(table)
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    if draw_comparison(rows, figure, "The synthetic demo: text -> video R@1 and reversal pairs per variant"):
+        print(f"[demo] wrote {figure}")
     return table
+
+
+def parse_options(argv=None) -> tuple[dict, bool]:
+    """(the TrainConfig fields set on the command line, whether --all was asked for): the demo keeps its own
+    settings for every field not given."""
+    parser = build_parser(train.TrainConfig, __doc__.split("\n\n")[0], only_given=True)
+    parser.prog = "demo.py"
+    parser.epilog = ("Any of train.py's flags above overrides the demo's own setting, e.g. --prompts pos,ctx or "
+                     "--epochs 4.")
+    parser.add_argument("--all", action="store_true", default=False,
+                        help="train and evaluate every row of the README's table (about 5 minutes on 2 cores) and "
+                             "draw runs/demo-all/comparison.png")
+    options = vars(parser.parse_args(argv))
+    return options, options.pop("all")
 
 
 def main(argv=None):
     """`python demo.py [train.py's flags]`, or `python demo.py --all` for the README's table."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--all" in argv:
-        return run_all([arg for arg in argv if arg != "--all"])
-    return run(train.given_options(argv))
+    overrides, all_rows = parse_options(argv)
+    return run_all(overrides) if all_rows else run(overrides)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, sys.argv[1:], "demo.py")

@@ -31,9 +31,7 @@ import contextlib
 import sys
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 import checkpoints
 import clip_weights
@@ -42,8 +40,9 @@ import distributed
 from annotations import DATASET_NAMES
 from cli import (PRECISIONS, ConfigError, at_least, greater_than, option, parse_config, resolve_device,
                  resolve_precision, run_command)
-from clip_model import CLIP_MEAN, CLIP_STD
+from figures import draw_examples
 from frame_store import FrameStore
+from progress import Progress
 from vop import VoP, VoPConfig
 
 RECALL_AT = (1, 5, 10)
@@ -133,12 +132,18 @@ def dense_video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: 
 
 
 def embed(model: VoP, dataset: data.VideoTextDataset, batch_size: int = 32, num_workers: int | None = None,
-          device="cpu", autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          device="cpu", autocast_dtype: torch.dtype | None = None,
+          show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(text_embeddings (T, E), video_embeddings (V, E)), float32 on the CPU, L2-normalised: every caption of
-    `dataset.captions` and every unique video of `dataset.videos()`, each encoded exactly once."""
+    `dataset.captions` and every unique video of `dataset.videos()`, each encoded exactly once. `show_progress`
+    prints a progress line (first process only) while the videos are embedded."""
     if len(dataset.captions) == 0 or len(dataset.video_ids) == 0:
         raise ValueError(f"dataset {dataset.name!r} has no captions or no videos to evaluate")
-    video_embeddings = embed_videos(model, dataset.videos(), batch_size, num_workers, device, autocast_dtype)
+    progress = Progress(f"embedding {len(dataset.video_ids)} {dataset.name} videos", len(dataset.video_ids),
+                        "videos", enabled=show_progress and distributed.rank_and_world_size()[0] == 0)
+    video_embeddings = embed_videos(model, dataset.videos(), batch_size, num_workers, device, autocast_dtype,
+                                    lambda done, total: progress.update(done))
+    progress.finish()
     text_embeddings = embed_captions(model, dataset.captions, batch_size, device, autocast_dtype)
     return text_embeddings, video_embeddings
 
@@ -161,8 +166,8 @@ def embed_videos(model: VoP, videos, batch_size: int = 32, num_workers: int | No
     with _inference(model, device, autocast_dtype):
         for batch in loader:
             embeddings.append(model.encode_video(batch["video"].to(device, non_blocking=True)).float().cpu())
-            if progress is not None:
-                progress(sum(len(part) for part in embeddings) * world_size, len(videos))
+            if progress is not None:  # every process embeds at about the same rate: count all of them
+                progress(min(len(videos), sum(len(part) for part in embeddings) * world_size), len(videos))
     mine = torch.cat(embeddings) if embeddings else torch.empty(0)  # (rows of this process, E)
     return distributed.join_shares(mine, len(videos))  # (V, E)
 
@@ -349,9 +354,10 @@ def metrics_from_embeddings(text_embeddings, video_embeddings, caption_video_ind
 
 def evaluate(model: VoP, dataset: data.VideoTextDataset, batch_size: int = 32, num_workers: int | None = None,
              device="cpu", autocast_dtype: torch.dtype | None = None, dsl: bool = False,
-             dsl_temperature: float = 100.0) -> dict:
+             dsl_temperature: float = 100.0, show_progress: bool = True) -> dict:
     """Embed `dataset` with `model` and score it: {"t2v": {...}, "v2t": {...}, "dsl": bool}."""
-    text_embeddings, video_embeddings = embed(model, dataset, batch_size, num_workers, device, autocast_dtype)
+    text_embeddings, video_embeddings = embed(model, dataset, batch_size, num_workers, device, autocast_dtype,
+                                              show_progress)
     return metrics_from_embeddings(text_embeddings, video_embeddings, dataset.caption_video_index, dsl,
                                    dsl_temperature, score_device=device)
 
@@ -387,58 +393,6 @@ def load_model_from_checkpoint(path, device="cpu", clip=None) -> tuple[VoP, dict
     return model.eval(), checkpoint
 
 
-def _to_pixels(video: torch.Tensor) -> np.ndarray:
-    """(F, 3, S, S) CLIP-normalised -> (F, S, S, 3) uint8 RGB: undo data.normalize."""
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    pixels = (video.float() * std + mean).clamp(0, 1) * 255  # (F, 3, S, S)
-    return pixels.round().byte().permute(0, 2, 3, 1).numpy()
-
-
-def draw_examples(dataset: data.VideoTextDataset, text_embeddings: torch.Tensor, video_embeddings: torch.Tensor,
-                  path, num_queries: int = 4, top_k: int = 5, frames_per_video: int = 4,
-                  thumb_size: int = 64) -> Image.Image:
-    """Save a PNG: per text query (evenly spread over the captions), its caption above its top-k videos (by
-    cosine similarity) as strips of frames, the correct video framed green and the others grey. Returns the image.
-
-    Size: width  = gap + top_k * (frames * thumb_size + 2 * border + gap),
-          height = gap + num_queries * (caption_height + thumb_size + 2 * border + gap)
-    with frames = min(frames_per_video, dataset.num_frames), border 3, gap 8, caption_height 14.
-    """
-    border, gap, caption_height = 3, 8, 14
-    num_queries = min(num_queries, len(text_embeddings))
-    top_k = min(top_k, len(video_embeddings))
-    frames = min(frames_per_video, dataset.num_frames)
-    strip_width, strip_height = frames * thumb_size + 2 * border, thumb_size + 2 * border
-    row_height = caption_height + strip_height + gap
-    width = gap + top_k * (strip_width + gap)
-    canvas = Image.new("RGB", (width, gap + num_queries * row_height), "white")
-    draw = ImageDraw.Draw(canvas)
-    queries = torch.linspace(0, len(text_embeddings) - 1, num_queries).round().long()  # (num_queries,)
-    top_videos = (text_embeddings[queries] @ video_embeddings.T).topk(top_k, dim=1).indices  # (num_queries, k)
-    videos, pixels_of = dataset.videos(), {}  # decode each shown video once, however often it is retrieved
-    max_chars = max(8, (width - 2 * gap) // 6)  # the default bitmap font is about 6 px per character
-    for row, (query, ranked) in enumerate(zip(queries.tolist(), top_videos.tolist())):
-        top = gap + row * row_height
-        caption = dataset.captions[query]
-        draw.text((gap, top), caption if len(caption) <= max_chars else caption[:max_chars - 3] + "...",
-                  fill="black")
-        correct = dataset.caption_video_index[query]
-        for column, video_index in enumerate(ranked):
-            left, strip_top = gap + column * (strip_width + gap), top + caption_height
-            colour = (40, 200, 60) if video_index == correct else (170, 170, 170)
-            draw.rectangle([left, strip_top, left + strip_width - 1, strip_top + strip_height - 1], fill=colour)
-            if video_index not in pixels_of:
-                pixels_of[video_index] = _to_pixels(videos[video_index]["video"])  # (F, S, S, 3)
-            pixels = pixels_of[video_index]
-            shown = np.linspace(0, len(pixels) - 1, frames).round().astype(int)
-            for slot, frame in enumerate(shown):
-                thumb = Image.fromarray(pixels[frame]).resize((thumb_size, thumb_size), Image.BICUBIC)
-                canvas.paste(thumb, (left + border + slot * thumb_size, strip_top + border))
-    canvas.save(path)
-    return canvas
-
-
 # ----------------------------------------------------------------------------------------------------------
 # 5. Command line
 
@@ -465,7 +419,8 @@ class EvalConfig:
     frame_store: str | None = option(None, "read (and keep) the decoded test frames here, as train.py does")
     dsl: bool = option(False, "dual-softmax re-ranking (not the paper's protocol)")
     dsl_temperature: float = option(100.0, "DSL softmax temperature", greater_than(0))
-    examples: str | None = option(None, "write a PNG of the top-5 videos for a few text queries")
+    examples: str | None = option(None, "write a PNG of retrieval examples: a few text queries with their top-5 "
+                                        "videos, a few videos with their top-5 captions")
 
 
 def main(argv=None) -> dict:
@@ -498,13 +453,14 @@ def main(argv=None) -> dict:
     if store is not None:
         store.build(dataset, config.num_workers)
     text_embeddings, video_embeddings = embed(model, dataset, config.batch_size, config.num_workers, device,
-                                              resolve_precision(config.precision, device))
+                                              resolve_precision(config.precision, device), show_progress=True)
     results = metrics_from_embeddings(text_embeddings, video_embeddings, dataset.caption_video_index, config.dsl,
                                       config.dsl_temperature, score_device=device)
     rows = " (training rows)" if config.split == trained.get("train_split", "train") else ""
     print(format_results(results, f"{name} {config.split}{rows}"))
     if config.examples:
-        draw_examples(dataset, text_embeddings, video_embeddings, config.examples)
+        draw_examples(dataset, text_embeddings, video_embeddings, config.examples,
+                      title=f"{model_name} on {name} {config.split}{rows}")
         print(f"wrote {config.examples}", file=sys.stderr)
     return results
 

@@ -24,6 +24,7 @@ import data
 import distributed
 import video_io
 from cli import ConfigError
+from figures import draw_curves
 from files import remove_leftover_temporaries
 from frame_store import FrameStore
 from progress import Progress, format_duration
@@ -35,12 +36,7 @@ class Run:
 
     def __init__(self, config, rank: int = 0, world_size: int = 1):
         self.config, self.rank, self.world_size = config, rank, world_size
-        if not Path(config.data_root).expanduser().exists():
-            raise ConfigError(f"--data-root {config.data_root} does not exist: pass the dataset's folder (the CSV file "
-                              f"for --data csv; the README shows each layout); to try VoP with no weights and no data, "
-                              f"run the demo: python demo.py --prompts pos,ctx")
-        if config.batch_size % world_size:
-            raise ConfigError(f"--batch-size {config.batch_size} must divide evenly over {world_size} processes")
+        check_flags(config, world_size)  # before any folder is made or anything downloaded
         self.out_dir = Path(config.out_dir or default_out_dir(config))
         self.checkpoint_path = self.out_dir / "last.pt"
         self.num_workers = config.num_workers if config.num_workers is not None else data.default_num_workers(
@@ -76,7 +72,7 @@ class Run:
 
     def __exit__(self, *exc_info):
         if self.folder is not None:
-            self.folder.__exit__(None, None, None)
+            self.folder.__exit__(*exc_info)
             self.folder = None
         return False
 
@@ -175,6 +171,11 @@ class Run:
 
     # -- logs -----------------------------------------------------------------------------------------------
 
+    def draw_curves(self) -> None:
+        """out_dir/curves.png: the loss and learning rate, and the test split's recall, so far (figures.py)."""
+        if self.rank == 0:
+            draw_curves(self.out_dir / "log.jsonl", self.out_dir / "curves.png")
+
     def write_log(self, record: dict) -> None:
         if self.rank == 0:
             with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as handle:
@@ -214,6 +215,17 @@ class Run:
         return {**results, "trainable": trainable, "replaced_videos": self.replaced_videos}
 
 
+def check_flags(config, world_size: int) -> None:
+    """What the flags alone can tell is wrong: a --data-root that does not exist, a batch that does not split."""
+    if not Path(config.data_root).expanduser().exists():
+        what = "the CSV file itself" if config.data == "csv" else f"the folder that holds {config.data}"
+        raise ConfigError(f"--data-root {config.data_root} does not exist: pass {what} (the README shows each "
+                          f"layout); to try VoP with no weights and no data, run the demo: python demo.py --prompts "
+                          f"pos,ctx")
+    if config.batch_size % world_size:
+        raise ConfigError(f"--batch-size {config.batch_size} must divide evenly over {world_size} processes")
+
+
 def results_title(config, when: str, test_set) -> str:
     """'epoch 3 (msrvtt-9k test, 1000 captions)': what a results table shows, saying "training rows" when the
     test split is the training split."""
@@ -249,7 +261,7 @@ def check_videos(test_set, train_set, out_dir: Path, num_workers: int, rank: int
     paths = sorted({str(path) for dataset in datasets for path in dataset.video_paths})
     cache = out_dir / "video_probe.json"
     if rank == 0:
-        results = video_io.probe_videos(paths, num_workers=num_workers, cache_file=cache)
+        results = video_io.probe_videos(paths, num_workers=num_workers, cache_file=cache, show_progress=True)
     distributed.barrier()
     if rank != 0:
         results = video_io.probe_videos(paths, num_workers=num_workers, cache_file=cache)

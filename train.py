@@ -24,8 +24,8 @@ import torch.nn.functional as F
 import data
 import distributed
 from annotations import DATASET_NAMES
-from cli import (PRECISIONS, at_least, between, build_parser, check_config, flag_errors, greater_than, option,
-                 parse_config, resolve_device, resolve_precision, run_command)
+from cli import (PRECISIONS, at_least, between, check_config, flag_errors, greater_than, option, parse_config,
+                 resolve_device, resolve_precision, run_command)
 from clip_weights import load as load_clip
 from evaluate import evaluate, format_results
 from errors import Stopped
@@ -198,6 +198,7 @@ def train(config: TrainConfig) -> dict:
                 if config.eval_each_epoch or epoch == config.epochs - 1:
                     history.append(evaluate_epoch(model, test_set, epoch, step, run, device, amp_dtype))
                     run.save(model, optimizer, scaler, step, history)  # now with the epoch's results
+                run.draw_curves()  # out_dir/curves.png: loss, learning rate and recall so far
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cli.run_command): one line on what is saved
             raise Stopped(f"Stopped at step {step}/{total_steps}. {run.saved_note(total_steps)}") from None
         except FloatingPointError as error:
@@ -208,6 +209,7 @@ def train(config: TrainConfig) -> dict:
         if not history or history[-1]["epoch"] < config.epochs:  # resumed after its last evaluation failed
             history.append(evaluate_epoch(model, test_set, config.epochs - 1, step, run, device, amp_dtype))
             run.save(model, optimizer, scaler, step, history)
+            run.draw_curves()
         elif step == run.start_step:  # a finished run, resumed: show what it ended with
             run.log(format_results(history[-1], results_title(config, f"epoch {config.epochs}", test_set)))
         return run.finish(step, history, trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
@@ -254,11 +256,6 @@ def sum_gradients_across_processes(parameters):
 
 def parse_train_config(argv=None) -> TrainConfig:
     return parse_config(TrainConfig, argv, __doc__.split("\n\n")[0])
-
-
-def given_options(argv=None) -> dict:
-    """Only the TrainConfig fields set on the command line (the demo keeps its own settings for the rest)."""
-    return vars(build_parser(TrainConfig, __doc__.split("\n\n")[0], only_given=True).parse_args(argv))
 
 
 def main(argv=None):

@@ -29,6 +29,13 @@ import numpy as np
 
 from errors import UserError
 from files import atomic_write
+from progress import Progress
+
+# A broken file makes FFmpeg and OpenCV print a screen of warnings before our one line that names it; quiet them
+# unless the user asked for them (OPENCV_FFMPEG_LOGLEVEL, OPENCV_LOG_LEVEL). Read when FFmpeg first opens a file.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+if "OPENCV_LOG_LEVEL" not in os.environ:
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -49,6 +56,15 @@ def _read_image_as_video(path: Path, num_frames: int) -> np.ndarray:
     return np.repeat(_bgr_to_rgb(image_bgr)[None], num_frames, axis=0)
 
 
+def _why_unopenable(path: Path) -> str:
+    if not path.exists():
+        return "the file does not exist"
+    if not os.access(path, os.R_OK):
+        return "permission denied (make the file readable: chmod a+r)"
+    return ("it is not a video OpenCV's FFmpeg can open (corrupt, truncated before its index, or an unknown codec; "
+            "ffprobe on the file tells more)")
+
+
 def _open_capture(path: Path, raw_packets: bool = False) -> cv2.VideoCapture:
     """An opened capture through OpenCV's FFmpeg backend, decoding with as many threads as OpenCV itself may
     use (cv2.getNumThreads(): 1 in a DataLoader worker; FFmpeg would otherwise start one thread per core in
@@ -58,9 +74,7 @@ def _open_capture(path: Path, raw_packets: bool = False) -> cv2.VideoCapture:
     if not capture.isOpened() and not raw_packets:
         capture = cv2.VideoCapture(str(path))  # an OpenCV whose FFmpeg backend refuses it: any other backend
     if not capture.isOpened():
-        reason = "the file does not exist" if not path.exists() else (
-            "it is not a video OpenCV's FFmpeg can open (corrupt, truncated before its index, or an unknown codec)")
-        raise VideoReadError(f"{path}: cannot open video: {reason}. Check it with `ffprobe {path}`.")
+        raise VideoReadError(f"{path}: cannot open video: {_why_unopenable(path)}")
     return capture
 
 
@@ -302,11 +316,12 @@ def _probe_in_worker(path: str) -> ProbeResult:
     return probe_video(path)
 
 
-def probe_videos(paths, num_workers: int | None = None, cache_file=None) -> dict:
+def probe_videos(paths, num_workers: int | None = None, cache_file=None, show_progress: bool = False) -> dict:
     """{path: ProbeResult} for every path (keys as given), probed in parallel by `num_workers` processes
     (default: the CPUs this process may use). With `cache_file` (JSON), results are kept per (path, size,
     mtime): a rerun probes only new or changed files. The cache is replaced atomically, so concurrent runs
-    (torchrun ranks) never read half of one. About 2 ms of one core per 320x240 H.264 video."""
+    (torchrun ranks) never read half of one. About 2 ms of one core per 320x240 H.264 video.
+    `show_progress` prints a progress line with the rate and the time left (progress.Progress)."""
     paths = list(paths)
     cache = _read_probe_cache(cache_file)
     results, keys, todo = {}, {}, []
@@ -324,11 +339,17 @@ def probe_videos(paths, num_workers: int | None = None, cache_file=None) -> dict
             todo.append(path)
     if num_workers is None:
         num_workers = available_cpus()
+    progress = Progress(f"probing {len(todo)} videos", len(todo), "videos", enabled=show_progress and bool(todo))
     if num_workers <= 1 or len(todo) < 64:  # a process pool costs about a second to start
-        probed = [probe_video(path) for path in todo]
+        probed = []
+        for path in todo:
+            probed.append(probe_video(path))
+            progress.update(len(probed))
     else:  # a file on which FFmpeg crashes kills its process: it is reported unreadable, the rest go on
         probed = map_in_processes(_probe_in_worker, [str(path) for path in todo], num_workers,
-                                  on_crash=lambda path: ProbeResult(0, f"{path}: the decoder crashed on it"))
+                                  on_crash=lambda path: ProbeResult(0, f"{path}: the decoder crashed on it"),
+                                  on_result=lambda done, total: progress.update(done))
+    progress.finish()
     for path, result in zip(todo, probed):
         results[path] = result
         cache[str(path)] = {**keys[path], "frames": result.frames, "error": result.error}

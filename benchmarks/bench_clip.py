@@ -23,7 +23,7 @@ import time
 from contextlib import nullcontext
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line, timed_median  # noqa: E402
+from common import argument_parser, machine_line, timed_median  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -75,6 +75,7 @@ def bench_tokenize(captions: list[str]) -> tuple[float, float, float]:
 
 
 def main() -> None:
+    argument_parser(__doc__).parse_args()
     print(machine_line(), flush=True)
     torch.manual_seed(0)
     model = clip_model.CLIP(clip_model.CLIPConfig()).eval()  # ViT-B/32 shape, random weights

@@ -12,7 +12,6 @@ process with one OpenCV and one torch thread, as a DataLoader worker runs. Repor
     apt-get install ffmpeg     # a benchmark dependency only; without it, OpenCV's mp4v clips are used
     python benchmarks/bench_data.py [--clips 8] [--out /tmp/vop_bench]
 """
-import argparse
 import os
 import shutil
 import statistics
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model  # noqa: E402
+from common import argument_parser, cpu_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
@@ -198,7 +197,7 @@ def loader_rate(dataset, workers: int, epochs: int = 3, visits_per_video: int = 
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--clips", type=int, default=8, help="clips per kind")
     parser.add_argument("--probe-copies", type=int, default=2000, help="names to probe")
     parser.add_argument("--out", default="/tmp/vop_bench", help="where the generated clips go")

@@ -8,7 +8,9 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import argument_parser  # noqa: E402  (common puts the repository on the path)
+
 import torch  # noqa: E402
 
 import clip_model  # noqa: E402
@@ -28,6 +30,7 @@ def seconds_per_batch(model, tokens, repeats=5):
 
 
 def main():
+    argument_parser(__doc__).parse_args()
     torch.manual_seed(0)
     model = VoP(clip_model.CLIP(clip_model.CLIPConfig()).eval(), VoPConfig()).eval()
     tokens = model.tokenize(CAPTIONS)  # (32, 69)

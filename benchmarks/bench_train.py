@@ -26,7 +26,6 @@ What it measures, by wrapping train.training_step and runs.Run.fill_frame_store 
     apt-get install ffmpeg     # a benchmark dependency only; without it, OpenCV's mp4v clips are used
     python benchmarks/bench_train.py [--clips 64] [--epochs 5] [--out /tmp/vop_bench_train]
 """
-import argparse
 import contextlib
 import csv
 import io
@@ -41,7 +40,7 @@ import cv2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_data import make_clips  # noqa: E402
-from common import Trainer, machine_line, random_captions, timed_median  # noqa: E402
+from common import Trainer, argument_parser, machine_line, random_captions, timed_median  # noqa: E402
 
 import torch  # noqa: E402  (after common, which puts the repository on the path)
 
@@ -187,7 +186,7 @@ def train_run(name: str, out: Path, clip_path: Path, csv_path: Path, epochs: int
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--clips", type=int, default=64, help="clips made (7/8 train, 1/8 test)")
     parser.add_argument("--epochs", type=int, default=5, help="epochs per run (the paper's 5); the first is "
                         "not measured")

@@ -28,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import REPO, Trainer, build_variant, machine_line, random_captions  # noqa: E402
+from common import REPO, Trainer, argument_parser, build_variant, machine_line, random_captions  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -158,7 +158,7 @@ def main_child(args: argparse.Namespace) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--variant", default=None,
                         help='run one variant in this process: video prompts ("", "fn,pos", ...) or "full"')
     parser.add_argument("--grad-checkpointing", action="store_true", help="with --variant: checkpoint blocks")

@@ -1,5 +1,6 @@
 """What the benchmarks share: the machine line, timing, random captions, and one training step of a VoP variant
 (the step of train.py: autocast, symmetric InfoNCE, GradScaler, gradient clipping, AdamW)."""
+import argparse
 import os
 import platform
 import statistics
@@ -16,6 +17,14 @@ from vop import VoP, VoPConfig  # noqa: E402
 
 WORDS = ("a man woman dog cat kid chef car guitar ball kitchen stage park rain beach news song game "
          "plays talks cooks runs sings dances rides throws explains shows red small happy old").split()
+
+
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: the first paragraph of its docstring is the description, the rest comes after
+    the options, so `--help` says what the script measures (and exits at once)."""
+    first, _, rest = doc.strip().partition("\n\n")
+    return argparse.ArgumentParser(description=" ".join(first.split()), epilog=rest,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def cpu_model() -> str:

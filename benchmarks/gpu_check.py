@@ -28,7 +28,7 @@ import traceback
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Trainer, build_variant, random_captions  # noqa: E402
+from common import Trainer, argument_parser, build_variant, random_captions  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -173,7 +173,7 @@ def guarded(name: str, check) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run that tests the script itself")
     settings = settings_from_args(parser.parse_args())
     describe_environment(settings.device)

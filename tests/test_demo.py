@@ -19,9 +19,18 @@ def test_demo_runs_end_to_end_and_caches_its_clip(tmp_path, monkeypatch, capsys)
     assert "pretraining a tiny CLIP" in output and "reversal pairs" in output
     assert set(results) >= {"t2v", "v2t", "pairs"} and 0 <= results["pairs"] <= 100
     assert results["trainable"] > 0 and (tmp_path / "run" / "last.pt").is_file()
+    assert (tmp_path / "run" / "curves.png").is_file() or "matplotlib is not installed" in output
+    link = tmp_path / "cache" / "tiny_clip.pt"  # the stable name the demo prints for training on one's own data
+    assert link.is_file() and f"--clip {link}" in output
+    assert demo.clip_weights.load(link).config.vision_width == 128
 
     demo.run({"prompts": "fn", "out_dir": str(tmp_path / "run2")}, evaluate_before=False)  # the second run reuses the pretrained tiny CLIP
     assert "using the tiny CLIP pretrained earlier" in capsys.readouterr().out
+
+
+def test_demo_options_take_all_and_train_py_flags():
+    assert demo.parse_options(["--all", "--epochs", "3"]) == ({"epochs": 3}, True)
+    assert demo.parse_options(["--prompts", "pos,ctx"]) == ({"prompts": "pos,ctx"}, False)
 
 
 # --- the synthetic world ----------------------------------------------------------------------------------

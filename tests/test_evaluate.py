@@ -18,6 +18,7 @@ import cli
 import data
 import demo
 import evaluate as ev
+import figures
 from vop import VoP, VoPConfig, config_as_dict
 
 FIXTURES_CLIP = Path(__file__).parent / "fixtures" / "tiny_clip_openai_jit.pt"
@@ -471,21 +472,43 @@ def test_end_to_end_and_checkpoint_reload(tiny_clip, tiny_world, tmp_path, monke
     cli_results = ev.main(["--checkpoint", str(checkpoint_path), "--device", "cpu", "--num-workers", "0",
                            "--batch-size", "4", "--examples", str(picture)])
     assert cli_results["t2v"] == pytest.approx(results["t2v"])
-    num_queries, top_k, frames, thumb, border, gap, caption = 4, 5, 4, 64, 3, 8, 14
     with Image.open(picture) as image:
-        assert image.size == (gap + top_k * (frames * thumb + 2 * border + gap),
-                              gap + num_queries * (caption + thumb + 2 * border + gap))
+        assert image.width > 1000 and image.height > 500
 
 
-def test_examples_marks_the_correct_video_green(tiny_world, tmp_path):
+def test_examples_figure_shows_ranks_scores_and_which_hits_are_correct(tiny_world, tmp_path):
+    """Both directions; every hit with its rank and score; the query's own item framed green, and written at
+    the end of its row with its rank when it is not in the top k; a video sharing the query's caption text is
+    framed as also correct."""
     dataset = data.build_dataset("synthetic", tiny_world, "test", num_frames=4, image_size=64)
-    video = torch.eye(6)
-    image = ev.draw_examples(dataset, torch.eye(6), video, tmp_path / "x.png", num_queries=1, top_k=2,
-                             frames_per_video=2, thumb_size=16)
-    assert image.size == (8 + 2 * (2 * 16 + 6 + 8), 8 + 1 * (14 + 16 + 6 + 8))
-    # Query 0 retrieves video 0 first (correct: green frame) then another (grey frame).
-    assert image.getpixel((8, 8 + 14)) == (40, 200, 60)
-    assert image.getpixel((8 + 2 * 16 + 6 + 8, 8 + 14)) == (170, 170, 170)
+    num_videos = len(dataset.video_ids)  # 6 clips, one caption each
+    text = torch.eye(num_videos)
+    text[0, 1] = 0.5  # caption 0: its video first, video 1 second
+    video = torch.eye(num_videos)
+    video[5] = torch.tensor([0.0, 0, 1, 1, 0, 0])  # far from caption 5, its own: every video ties at 0
+    text, video = torch.nn.functional.normalize(text, dim=1), torch.nn.functional.normalize(video, dim=1)
+    dataset.captions[1] = dataset.captions[0]  # videos 0 and 1 now share a caption text
+    image = figures.draw_examples(dataset, text, video, tmp_path / "x.png", num_queries=num_videos, top_k=2,
+                                  frames_per_video=2, thumb_size=24)
+    hits = image.info["hits"]
+    t2v = [hit for hit in hits if hit["direction"] == "t2v"]
+    assert {hit["query"] for hit in t2v} == set(range(num_videos))
+    first = [hit for hit in t2v if hit["query"] == 0]
+    assert (first[0]["item"], first[0]["rank"], first[0]["kind"]) == (0, 1, "correct")
+    assert first[0]["score"] == pytest.approx(1 / 1.25 ** 0.5)  # the cosine of caption 0 and video 0
+    assert any(hit["item"] == 1 and hit["kind"] == "also correct" for hit in first)  # the same caption text
+    last = [hit for hit in t2v if hit["query"] == 5]
+    assert [hit["kind"] for hit in last[:2]] == ["other", "other"]  # not in the top 2 ...
+    assert (last[2]["item"], last[2]["kind"]) == (5, "correct") and last[2]["rank"] > 2  # ... so shown with its rank
+    v2t = [hit for hit in hits if hit["direction"] == "v2t"]
+    assert {hit["query"] for hit in v2t} == set(range(num_videos))
+    assert [hit["kind"] for hit in v2t if hit["query"] == 2][0] == "correct"
+    colour = {"correct": figures.CORRECT, "also correct": figures.ALSO_CORRECT, "other": figures.OTHER}
+    for hit in hits:  # the frame drawn around each hit has its kind's colour
+        if hit["box"] is not None:
+            assert image.getpixel(hit["box"][:2]) == colour[hit["kind"]]
+    with Image.open(tmp_path / "x.png") as saved:
+        assert saved.size == image.size
 
 
 def test_zero_shot_command_line(tiny_world, monkeypatch, capsys):
