@@ -502,7 +502,7 @@ def main(argv=None) -> dict:
         model_name = f"zero-shot {config.clip or 'ViT-B/32'}"
     else:
         model_name = config.checkpoint
-    dataset.image_size = model.clip.visual.input_resolution  # the dataset was read before the backbone
+    dataset.image_size = model.clip.visual.input_resolution  # --zero-shot reads the dataset before the backbone
     print(f"{model_name} on {name} {config.split}: {len(dataset.captions)} captions, "
           f"{len(dataset.video_ids)} videos", file=sys.stderr)
     if store is not None:
