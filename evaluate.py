@@ -26,10 +26,12 @@ Shapes: T captions, V videos, E embedding size, M most captions of any one video
 
     python evaluate.py --checkpoint runs/msrvtt-9k/vop/last.pt [--data ... --data-root ... --split test]
     python evaluate.py --zero-shot --clip ViT-B/32 --data msrvtt-9k --data-root data/msrvtt
+    python evaluate.py --checkpoint cv_vit-b32_retrieval_vop --data msrvtt-9k --data-root data/msrvtt
 """
 import contextlib
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -37,6 +39,7 @@ import checkpoints
 import clip_weights
 import data
 import distributed
+import modelscope
 from annotations import DATASET_NAMES
 from cli import (PRECISIONS, ConfigError, at_least, greater_than, option, parse_config, resolve_device,
                  resolve_precision, run_command)
@@ -376,11 +379,18 @@ def format_results(results: dict, title: str) -> str:
 
 
 def load_model_from_checkpoint(path, device="cpu", clip=None) -> tuple[VoP, dict]:
-    """(VoP in eval mode on `device`, the checkpoint dict) from a file written by train.py.
+    """(VoP in eval mode on `device`, the checkpoint dict) from a file written by train.py, or from the authors'
+    released model folder (modelscope.py: configuration.json + VoP_msrvtt9k.pth or VoPSE_msrvtt9k.pth).
 
     The backbone is the one the checkpoint records (its name or path, activation and SHA-256); `clip`
-    points at the same weights somewhere else, and weights with another SHA-256 are refused.
+    points at the same weights somewhere else, and weights with another SHA-256 are refused. A release
+    folder holds its own backbone, so `clip` must then be None.
     """
+    if Path(path).expanduser().is_dir():
+        if clip is not None:
+            raise clip_weights.WeightsError(f"{path} is the authors' release, whose backbone is in its state dict: "
+                                            f"drop --clip")
+        return modelscope.load_folder(path, device)
     checkpoint = checkpoints.load_checkpoint(path)
     run = checkpoint["run"]
     backbone = clip_weights.load(clip or run["backbone"], device, activation=run.get("activation"),
@@ -400,7 +410,8 @@ def load_model_from_checkpoint(path, device="cpu", clip=None) -> tuple[VoP, dict
 @dataclass
 class EvalConfig:
     """Everything evaluate.py's command line can set; each field is the flag --field-name."""
-    checkpoint: str | None = option(None, "a train.py checkpoint (e.g. runs/msrvtt-9k/vop/last.pt)")
+    checkpoint: str | None = option(None, "a train.py checkpoint (e.g. runs/msrvtt-9k/vop/last.pt), or the authors' "
+                                          "released model folder (configuration.json + VoP_msrvtt9k.pth)")
     zero_shot: bool = option(False, "evaluate plain CLIP (--clip) instead of a checkpoint")
     clip: str | None = option(None, "CLIP name or weights file/folder: for --zero-shot (default ViT-B/32), or where "
                                     "a checkpoint's backbone now lies")
@@ -428,26 +439,27 @@ def main(argv=None) -> dict:
     if config.zero_shot == (config.checkpoint is not None):
         raise ConfigError("give either --checkpoint PATH or --zero-shot (with --clip), not both")
     device = resolve_device(config.device)
-    trained = {}
-    if config.checkpoint:  # the checkpoint is read first: a bad file is named before any video is read
-        checkpoint = checkpoints.load_checkpoint(config.checkpoint)
-        trained = checkpoint["config"]
+    model, trained = None, {}  # trained: train.py's settings (the authors' release names no dataset)
+    if config.checkpoint and Path(config.checkpoint).expanduser().is_dir():  # the release holds its backbone
+        model, _ = load_model_from_checkpoint(config.checkpoint, device, config.clip)
+    elif config.checkpoint:  # read first: a bad file is named before any video is read or anything downloaded
+        trained = checkpoints.load_checkpoint(config.checkpoint)["config"]
     name = config.data or trained.get("data")
     root = config.data_root or trained.get("data_root")
     if name is None or root is None:
-        raise ConfigError("--data and --data-root are needed (the checkpoint names no dataset)" if trained
-                          else "--zero-shot needs --data and --data-root")
+        raise ConfigError(f"--data and --data-root are needed ({config.checkpoint} names no dataset)"
+                          if config.checkpoint else "--zero-shot needs --data and --data-root")
     store = FrameStore(config.frame_store) if config.frame_store else None
-    num_frames = config.num_frames or (checkpoints.vop_config_of(checkpoint).num_frames if trained else 12)
-    dataset = data.build_dataset(name, root, config.split, num_frames=num_frames, train=False, frame_store=store)
+    # The annotations are read before the backbone, which may need a download: a wrong data root is found first.
+    dataset = data.build_dataset(name, root, config.split, train=False, frame_store=store)
     if config.zero_shot:
         clip = clip_weights.load(config.clip or "ViT-B/32", device, activation=config.clip_activation)
-        model = VoP(clip, VoPConfig(tune="zero-shot", num_frames=num_frames)).to(device).eval()
-        model_name = f"zero-shot {config.clip or 'ViT-B/32'}"
-    else:
+        model = VoP(clip, VoPConfig(tune="zero-shot", num_frames=config.num_frames or 12)).to(device).eval()
+    elif model is None:
         model, _ = load_model_from_checkpoint(config.checkpoint, device, config.clip)
-        model_name = config.checkpoint
-    dataset.image_size = model.clip.visual.input_resolution  # the dataset was read before the backbone
+    model_name = f"zero-shot {config.clip or 'ViT-B/32'}" if config.zero_shot else config.checkpoint
+    dataset.num_frames = config.num_frames or model.num_frames  # the model's frames, and input side
+    dataset.image_size = model.clip.visual.input_resolution
     print(f"{model_name} on {name} {config.split}: {len(dataset.captions)} captions, "
           f"{len(dataset.video_ids)} videos", file=sys.stderr)
     if store is not None:

@@ -4,8 +4,9 @@
     for ...: progress.update(done)
     progress.finish()
 
-On a terminal one line is rewritten in place (at most 5 times a second); when the output is a file or a pipe
-(a job's log), a plain line is written every `every` seconds and at the end, so logs stay readable. The rate
+Lines go to stderr (as tqdm's do), so stdout keeps only results. On a terminal one line is rewritten in place
+(at most 5 times a second); when the output is a file or a pipe (a job's log), a plain line is written every
+`every` seconds and at the end, so logs stay readable. The rate
 counts from the first update, so start-up (workers starting, a model loading) does not count.
 """
 import sys
@@ -26,7 +27,7 @@ class Progress:
     def __init__(self, what: str, total: int, unit: str = "", stream=None, every: float = 30.0,
                  enabled: bool = True):
         self.what, self.total, self.unit = what, total, unit
-        self.stream = stream if stream is not None else sys.stdout
+        self.stream = stream if stream is not None else sys.stderr  # as tqdm: stdout stays for results
         self.in_place = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.every = 0.2 if self.in_place else every
         self.enabled = enabled

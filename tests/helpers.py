@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import train
 import video_io
@@ -97,3 +98,16 @@ def small_config(small_setup, out_dir, **overrides):
 def read_log(out_dir):
     with open(out_dir / "log.jsonl") as handle:
         return [json.loads(line) for line in handle]
+
+
+SOT, EOT = 998, 999  # the tiny fixture CLIP's vocabulary of 1,000
+
+
+def fake_tokenize(self, captions):
+    """VoP.tokenize for the tiny fixture CLIP, whose vocabulary is not CLIP's BPE: each word becomes a stable id
+    in 1..997 (monkeypatch it onto VoP)."""
+    tokens = torch.zeros(len(captions), self.text_context_length, dtype=torch.long)  # (B, 77 - P)
+    for row, caption in enumerate(captions):
+        ids = [SOT] + [1 + sum(map(ord, word)) % 997 for word in caption.split()] + [EOT]
+        tokens[row, :len(ids)] = torch.tensor(ids)
+    return tokens

@@ -19,10 +19,10 @@ import data
 import demo
 import evaluate as ev
 import figures
+from helpers import fake_tokenize
 from vop import VoP, VoPConfig, config_as_dict
 
 FIXTURES_CLIP = Path(__file__).parent / "fixtures" / "tiny_clip_openai_jit.pt"
-SOT, EOT = 998, 999  # the tiny fixture CLIP's vocabulary of 1,000
 
 
 def t2v_ranks(*args, **kwargs) -> torch.Tensor:
@@ -414,15 +414,6 @@ def test_missing_or_foreign_checkpoint_is_a_clear_error(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------
 # End to end on the tiny CLIP and a tiny synthetic world
-
-
-def fake_tokenize(self, captions):
-    """The tiny CLIP's vocabulary is not CLIP's BPE: map each word to a stable id in 1..997 instead."""
-    tokens = torch.zeros(len(captions), self.text_context_length, dtype=torch.long)  # (B, 69)
-    for row, caption in enumerate(captions):
-        ids = [SOT] + [1 + sum(map(ord, word)) % 997 for word in caption.split()] + [EOT]
-        tokens[row, :len(ids)] = torch.tensor(ids)
-    return tokens
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,260 @@
+"""The authors' released VoP, read as a weights format. Skip on a first reading.
+
+The only trained VoP the authors published is a ModelScope model folder, `damo/cv_vit-b32_retrieval_vop`, with
+the paper's baselines beside it (`..._vop_bias`, `..._vop_proj`, `..._vop_partial`). Their code
+(modelscope/models/cv/vop_retrieval: model.py, model_se.py, basic_utils.py) reads such a folder:
+
+    configuration.json   "hyperparam": input_res, num_frames, pooling_type ("avg"), vp_token_num (visual prompts,
+                         every visual layer), tp_prefix_token_num and tp_suffix_token_num (text prompts, every
+                         text layer); "model": {"type": "vop-retrieval-model"} or "vop-retrieval-model-se"
+    VoP_msrvtt9k.pth     {"state_dict": ...}, names maybe prefixed `module.` (DataParallel): clip.* (the
+                         backbone), visual_prompt_learner.visual_prompts (visual layers, 1, P, D),
+                         text_prompt_learner.text_prompts (text layers, prefix + suffix, D), and image_encoder.* /
+                         text_encoder.*, the same CLIP tensors under other names
+    VoPSE_msrvtt9k.pth   instead, for the baselines: a trained clip.* and nothing else (plain CLIP, mean-pooled
+                         frames, captions of 77 ids read out at [EOT])
+    ViT-B-32.pt          OpenAI's CLIP, which the release builds before loading the state dict over it; here
+                         only a fallback for a state dict without clip.*, and what tells which baseline it is
+
+`load_folder(folder)` builds this project's model from it: a `VoP` whose prompts are the release's, renamed
+(`text_prompts.tokens`, `visual_prompts.tokens`), or for the baselines a plain-CLIP `VoP` whose trainable
+tensors are those the baseline trained. `read_release(folder)` reads and checks everything without building,
+and `clip_weights.load(folder)` gives the folder's CLIP like any other weights (format "modelscope"). Files are
+read with clip_weights' readers: no file runs code.
+
+The text layout. The paper (Sec. 3.2) and vop.py put each text layer's P prompts right after [SOS] and read the
+sentence at [EOT]. The release splits them: `prefix` prompts after [SOS] and `suffix` prompts just before the
+*last* of CLIP's 77 positions, the caption gets 77 - prefix - suffix ids, and the sentence is read at
+argmax(ids) + prefix + suffix. With suffix > 0 that is not [EOT] but the position `suffix` places after it
+(padding, or one of the suffix prompts for the longest captions), which sees the whole caption through the
+causal mask. The released VoP was trained with 4 + 4, so it gives its numbers only when run this way:
+`ReleaseTextLayout` below is that layout, a compatibility mode kept out of vop.py. With suffix 0 the two
+layouts are the same and a plain `VoP` is built. The visual side is the paper's (8 prompts after [CLS], every
+layer, through ln_pre at layer 0), and so is the pooling up to scale: the release averages the unit frame
+embeddings without normalising the mean, VoP.encode_video normalises it, which changes no cosine.
+
+    text, layer 0 (release)     [SOS] | prefix | ids 1 .. 75-P | suffix | last id                     (B, 77, D)
+    text, next layers           the prefix and suffix places take that layer's prompts
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import clip_weights
+from clip_model import CLIP, state_dict_mismatch
+from clip_weights import WeightsError
+from vop import VoP, VoPConfig, config_as_dict, insert_prompts, replace_prompts
+
+CONFIGURATION = "configuration.json"
+BACKBONE_FILE = "ViT-B-32.pt"
+# configuration.json's model type -> the state dict the release's model class reads (ModelScope's metainfo).
+MODEL_FILES = {"vop-retrieval-model": "VoP_msrvtt9k.pth", "vop-retrieval-model-se": "VoPSE_msrvtt9k.pth"}
+BASELINE_FILE = MODEL_FILES["vop-retrieval-model-se"]
+TEXT_PROMPTS, VISUAL_PROMPTS = "text_prompt_learner.text_prompts", "visual_prompt_learner.visual_prompts"
+# The release's encoders name CLIP's own tensors again: image_encoder.X is clip.visual.X, text_encoder.X is clip.X.
+ALIASES = {"image_encoder.": "visual.", "text_encoder.": ""}
+
+
+@dataclass
+class Release:
+    """What a release folder holds, checked against its configuration.json."""
+    weights: clip_weights.Weights  # the backbone under OpenAI's names, format "modelscope"
+    prompts: dict  # this project's names -> tensors; {} for a baseline
+    num_frames: int
+    num_suffix_prompts: int  # of the text prompts, those the release puts before the last position
+    is_baseline: bool
+
+
+def is_release_folder(path) -> bool:
+    """Whether `path` is a folder holding a release's state dict (VoP_msrvtt9k.pth or VoPSE_msrvtt9k.pth); a
+    configuration.json alone does not make one: every ModelScope folder has it."""
+    path = Path(path)
+    return path.is_dir() and any((path / name).is_file() for name in MODEL_FILES.values())
+
+
+def load_folder(folder, device="cpu") -> tuple[VoP, dict]:
+    """(the release's model in eval mode on `device`, a description in the shape of a checkpoint dict).
+
+    `model.clip.source` says format "modelscope", the folder as "clip" and the SHA-256 of the state dict read;
+    `model.trainable_state_dict()` holds the prompts (for a baseline, the tensors it trained)."""
+    release = read_release(folder)
+    weights = release.weights
+    try:
+        clip = clip_weights.build_model(weights.state_dict, **weights.config)
+    except WeightsError as error:
+        raise WeightsError(f"{weights.path}: {error}") from None
+    clip.source = {"clip": weights.name, "path": str(weights.path), "format": weights.format,
+                   "activation": clip.config.activation, "sha256": weights.sha256}
+    if release.is_baseline:
+        model = VoP(clip, VoPConfig(tune=baseline_tune(clip, Path(weights.name) / BACKBONE_FILE),
+                                    num_frames=release.num_frames))
+    else:
+        prompt_counts = dict(num_text_prompts=release.prompts["text_prompts.tokens"].shape[1],
+                             num_visual_prompts=release.prompts["visual_prompts.tokens"].shape[1])
+        config = VoPConfig(num_frames=release.num_frames, **prompt_counts)
+        model = (ReleaseTextLayout(clip, config, release.num_suffix_prompts) if release.num_suffix_prompts
+                 else VoP(clip, config))
+        model.load_trainable_state_dict(release.prompts)
+    checkpoint = {"format": "modelscope", "config": {}, "vop_config": config_as_dict(model.config),
+                  "run": {"backbone": weights.name, "backbone_sha256": weights.sha256, "activation": "quick_gelu"},
+                  "trainable": model.trainable_state_dict(), "num_suffix_prompts": release.num_suffix_prompts}
+    return model.to(device).eval(), checkpoint
+
+
+def read_release(folder) -> Release:
+    """Read a release folder, checking every file against configuration.json; a WeightsError naming the file
+    (FileNotFoundError for a missing one) otherwise."""
+    folder = Path(folder).expanduser().absolute()
+    configuration = folder / CONFIGURATION
+    if not (configuration.is_file() or is_release_folder(folder)):
+        raise FileNotFoundError(f"{folder} is a folder, but neither a train.py checkpoint nor the authors' ModelScope "
+                                f"release ({CONFIGURATION} with {' or '.join(MODEL_FILES.values())}): pass a "
+                                f"checkpoint file, or the release's folder")
+    if not configuration.is_file():
+        raise FileNotFoundError(f"{configuration} is missing: the release's folder holds it beside its state dict; "
+                                f"download the whole folder")
+    settings = clip_weights._read_json(configuration)
+    model_type = settings["model"].get("type") if isinstance(settings.get("model"), dict) else None
+    if model_type is not None and model_type not in MODEL_FILES:
+        raise WeightsError(f"{configuration}: model type {model_type!r} is none of the release's "
+                           f"{', '.join(MODEL_FILES)}")
+    file_name = MODEL_FILES.get(model_type) or next(
+        (name for name in MODEL_FILES.values() if (folder / name).is_file()), MODEL_FILES["vop-retrieval-model"])
+    path = folder / file_name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: it holds the release's weights ({configuration} names model "
+                                f"type {model_type or 'none'}); download the whole folder")
+    is_baseline = file_name == BASELINE_FILE
+    hyper = _hyperparameters(configuration, settings, is_baseline)
+
+    tensors = {name.removeprefix("module."): tensor for name, tensor in clip_weights.read_state_dict(path).items()}
+    backbone = {name.removeprefix("clip."): tensor for name, tensor in tensors.items() if name.startswith("clip.")}
+    others = {name: tensor for name, tensor in tensors.items() if not name.startswith("clip.")}
+    for name in [name for name in others if name.startswith(tuple(ALIASES))]:
+        alias = next(alias for alias in ALIASES if name.startswith(alias))
+        target = ALIASES[alias] + name[len(alias):]
+        if not (target in backbone and torch.equal(others.pop(name), backbone[target])):
+            raise WeightsError(f"{path}: {name} is not a copy of clip.{target}, as it is in the release: the file is "
+                               f"damaged or not the release's")
+    sha256_of = [path]
+    if not backbone:  # the release builds CLIP from ViT-B-32.pt first: without clip.* its weights stay
+        fallback = folder / BACKBONE_FILE
+        if not fallback.is_file():
+            raise FileNotFoundError(f"{path} holds no clip.* backbone and {fallback} is missing: put OpenAI's "
+                                    f"ViT-B-32.pt there (the release ships it)")
+        backbone, sha256_of = clip_weights.read_state_dict(fallback), [path, fallback]
+    try:
+        sizes = clip_weights.config_from_state_dict(backbone)
+    except WeightsError as error:
+        raise WeightsError(f"{path}: {error}") from None
+    if hyper["input_res"] != sizes.image_resolution:
+        raise WeightsError(f"{configuration}: input_res {hyper['input_res']} does not fit the backbone in {path}, "
+                           f"which takes {sizes.image_resolution}-pixel images")
+
+    prefix, suffix = (0, 0) if is_baseline else (hyper["tp_prefix_token_num"], hyper["tp_suffix_token_num"])
+    expected = {} if is_baseline else {  # the shapes configuration.json gives the prompt tables
+        TEXT_PROMPTS: torch.empty(sizes.transformer_layers, prefix + suffix, sizes.transformer_width),
+        VISUAL_PROMPTS: torch.empty(sizes.vision_layers, 1, hyper["vp_token_num"], sizes.vision_width)}
+    mismatch = state_dict_mismatch(expected, others)
+    if mismatch:
+        raise WeightsError(f"{path} does not fit {configuration} ({_describe(hyper, is_baseline)}): {mismatch}")
+    prompts = {} if is_baseline else {"text_prompts.tokens": others[TEXT_PROMPTS],
+                                      "visual_prompts.tokens": others[VISUAL_PROMPTS].flatten(1, 2)}
+    weights = clip_weights.Weights(backbone, "modelscope", str(folder), path, clip_weights.file_sha256(*sha256_of),
+                                   config={"activation": "quick_gelu"}, config_path=configuration)
+    return Release(weights, prompts, hyper["num_frames"], suffix, is_baseline)
+
+
+def _hyperparameters(configuration: Path, settings: dict, is_baseline: bool) -> dict:
+    """The checked "hyperparam" entries the model needs (the baselines' model reads no prompt counts)."""
+    hyper = settings.get("hyperparam")
+    if not isinstance(hyper, dict):
+        raise WeightsError(f"{configuration} has no \"hyperparam\" object: not the release's configuration")
+    names = ["input_res", "num_frames", "pooling_type"]
+    names += [] if is_baseline else ["vp_token_num", "tp_prefix_token_num", "tp_suffix_token_num"]
+    missing = [name for name in names if name not in hyper]
+    if missing:
+        raise WeightsError(f"{configuration}: hyperparam lacks {', '.join(missing)}")
+    for name in [name for name in names if name != "pooling_type"]:
+        value, least = hyper[name], 1 if name in ("input_res", "num_frames") else 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise WeightsError(f"{configuration}: hyperparam {name} must be an integer >= {least}, got {value!r}")
+    if hyper["pooling_type"] != "avg":
+        raise WeightsError(f"{configuration}: pooling_type {hyper['pooling_type']!r} is not the release's only "
+                           f"one, 'avg' (the mean of the frames)")
+    if not is_baseline and hyper["tp_prefix_token_num"] + hyper["tp_suffix_token_num"] >= 77:
+        raise WeightsError(f"{configuration}: {hyper['tp_prefix_token_num']} + {hyper['tp_suffix_token_num']} text "
+                           f"prompts leave no room for a caption in CLIP's 77 positions")
+    return {name: hyper[name] for name in names}
+
+
+def _describe(hyper: dict, is_baseline: bool) -> str:
+    if is_baseline:
+        return "a baseline: CLIP's tensors only"
+    return (f"{hyper['vp_token_num']} visual prompts and {hyper['tp_prefix_token_num']} + "
+            f"{hyper['tp_suffix_token_num']} text prompts per layer")
+
+
+def baseline_tune(clip: CLIP, original_path: Path) -> str:
+    """Which of the paper's baselines (vop.TUNE_MODES) trained this backbone: the smallest mode whose trainable
+    tensors include every tensor that differs from OpenAI's CLIP beside it. Without that file: "full".
+    The logit scale is left out: it scales every score alike, and VoP keeps it frozen."""
+    if not original_path.is_file():
+        return "full"
+    original = clip_weights.read_state_dict(original_path)
+    changed = {name for name, tensor in clip.state_dict().items() if name != "logit_scale"
+               and not (name in original and torch.equal(original[name].float(), tensor))}
+    for tune in ("zero-shot", "proj", "bias", "partial"):
+        trainable = VoP(clip, VoPConfig(tune=tune)).trainable_state_dict()  # sets the flags of `clip` only
+        if changed <= set(name.removeprefix("clip.") for name in trainable):
+            return tune
+    return "full"
+
+
+class ReleaseTextLayout(VoP):
+    """VoP with the release's text layout, a compatibility mode (see the module docstring): of each text layer's
+    P prompts, the first P - suffix go after [SOS] as in the paper, the last `suffix` just before the last of
+    the 77 positions, and the sentence is read at argmax(ids) + P. Captions are 77 - P ids, as VoP's."""
+
+    def __init__(self, clip: CLIP, config: VoPConfig, num_suffix_prompts: int):
+        super().__init__(clip, config)
+        if not 0 <= num_suffix_prompts <= self.text_prompts.num_tokens:
+            raise ValueError(f"num_suffix_prompts: {num_suffix_prompts} is not between 0 and the "
+                             f"{self.text_prompts.num_tokens} text prompts")
+        self.num_suffix_prompts = num_suffix_prompts
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, 77 - P) -> (B, E), L2-normalised
+        clip, blocks = self.clip, self.clip.transformer.resblocks
+        width = self.text_context_length
+        if tokens.shape[1] != width:  # the suffix's place depends on the full width: pad as the release does
+            tokens = self._cut_padding(tokens)  # refuses captions longer than 77 - P
+            tokens = F.pad(tokens, (0, width - tokens.shape[1]))  # (B, 77 - P), zero padding
+        B, P, S = len(tokens), self.text_prompts.num_tokens, self.num_suffix_prompts
+        suffix_at = clip.context_length - 1 - S  # where the suffix prompts start
+        read_at = tokens.argmax(dim=-1) + P  # (B,) the release's read-out: argmax(ids) + prefix + suffix
+        # Under the causal mask nothing after the batch's last read-out reaches a read-out: run up to it only.
+        length = int(read_at.max()) + 1
+
+        def prefix_and_suffix(layer: int):  # -> (B, P - S, D), (B, S, D)
+            layer_prompts = self.text_prompts(layer).expand(B, -1, -1)
+            return layer_prompts[:, :P - S], layer_prompts[:, P - S:]
+
+        # Layer 0: both parts enter before the positional embedding, as the paper's prefix does.
+        prefix, suffix = prefix_and_suffix(0)
+        x = insert_prompts(clip.token_embedding(tokens), prefix, after=1)  # (B, 77 - S, D)
+        x = insert_prompts(x, suffix, after=suffix_at)  # (B, 77, D)
+        x = (x + clip.positional_embedding.to(x.dtype))[:, :length]  # (B, length, D)
+        x = self._run_block(blocks[0], x, causal=True)
+        # Layers 1, 2, ...: each part's places take that layer's prompts (those of the suffix inside `length`).
+        for layer in range(1, len(blocks)):
+            prefix, suffix = prefix_and_suffix(layer)
+            x = replace_prompts(x, prefix, after=1)
+            x = replace_prompts(x, suffix[:, :max(0, length - suffix_at)], after=suffix_at)
+            x = self._run_block(blocks[layer], x, causal=True)
+        return F.normalize(clip.text_head(x, read_at), dim=-1)
+
+    def describe(self) -> str:
+        P, S = self.text_prompts.num_tokens, self.num_suffix_prompts
+        return f"{super().describe()} text layout=release ({P - S} prefix + {S} suffix prompts)"
