@@ -33,6 +33,7 @@ class Progress:
         self.enabled = enabled
         self.clock = None  # (time, done) at the first update
         self.last_shown = 0.0
+        self.shown_done = None  # the count in the line shown last
         self.width = 0  # of the line shown in place, to blank what a shorter line leaves
 
     def measure(self, done: int) -> tuple[float | None, float | None]:
@@ -57,17 +58,20 @@ class Progress:
         if not self.enabled or (time.monotonic() - self.last_shown < self.every and done < self.total):
             return
         self.last_shown = time.monotonic()
-        self._show(text)
+        self._show(text, done)
 
     def finish(self, note: str = "") -> None:
-        if self.enabled:
-            self.last_shown = 0.0
-            self._show(self.line(self.total, note))
-            if self.in_place:
-                self.stream.write("\n")
-                self.stream.flush()
+        """The last line (unless it is already shown), and a new line after one rewritten in place."""
+        if not self.enabled:
+            return
+        if self.shown_done != self.total or note:
+            self._show(self.line(self.total, note), self.total)
+        if self.in_place and self.shown_done is not None:
+            self.stream.write("\n")
+            self.stream.flush()
 
-    def _show(self, text: str) -> None:
+    def _show(self, text: str, done: int) -> None:
+        self.shown_done = done
         if self.in_place:
             self.stream.write("\r" + text.ljust(self.width))
             self.width = len(text)
