@@ -14,6 +14,7 @@ stopped. What `train` calls on `run` (runs.py: the output folder and its lock, t
 checkpoints and the resume checks, logs) is machinery: skip it on a first reading.
 """
 import math
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -198,8 +199,9 @@ def train(config: TrainConfig) -> dict:
                 if config.eval_each_epoch or epoch == config.epochs - 1:
                     history.append(evaluate_epoch(model, test_set, epoch, step, run, device, amp_dtype))
                     run.save(model, optimizer, scaler, step, history)  # now with the epoch's results
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cli.run_command): one line on what is saved
-            raise Stopped(f"Stopped at step {step}/{total_steps}. {run.saved_note(total_steps)}") from None
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (cli.run_command): one line on what is saved
+            raise Stopped(f"Stopped at step {step}/{total_steps}. {run.saved_note(total_steps)}",
+                          getattr(stop, "signal", signal.SIGINT)) from None
         except FloatingPointError as error:
             raise FloatingPointError(f"{error} at step {step}: stopping. Try a lower --lr, or --precision bf16 / "
                                      f"fp32. {run.saved_note(total_steps)}") from None

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 from errors import UserError
-from files import atomic_write
+from files import atomic_write, process_exists, process_start
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -355,12 +355,16 @@ def map_in_processes(function, items: list, num_workers: int, on_crash, on_resul
         try:
             with ProcessPoolExecutor(num_workers, mp_context=context, initializer=initializer) as pool:
                 futures = {pool.submit(_apply_to_each, function, [items[i] for i in chunk]): chunk for chunk in chunks}
-                while futures:
-                    finished, _ = wait(futures, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        results.update(zip(futures.pop(future), future.result()))
-                        if on_result is not None:
-                            on_result(len(results), len(items))
+                try:
+                    while futures:
+                        finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+                        for future in finished:
+                            results.update(zip(futures.pop(future), future.result()))
+                            if on_result is not None:
+                                on_result(len(results), len(items))
+                except KeyboardInterrupt:  # Ctrl-C or SIGTERM: end the workers now, not after every queued task
+                    _end_workers(pool)
+                    raise
         except BrokenProcessPool:
             if isolating:  # one process, one item a task, in order: the first unfinished item killed it
                 culprit = next(i for i in pending if i not in results)
@@ -368,6 +372,12 @@ def map_in_processes(function, items: list, num_workers: int, on_crash, on_resul
             num_workers, isolating = 1, True
         pending = [i for i in pending if i not in results]
     return [results[i] for i in range(len(items))]
+
+
+def _end_workers(pool: ProcessPoolExecutor) -> None:
+    for process in list((getattr(pool, "_processes", None) or {}).values()):  # the executor has no public way
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _apply_to_each(function, items: list) -> list:
@@ -390,16 +400,15 @@ def exit_when_process_ends(pid: int, interval: float = 1.0) -> None:
 
     Workers started by a fork server are its children, not the main process's: when the main process is
     killed (SIGKILL, the out-of-memory killer), they would wait for work forever, and keep the fork server and
-    the resource tracker alive with them. A daemon thread that polls the main process ends them instead."""
+    the resource tracker alive with them. A daemon thread that polls the main process ends them instead. A
+    killed main process that its parent has not reaped yet (a zombie) counts as ended: a parent that reads the
+    run's output to its end before reaping it would otherwise wait for the workers, and they for it."""
+    started = process_start(pid)  # so that a later process given the same PID is not taken for it
+
     def watch():
-        while True:
+        while process_exists(pid, started):
             time.sleep(interval)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                os._exit(0)
-            except PermissionError:
-                pass  # it exists (under another user: PID reuse); keep waiting
+        os._exit(0)
 
     threading.Thread(target=watch, name="exit-when-main-ends", daemon=True).start()
 

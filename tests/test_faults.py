@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,111 @@ def test_the_paper_setting_is_the_default_and_its_absence_points_to_the_demo(tmp
     monkeypatch.chdir(tmp_path)  # no data/msrvtt here
     with pytest.raises(cli.ConfigError, match=r"data/msrvtt.*demo\.py"):
         train.main(["--prompts", "pos,ctx"])
+
+
+# -- stopping: SIGTERM stops cleanly, SIGKILL leaves no helper behind -------------------------------------
+
+def session_processes(session: int) -> list[str]:
+    """The processes of a session other than its leader that still run (zombies have ended): 'pid command'."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            state, _, _, sid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            if int(sid) == session and int(entry.name) != session and state not in "ZX":
+                command = (entry / "cmdline").read_bytes().replace(bytes(1), b" ")[:100].decode(errors="replace")
+                found.append(f"{entry.name} {command}")
+        except (OSError, ValueError):
+            continue  # not a process, or gone meanwhile
+    return found
+
+
+def processes_left(session: int, seconds: float) -> list[str]:
+    """The session's processes still running after waiting up to `seconds` for them to end."""
+    deadline = time.time() + seconds
+    while session_processes(session) and time.time() < deadline:
+        time.sleep(0.1)
+    return session_processes(session)
+
+
+def start_training(small_setup, out_dir: Path, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """train.py on the small world with 2 DataLoader workers, saving every step, too long to finish: in a session
+    of its own (its id is the process's), so that every helper process it starts can be found."""
+    clip_path, world = small_setup
+    flags = dict(clip=clip_path, data="synthetic", data_root=world, prompts="pos", num_frames=4, batch_size=8,
+                 epochs=1000, lr=5e-3, fn_layers=1, num_workers=2, out_dir=out_dir, log_every=1, save_every=1)
+    argv = [f"--{name.replace('_', '-')}={value}" for name, value in flags.items()] + ["--no-eval-each-epoch"]
+    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
+                            text=True, start_new_session=True)
+
+
+def wait_for_training(process: subprocess.Popen, out_dir: Path) -> None:
+    """Until the first checkpoint exists and the loader's workers run."""
+    deadline = time.time() + 180
+    while not ((out_dir / "last.pt").exists() and len(session_processes(process.pid)) >= 3):
+        assert process.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.1)
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
+
+
+@needs_proc
+@pytest.mark.slow
+def test_sigterm_stops_training_cleanly(small_setup, tmp_path):
+    out_dir = tmp_path / "run"
+    training = start_training(small_setup, out_dir)
+    try:
+        wait_for_training(training, out_dir)
+        training.send_signal(signal.SIGTERM)
+        _, err = training.communicate(timeout=60)
+    finally:
+        training.kill()
+    assert training.returncode == 128 + signal.SIGTERM
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "SIGTERM" in err and "--resume auto" in err and "last.pt" in err
+    assert processes_left(training.pid, 5) == []  # workers, fork server, resource tracker: all gone
+    assert not (out_dir / "run.lock").exists() and not list(out_dir.glob("*.tmp"))
+    assert checkpoints.load_checkpoint(out_dir / "last.pt")["step"] >= 1
+
+
+@needs_proc
+@pytest.mark.slow
+def test_helpers_exit_on_their_own_when_training_is_killed(small_setup, tmp_path):
+    out_dir = tmp_path / "run"
+    training = start_training(small_setup, out_dir)
+    try:
+        wait_for_training(training, out_dir)
+        helpers = session_processes(training.pid)
+        os.kill(training.pid, signal.SIGKILL)
+        # Reading the output to its end before reaping the killed process (what subprocess.run does) returns only
+        # once every helper that holds the pipe has ended, and they see a killed, unreaped process as ended.
+        training.communicate(timeout=20)
+    finally:
+        training.kill()
+    assert training.returncode == -signal.SIGKILL
+    assert len(helpers) >= 3, helpers  # 2 DataLoader workers and the fork server at least
+    assert processes_left(training.pid, 5) == []
+
+
+def test_sigterm_ends_a_process_pool_at_once(tmp_path):
+    """The probe and the frame store build (video_io.map_in_processes) end their workers when stopped instead of
+    waiting for every queued task: here 8 tasks of 3 s on 2 workers."""
+    stopped = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+sys.path.insert(0, {str(REPO)!r})
+import cli, video_io
+if __name__ == "__main__":
+    cli.run_command(lambda argv: video_io.map_in_processes(time.sleep, [3] * 8, 2, on_crash=print), [], "pool")
+"""], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while len(session_processes(stopped.pid)) < 3:  # the fork server and its 2 workers
+            assert stopped.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        time.sleep(0.5)
+        stopped.send_signal(signal.SIGTERM)
+        _, err = stopped.communicate(timeout=6)  # well before the 12 s of queued work
+    finally:
+        stopped.kill()
+    assert stopped.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    assert processes_left(stopped.pid, 5) == []
