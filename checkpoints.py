@@ -101,8 +101,11 @@ def vop_config_of(checkpoint: dict, path="the checkpoint") -> VoPConfig:
     saved = checkpoint["vop_config"]
     fields = {field.name for field in dataclasses.fields(VoPConfig)}
     if set(saved) != fields:
-        raise CheckpointError(f"{path}: its vop_config has the fields {sorted(saved)}, not VoPConfig's "
-                              f"{sorted(fields)}: it was written by another version of this code")
+        missing, unknown = sorted(fields - set(saved)), sorted(set(saved) - fields)
+        differences = ([f"lacks {', '.join(missing)}"] if missing else []) + (
+            [f"has {', '.join(unknown)}, which VoPConfig does not know"] if unknown else [])
+        raise CheckpointError(f"{path}: its vop_config {' and '.join(differences)}: it was written by another "
+                              f"version of this code")
     try:
         return VoPConfig(**saved)
     except (TypeError, ValueError) as error:

@@ -30,6 +30,7 @@ from cli import (PRECISIONS, at_least, between, build_parser, check_config, flag
 from clip_weights import load as load_clip
 from evaluate import evaluate, format_results
 from errors import Stopped
+from files import WriteError
 from runs import Run, results_title, run_identity
 from vop import TUNE_MODES, VoP, VoPConfig, describe_parameters
 
@@ -202,6 +203,8 @@ def train(config: TrainConfig) -> dict:
         except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (cli.run_command): one line on what is saved
             raise Stopped(f"Stopped at step {step}/{total_steps}. {run.saved_note(total_steps)}",
                           getattr(stop, "signal", signal.SIGINT)) from None
+        except WriteError as error:  # a full disk: say what is still saved
+            raise WriteError(f"{error}. {run.saved_note(total_steps)}") from None
         except FloatingPointError as error:
             raise FloatingPointError(f"{error} at step {step}: stopping. Try a lower --lr, or --precision bf16 / "
                                      f"fp32. {run.saved_note(total_steps)}") from None

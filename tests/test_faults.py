@@ -2,6 +2,7 @@
 folders, mismatched resumes, bad flags. Every test asserts what is written, refused or counted."""
 import dataclasses
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -20,7 +21,8 @@ import runs
 import train
 from clip_model import CLIP
 from errors import UserError
-from helpers import SMALL_CLIP, read_log, small_config
+from helpers import SMALL_CLIP, read_log, small_config, start_python
+from vop import VoPConfig, config_as_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -376,3 +378,110 @@ if __name__ == "__main__":
         stopped.kill()
     assert stopped.returncode == 128 + signal.SIGTERM and "Traceback" not in err
     assert processes_left(stopped.pid, 5) == []
+
+
+# -- checkpoint writes under faults -----------------------------------------------------------------------
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(tmp_path):
+    """RLIMIT_FSIZE (ulimit -f) makes every write past its size fail as a full disk does (EFBIG)."""
+    saving = start_python(f"""
+import resource
+import torch
+import checkpoints
+from files import WriteError
+path = {str(tmp_path / "last.pt")!r}
+checkpoints.save_checkpoint({{"step": 1, "trainable": {{"x": torch.zeros(10)}}}}, path)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    checkpoints.save_checkpoint({{"step": 2, "trainable": {{"x": torch.zeros(100_000)}}}}, path)
+except WriteError as error:
+    print(error)
+""", cwd=tmp_path)
+    out, err = saving.communicate(timeout=120)
+    assert saving.returncode == 0, err
+    assert out.count("\n") == 1 and "last.pt" in out and "previous version is intact" in out
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 1
+    assert [path.name for path in tmp_path.iterdir()] == ["last.pt"]  # no temporary left
+
+
+@pytest.mark.slow
+def test_train_py_on_a_full_disk_stops_in_one_line_naming_the_checkpoint(small_setup, tmp_path):
+    clip_path, world = small_setup
+    argv = [f"--clip={clip_path}", "--data=synthetic", f"--data-root={world}", "--prompts=pos", "--num-frames=4",
+            "--batch-size=8", "--epochs=1", "--fn-layers=1", "--num-workers=0", f"--out-dir={tmp_path / 'run'}"]
+    small_file_size = 30_000  # the probe cache and the log fit, the checkpoint (about 49 KB) does not
+    completed = subprocess.run([sys.executable, "train.py", *argv], cwd=REPO, capture_output=True, text=True,
+                               timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
+                                                                                  (small_file_size,) * 2))
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "last.pt" in lines[0] and "File too large" in lines[0]
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["log.jsonl", "video_probe.json"]
+
+
+def test_a_save_killed_midway_leaves_a_temporary_that_the_next_start_removes(small_setup, tmp_path):
+    killed = start_python(f"""
+import os, signal
+from files import atomic_write
+with atomic_write({str(tmp_path / "last.pt")!r}) as handle:
+    handle.write(b"half a checkpoint")
+    handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+""", cwd=tmp_path)
+    killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    leftover, = tmp_path.glob("last.pt.*.tmp")
+    live = tmp_path / f"last.pt.{os.getpid()}.0123abcd.tmp"  # a live process's save in progress: kept
+    live.write_bytes(b"being written")
+    with runs.Run(small_config(small_setup, tmp_path)):
+        assert not leftover.exists() and live.exists()
+
+
+# -- checkpoints of another version -----------------------------------------------------------------------
+
+def written_checkpoint(path: Path, **changes) -> Path:
+    """A checkpoint with every field train.py writes (`changes` replace fields; a value None removes one)."""
+    checkpoint = {"format": checkpoints.FORMAT, "config": {}, "vop_config": config_as_dict(VoPConfig("pos")),
+                  "run": {}, "trainable": {"prompts": torch.zeros(2, 3)}, "optimizer": {"state": {}}, "scaler": {},
+                  "step": 4, "history": [], "replaced_videos": 0}
+    checkpoint.update(changes)
+    torch.save({name: value for name, value in checkpoint.items() if value is not None}, path)
+    return path
+
+
+def vop_config_with(**changes) -> dict:
+    saved = {**config_as_dict(VoPConfig("pos")), **changes}
+    return {name: value for name, value in saved.items() if value is not None}
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"optimizer": None}, "'optimizer'"),
+    ({"vop_config": vop_config_with(pooling="mean")}, "pooling"),
+    ({"vop_config": vop_config_with(num_frames=None)}, "num_frames"),
+    ({"vop_config": vop_config_with(num_frames="12")}, "vop_config"),
+    ({"step": "4"}, "'step'"),
+    ({"step": -1}, "'step'"),
+    ({"history": [3]}, "'history'"),
+    ({"trainable": {"prompts": [0.0]}}, "'trainable'"),
+    ({"format": 1}, "format 1"),
+    ({"format": None}, "no version"),
+], ids=["no optimizer", "extra VoPConfig field", "no num_frames", "num_frames a string", "step a string",
+        "step negative", "history of numbers", "trainable not tensors", "format 1", "no format"])
+def test_a_checkpoint_of_another_version_or_with_a_malformed_field_is_refused(tmp_path, changes, named):
+    path = written_checkpoint(tmp_path / "old.pt", **changes)
+    with pytest.raises(checkpoints.CheckpointError) as refused:
+        checkpoints.load_checkpoint(path)
+    message = str(refused.value)
+    assert "old.pt" in message and named in message and "\n" not in message
+    if "format" in changes:
+        assert f"format {checkpoints.FORMAT}" in message  # both versions
+
+
+def test_evaluate_and_resume_read_checkpoints_through_the_same_checks(small_setup, tmp_path, capsys):
+    assert checkpoints.load_checkpoint(written_checkpoint(tmp_path / "good.pt"))["step"] == 4
+    path = written_checkpoint(tmp_path / "old.pt", vop_config=vop_config_with(num_frames=None))
+    assert exit_status(cli.run_command, ev.main, ["--checkpoint", str(path)], "evaluate.py") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "old.pt" in err and "num_frames" in err
+    with pytest.raises(checkpoints.CheckpointError, match="old.pt.*num_frames"):
+        train.train(small_config(small_setup, tmp_path / "run", resume=str(path)))
