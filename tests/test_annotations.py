@@ -1,5 +1,6 @@
 """annotations.py: each benchmark's annotation layout on small files written here, the errors for bad input,
 splits, and the caption-to-video map."""
+import csv
 import json
 import pickle
 import warnings
@@ -157,3 +158,13 @@ def test_missing_videos_raise_by_default_and_are_skipped_with_one_warning(tmp_pa
         dataset = data.build_dataset("csv", tmp_path / "partial.csv", "train", skip_missing=True)
     assert len(caught) == 1 and "2 of 3 videos" in str(caught[0].message)
     assert len(dataset) == 1 and dataset.video_ids == ["one.mp4"]
+
+
+def test_a_caption_longer_than_the_csv_modules_field_limit_is_read_whole(tmp_path, tiny_video):
+    place_videos(tiny_video, tmp_path, ["one.mp4"])
+    long_caption = "a" * 1_000_000  # the csv module's own limit is 128 KB
+    write_csv(tmp_path / "long.csv", ["video", "caption"], [["one.mp4", "short"], ["one.mp4", long_caption]])
+    limit = csv.field_size_limit()
+    dataset = data.build_dataset("csv", tmp_path / "long.csv", "train")
+    assert dataset.captions == ["short", long_caption]
+    assert csv.field_size_limit() == limit  # the module's setting is left as it was
