@@ -21,6 +21,7 @@ import runs
 import train
 from clip_model import CLIP
 from errors import UserError
+from frame_store import FrameStoreError
 from helpers import SMALL_CLIP, read_log, small_config, start_python
 from vop import VoPConfig, config_as_dict
 
@@ -485,3 +486,11 @@ def test_evaluate_and_resume_read_checkpoints_through_the_same_checks(small_setu
     assert len(err.strip().splitlines()) == 1 and "old.pt" in err and "num_frames" in err
     with pytest.raises(checkpoints.CheckpointError, match="old.pt.*num_frames"):
         train.train(small_config(small_setup, tmp_path / "run", resume=str(path)))
+
+
+def test_a_frame_store_that_is_a_file_is_refused_before_any_video_is_read(small_setup, tmp_path):
+    a_file = tmp_path / "frames.bin"
+    a_file.write_bytes(b"")
+    with pytest.raises(FrameStoreError, match="frames.bin is a file"):
+        train.train(small_config(small_setup, tmp_path / "run", frame_store=str(a_file)))
+    assert not (tmp_path / "run" / "video_probe.json").exists()

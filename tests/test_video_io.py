@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import cv2
@@ -200,3 +201,19 @@ def _dies_on_five(item: int) -> int:
 def test_a_dying_worker_costs_only_its_item_and_never_hangs():
     results = video_io.map_in_processes(_dies_on_five, list(range(40)), 2, on_crash=lambda item: -item)
     assert results == [2 * i if i != 5 else -5 for i in range(40)]
+
+
+def _fails_on_zero_else_sleeps(item: int) -> int:
+    if item == 0:
+        raise ValueError("item 0 is bad")
+    time.sleep(item)
+    return item
+
+
+def test_an_error_in_one_item_ends_the_pool_at_once():
+    """The error is raised as soon as it comes (after the pool's start), not after the 3 minutes that the other
+    queued items would take."""
+    start = time.time()
+    with pytest.raises(ValueError, match="item 0 is bad"):
+        video_io.map_in_processes(_fails_on_zero_else_sleeps, [0] + [60] * 6, 2, on_crash=print)
+    assert time.time() - start < 60
