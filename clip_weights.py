@@ -351,6 +351,10 @@ _MAX_HEADER = 100_000_000  # the safetensors library's own bound
 
 
 def read_safetensors(path: Path) -> dict:
+    """The tensors of a .safetensors file. Every header entry is checked before any byte is copied: a known
+    dtype, a shape of non-negative integers whose size fits int64, offsets inside the data section that span
+    exactly the shape's bytes, and no two tensors sharing a byte (aliased ranges would let a small file claim
+    many times its size in memory). So what is read never exceeds the file's size."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         header_length = int.from_bytes(f.read(8), "little")
@@ -358,33 +362,47 @@ def read_safetensors(path: Path) -> dict:
             raise WeightsError(f"{path}: safetensors header length {header_length} does not fit a {size}-byte file")
         try:
             header = json.loads(f.read(header_length))
-        except ValueError as error:
-            raise WeightsError(f"{path}: the safetensors header is not valid JSON ({error})") from error
+        except (ValueError, RecursionError) as error:  # RecursionError: nested thousands of levels deep
+            reason = "is nested too deeply" if isinstance(error, RecursionError) else f"is not valid JSON ({error})"
+            raise WeightsError(f"{path}: the safetensors header {reason}") from None
         if not isinstance(header, dict):
             raise WeightsError(f"{path}: the safetensors header is not a JSON object")
         data_start, data_size = 8 + header_length, size - 8 - header_length
+        entries = {name: _safetensors_entry(path, name, entry, data_size)
+                   for name, entry in header.items() if name != "__metadata__"}
+        spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items() if end > begin)
+        for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+            if begin < end:
+                raise WeightsError(f"{path}: tensors {name!r} and {other!r} share bytes of the data section; each "
+                                   f"tensor must have its own bytes (the file is damaged or crafted)")
         tensors = {}
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
-            except (KeyError, TypeError, ValueError) as error:
-                raise WeightsError(f"{path}: tensor {name!r} has a bad header entry {entry!r:.200} (dtypes read: "
-                                 f"{', '.join(SAFETENSORS_DTYPES)})") from error
-            if not all(isinstance(n, int) and n >= 0 for n in [*shape, begin, end]) or not begin <= end <= data_size:
-                raise WeightsError(f"{path}: tensor {name!r}: shape {shape} or offsets {[begin, end]} are not valid "
-                                 f"for a data section of {data_size} bytes")
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if end - begin != math.prod(shape) * itemsize:
-                raise WeightsError(f"{path}: tensor {name!r} of shape {shape} and dtype {entry['dtype']} needs "
-                                 f"{math.prod(shape) * itemsize} bytes, its offsets span {end - begin}")
+        for name, (dtype, shape, begin, end) in entries.items():
             buffer = bytearray(end - begin)
             f.seek(data_start + begin)
             f.readinto(buffer)
             flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
             tensors[name] = flat.reshape(shape)
     return tensors
+
+
+def _safetensors_entry(path: Path, name: str, entry, data_size: int) -> tuple:
+    """(dtype, shape, begin, end) of one header entry, each checked (see read_safetensors)."""
+    try:
+        dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+        shape = list(shape)
+    except (KeyError, TypeError, ValueError) as error:
+        raise WeightsError(f"{path}: tensor {name!r} has a bad header entry {entry!r:.200} (dtypes read: "
+                           f"{', '.join(SAFETENSORS_DTYPES)})") from error
+    numbers = [*shape, begin, end]
+    if (not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers)
+            or not begin <= end <= data_size or math.prod(max(n, 1) for n in shape) >= 2 ** 63):
+        raise WeightsError(f"{path}: tensor {name!r}: shape {str(shape):.100} or offsets {[begin, end]!s:.100} are "
+                           f"not valid for a data section of {data_size} bytes")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if end - begin != math.prod(shape) * itemsize:
+        raise WeightsError(f"{path}: tensor {name!r} of shape {shape} and dtype {entry['dtype']} needs "
+                           f"{math.prod(shape) * itemsize} bytes, its offsets span {end - begin}")
+    return dtype, shape, begin, end
 
 
 # ---------------------------------------------------------------------------------------------------------

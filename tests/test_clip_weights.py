@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import shutil
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -164,6 +165,37 @@ def test_safetensors_header_length_is_bounded(tmp_path):
     path.write_bytes((10 ** 6).to_bytes(8, "little") + b'{"a": 1}')
     with pytest.raises(clip_weights.WeightsError, match="long_header.safetensors"):
         clip_weights.read_safetensors(path)
+
+
+@pytest.mark.parametrize("spans", [[(0, 400_000)] * 50, [(0, 400_000), (399_996, 799_996)]],
+                         ids=["50 tensors on the same bytes", "two overlapping tensors"])
+def test_safetensors_tensors_that_share_bytes_are_refused_before_any_copy(tmp_path, spans):
+    header = {f"t{k}": {"dtype": "F32", "shape": [(end - begin) // 4], "data_offsets": [begin, end]}
+              for k, (begin, end) in enumerate(spans)}
+    path = tmp_path / "aliased.safetensors"
+    header_bytes = json.dumps(header).encode()
+    path.write_bytes(len(header_bytes).to_bytes(8, "little") + header_bytes + bytes(800_000))
+    tracemalloc.start()
+    with pytest.raises(clip_weights.WeightsError, match=r"aliased.safetensors: tensors 't0' and 't1' share bytes"):
+        clip_weights.read_safetensors(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 400_000  # not one tensor was copied
+
+
+@pytest.mark.parametrize("header, named", [
+    ({"w": {"dtype": "F32", "shape": [0, 2 ** 63], "data_offsets": [0, 0]}}, "shape"),
+    ({"w": {"dtype": "F32", "shape": [0, 2 ** 62, 4], "data_offsets": [0, 0]}}, "shape"),
+    ({"w": {"dtype": "F32", "shape": [True, 4], "data_offsets": [0, 16]}}, "shape"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+], ids=["2**63", "2**64 elements of nothing", "a boolean", "nested 100,000 deep"])
+def test_safetensors_absurd_shapes_and_deep_headers_are_one_line_errors(tmp_path, header, named):
+    header_bytes = (header if isinstance(header, str) else json.dumps(header)).encode()
+    path = tmp_path / "absurd.safetensors"
+    path.write_bytes(len(header_bytes).to_bytes(8, "little") + header_bytes + bytes(16))
+    with pytest.raises(clip_weights.WeightsError, match=named) as refused:
+        clip_weights.read_safetensors(path)
+    assert "absurd.safetensors" in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_sharded_safetensors(tmp_path):
