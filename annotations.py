@@ -107,12 +107,21 @@ def _read_csv_rows(path: Path, required_columns, delimiter=",") -> list:
 
 def _video_index(video_dir: Path) -> dict:
     """Map a video's file stem to its path, searching `video_dir` recursively (LSMDC nests per movie,
-    DiDeMo mixes extensions)."""
+    DiDeMo mixes extensions), into symlinked folders too, each folder once (a link to a folder above would
+    otherwise loop)."""
     if not video_dir.is_dir():
         raise FileNotFoundError(f"{video_dir}: video folder not found. Pass video_dir=... or see the README's "
                                 "dataset folder trees.")
-    found = {}
-    for folder, _, files in os.walk(video_dir):
+    found, seen = {}, set()
+    for folder, subfolders, files in os.walk(video_dir, followlinks=True):
+        try:
+            identity = os.stat(folder).st_dev, os.stat(folder).st_ino
+        except OSError:  # vanished meanwhile
+            identity = None
+        if identity is None or identity in seen:  # or reached again through a link: already searched
+            subfolders[:] = []
+            continue
+        seen.add(identity)
         for file_name in files:
             stem, suffix = os.path.splitext(file_name)
             if suffix.lower() in VIDEO_SUFFIXES:

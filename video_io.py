@@ -322,9 +322,9 @@ def probe_videos(paths, num_workers: int | None = None, cache_file=None) -> dict
             results[path] = ProbeResult(0, f"{path}: cannot open video: the file does not exist")
             continue
         keys[path] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-        cached = cache.get(str(path))
-        if cached is not None and all(cached.get(name) == value for name, value in keys[path].items()):
-            results[path] = ProbeResult(int(cached["frames"]), str(cached["error"]))
+        cached = _cached_probe(cache.get(str(path)), keys[path])
+        if cached is not None:
+            results[path] = cached
         else:
             todo.append(path)
     if num_workers is None:
@@ -432,8 +432,20 @@ def _read_probe_cache(cache_file) -> dict:
     try:
         content = json.loads(Path(cache_file).read_text(encoding="utf-8"))
         return dict(content["videos"]) if content.get("version") == 1 else {}
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return {}  # unreadable cache (a foreign or damaged file): probe again and replace it
+
+
+def _cached_probe(entry, key: dict) -> ProbeResult | None:
+    """The cached result of a file whose size and mtime are `key`'s, or None: a file that changed, or an entry
+    that is not what probe_videos writes (a damaged or edited cache), is probed again."""
+    if not isinstance(entry, dict) or any(entry.get(name) != value for name, value in key.items()):
+        return None
+    frames, error = entry.get("frames"), entry.get("error")
+    if not (isinstance(frames, int) and not isinstance(frames, bool) and isinstance(error, str)):
+        return None
+    readable, unreadable = frames >= 1 and not error, frames == 0 and error.strip()
+    return ProbeResult(frames, error) if readable or unreadable else None
 
 
 def _write_json_atomically(path: Path, content) -> None:

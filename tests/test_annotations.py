@@ -2,8 +2,10 @@
 splits, and the caption-to-video map."""
 import csv
 import json
+import os
 import pickle
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -168,3 +170,14 @@ def test_a_caption_longer_than_the_csv_modules_field_limit_is_read_whole(tmp_pat
     dataset = data.build_dataset("csv", tmp_path / "long.csv", "train")
     assert dataset.captions == ["short", long_caption]
     assert csv.field_size_limit() == limit  # the module's setting is left as it was
+
+
+def test_videos_in_a_symlinked_subfolder_are_found_and_a_link_loop_ends(tmp_path, tiny_video):
+    root = msrvtt_root(tmp_path, tiny_video)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (root / "videos" / "video4.mp4").rename(elsewhere / "video4.mp4")
+    (root / "videos" / "more").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "back").symlink_to(root / "videos", target_is_directory=True)  # a loop through the link
+    test = annotations.read_annotations("msrvtt-9k", root, "test")
+    assert Path(os.path.realpath(test.video_paths[test.video_ids.index("video4")])) == elsewhere / "video4.mp4"
