@@ -1,5 +1,6 @@
 """Off the happy path: files that would run code, broken videos, failing evaluations, busy or used output
 folders, mismatched resumes, bad flags. Every test asserts what is written, refused or counted."""
+import contextlib
 import dataclasses
 import os
 import resource
@@ -297,23 +298,25 @@ def processes_left(session: int, seconds: float) -> list[str]:
     return session_processes(session)
 
 
-def start_training(small_setup, out_dir: Path, stderr=subprocess.PIPE) -> subprocess.Popen:
-    """train.py on the small world with 2 DataLoader workers, saving every step, too long to finish: in a session
-    of its own (its id is the process's), so that every helper process it starts can be found."""
+@contextlib.contextmanager
+def training_under_way(small_setup, out_dir: Path):
+    """train.py on the small world with 2 DataLoader workers, saving every step, too long to finish, from its
+    first checkpoint on (killed on leaving, if still running). In a session of its own (its id is the process's),
+    so that every helper process it starts can be found."""
     clip_path, world = small_setup
     flags = dict(clip=clip_path, data="synthetic", data_root=world, prompts="pos", num_frames=4, batch_size=8,
                  epochs=1000, lr=5e-3, fn_layers=1, num_workers=2, out_dir=out_dir, log_every=1, save_every=1)
     argv = [f"--{name.replace('_', '-')}={value}" for name, value in flags.items()] + ["--no-eval-each-epoch"]
-    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
-                            text=True, start_new_session=True)
-
-
-def wait_for_training(process: subprocess.Popen, out_dir: Path) -> None:
-    """Until the first checkpoint exists and the loader's workers run."""
-    deadline = time.time() + 180
-    while not ((out_dir / "last.pt").exists() and len(session_processes(process.pid)) >= 3):
-        assert process.poll() is None and time.time() < deadline, "training did not start"
-        time.sleep(0.1)
+    training = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not ((out_dir / "last.pt").exists() and len(session_processes(training.pid)) >= 3):
+            assert training.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.1)
+        yield training
+    finally:
+        training.kill()
 
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
@@ -323,13 +326,9 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="fi
 @pytest.mark.slow
 def test_sigterm_stops_training_cleanly(small_setup, tmp_path):
     out_dir = tmp_path / "run"
-    training = start_training(small_setup, out_dir)
-    try:
-        wait_for_training(training, out_dir)
+    with training_under_way(small_setup, out_dir) as training:
         training.send_signal(signal.SIGTERM)
         _, err = training.communicate(timeout=60)
-    finally:
-        training.kill()
     assert training.returncode == 128 + signal.SIGTERM
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "SIGTERM" in err and "--resume auto" in err and "last.pt" in err
@@ -341,17 +340,12 @@ def test_sigterm_stops_training_cleanly(small_setup, tmp_path):
 @needs_proc
 @pytest.mark.slow
 def test_helpers_exit_on_their_own_when_training_is_killed(small_setup, tmp_path):
-    out_dir = tmp_path / "run"
-    training = start_training(small_setup, out_dir)
-    try:
-        wait_for_training(training, out_dir)
+    with training_under_way(small_setup, tmp_path / "run") as training:
         helpers = session_processes(training.pid)
         os.kill(training.pid, signal.SIGKILL)
         # Reading the output to its end before reaping the killed process (what subprocess.run does) returns only
         # once every helper that holds the pipe has ended, and they see a killed, unreaped process as ended.
         training.communicate(timeout=20)
-    finally:
-        training.kill()
     assert training.returncode == -signal.SIGKILL
     assert len(helpers) >= 3, helpers  # 2 DataLoader workers and the fork server at least
     assert processes_left(training.pid, 5) == []
