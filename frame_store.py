@@ -163,8 +163,10 @@ class FrameStore:
                 for job in rest:
                     results.append(_build_entry(job))
                     progress(len(results), len(jobs))
-        except WriteError as error:  # a full disk, a quota, ulimit -f: stop now, leaving no partial entry behind
+        except BaseException as error:  # a full disk (or Ctrl-C): stop now, leaving no partial entry behind
             remove_leftover_temporaries(folder)  # those of the workers stopped mid-write
+            if not isinstance(error, WriteError):
+                raise
             raise FrameStoreError(f"frame store {self.root}: {error}; the {len(jobs) - len(results)} videos still to "
                                   f"store need {_room_note(folder, len(jobs) - len(results))}: make room, or pass "
                                   f"another --frame-store") from None
