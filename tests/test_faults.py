@@ -353,13 +353,13 @@ def test_helpers_exit_on_their_own_when_training_is_killed(small_setup, tmp_path
 
 def test_sigterm_ends_a_process_pool_at_once(tmp_path):
     """The probe and the frame store build (video_io.map_in_processes) end their workers when stopped instead of
-    waiting for every queued task: here 8 tasks of 3 s on 2 workers."""
+    waiting for every queued task: here 8 tasks of 5 s on 2 workers."""
     stopped = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
 sys.path.insert(0, {str(REPO)!r})
 import cli, video_io
 if __name__ == "__main__":
-    cli.run_command(lambda argv: video_io.map_in_processes(time.sleep, [3] * 8, 2, on_crash=print), [], "pool")
+    cli.run_command(lambda argv: video_io.map_in_processes(time.sleep, [5] * 8, 2, on_crash=print), [], "pool")
 """], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 60
@@ -368,7 +368,7 @@ if __name__ == "__main__":
             time.sleep(0.1)
         time.sleep(0.5)
         stopped.send_signal(signal.SIGTERM)
-        _, err = stopped.communicate(timeout=6)  # well before the 12 s of queued work
+        _, err = stopped.communicate(timeout=10)  # well before the 20 s of queued work
     finally:
         stopped.kill()
     assert stopped.returncode == 128 + signal.SIGTERM and "Traceback" not in err
