@@ -245,8 +245,8 @@ def _snapshot_name(ref: Path) -> str:
     """The snapshot a hub cache's refs/main names: one folder name in snapshots/, never a path that leads out."""
     name = ref.read_text(encoding="utf-8", errors="replace").strip()
     if not name or Path(name).name != name or name in (".", ".."):
-        raise WeightsError(f"{ref} names {name[:80]!r}, not a folder of {ref.parent.parent / 'snapshots'}: the cache is "
-                           f"damaged or crafted; pass the snapshot folder itself")
+        raise WeightsError(f"{ref} names {name[:80]!r}, not a folder of {ref.parent.parent / 'snapshots'}: the "
+                           f"cache is damaged or crafted; pass the snapshot folder itself")
     return name
 
 

@@ -289,7 +289,8 @@ class FrameStore:
         """Write atomically: a temporary file in the same folder, renamed over the entry. The header keeps each
         image's offset and CRC-32, so that a reader knows an image overwritten in place."""
         offsets = np.concatenate([[0], np.cumsum([len(blob) for blob in blobs])]).tolist()
-        header_bytes = json.dumps({**header, "offsets": offsets, "crc32": [zlib.crc32(blob) for blob in blobs]}).encode()
+        checksums = [zlib.crc32(blob) for blob in blobs]
+        header_bytes = json.dumps({**header, "offsets": offsets, "crc32": checksums}).encode()
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -347,7 +348,7 @@ def _parse_header(handle, key: str):
         raise DamagedEntry("is cut short")
     try:
         header = json.loads(handle.read(length))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise DamagedEntry("has a header that is not valid JSON") from None
     if not isinstance(header, dict):
         raise DamagedEntry("has a header that is not a JSON object")

@@ -478,8 +478,10 @@ def open_clip_whole_copy(tmp_path, edit):
 
 
 @pytest.mark.parametrize("copy, edit, key", [
-    (transformers_copy, lambda c: c["vision_config"].update(num_attention_heads="2"), "vision_config.num_attention_heads"),
-    (transformers_copy, lambda c: c["vision_config"].update(num_attention_heads=2.0), "vision_config.num_attention_heads"),
+    (transformers_copy, lambda c: c["vision_config"].update(num_attention_heads="2"),
+     "vision_config.num_attention_heads"),
+    (transformers_copy, lambda c: c["vision_config"].update(num_attention_heads=2.0),
+     "vision_config.num_attention_heads"),
     (transformers_copy, lambda c: c["text_config"].update(num_attention_heads=3), "text_config.num_attention_heads"),
     (transformers_copy, lambda c: c.update(text_config=[1, 2]), "text_config"),
     (transformers_copy, lambda c: c.update(projection_dim=None), "projection_dim"),

@@ -113,7 +113,8 @@ def random_word(alphabet: str, length: int, seed: int) -> str:
 
 
 @pytest.mark.parametrize("alphabet", ["abcdefghijklmnopqrstuvwxyz", "etaoinshrdlu" * 4 + "cmfwypvbgkjqxz",
-                                      "".join(map(chr, range(0x4E00, 0x4F00))), "😍😂👍🔥", "!?.,;:-_()[]*&^%$#@"],
+                                      "".join(map(chr, range(0x4E00, 0x4F00))), "😍😂👍🔥",
+                                      "!?.,;:-_()[]*&^%$#@"],
                          ids=["letters", "english letters", "CJK", "emoji", "punctuation"])
 def test_a_long_word_gives_the_first_ids_of_its_whole_word_bpe(tok, alphabet):
     """Only the start of a word over LONG_WORD bytes is encoded: its first ids are those of the whole word."""
