@@ -142,8 +142,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 # A word longer than this (in UTF-8 bytes) is BPE-encoded only as far as the ids a caller needs reach; no word of
-# a real caption is this long. A cut changes at most the tokens within CUT_MARGIN bytes of it (the longest token
-# is 32 bytes).
+# a real caption is this long. The BPE of a word's first L bytes keeps the whole word's tokens up to CUT_MARGIN
+# bytes before L (two of the longest tokens, 32 bytes; tests/test_tokenizer.py checks it on long random words).
 LONG_WORD = 256
 CUT_MARGIN = 64
 
