@@ -86,28 +86,45 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
-def _read_csv_rows(path: Path, required_columns, delimiter=","):
-    """Yield (line number, row dict) of a headed CSV; a missing column is an AnnotationError naming the file."""
+def _read_csv_rows(path: Path, required_columns, delimiter=",") -> list:
+    """(line number, row dict) of each row of a headed CSV; a missing column, or a line the csv module cannot
+    read, is an AnnotationError naming the file and line."""
+    # The csv module refuses fields over 128 KB; no field can be longer than the file (a long caption is cut
+    # by the tokenizer). The limit is the module's only setting, so it is restored afterwards.
+    limit = csv.field_size_limit(max(csv.field_size_limit(), _require_file(path, "annotation file").stat().st_size))
     # utf-8-sig: a CSV saved by Excel starts with a byte-order mark, which must not become part of "video".
-    with open(_require_file(path, "annotation file"), newline="", encoding="utf-8-sig") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
-        header = reader.fieldnames or []
-        missing = [column for column in required_columns if column not in header]
-        if missing:
-            raise AnnotationError(f"{path}:1: missing column(s) {missing}; the header is {header}. "
-                                  f"Expected a header with {list(required_columns)}.")
-        for row in reader:
-            yield reader.line_num, row
+        try:
+            header = reader.fieldnames or []
+            missing = [column for column in required_columns if column not in header]
+            if missing:
+                raise AnnotationError(f"{path}:1: missing column(s) {missing}; the header is {header}. "
+                                      f"Expected a header with {list(required_columns)}.")
+            return [(reader.line_num, row) for row in reader]
+        except csv.Error as error:
+            raise AnnotationError(f"{path}:{reader.line_num}: {error}; fix or delete this line") from None
+        finally:
+            csv.field_size_limit(limit)
 
 
 def _video_index(video_dir: Path) -> dict:
     """Map a video's file stem to its path, searching `video_dir` recursively (LSMDC nests per movie,
-    DiDeMo mixes extensions)."""
+    DiDeMo mixes extensions), into symlinked folders too, each folder once (a link to a folder above would
+    otherwise loop)."""
     if not video_dir.is_dir():
         raise FileNotFoundError(f"{video_dir}: video folder not found. Pass video_dir=... or see the README's "
                                 "dataset folder trees.")
-    found = {}
-    for folder, _, files in os.walk(video_dir):
+    found, seen = {}, set()
+    for folder, subfolders, files in os.walk(video_dir, followlinks=True):
+        try:
+            identity = os.stat(folder).st_dev, os.stat(folder).st_ino
+        except OSError:  # vanished meanwhile
+            identity = None
+        if identity is None or identity in seen:  # or reached again through a link: already searched
+            subfolders[:] = []
+            continue
+        seen.add(identity)
         for file_name in files:
             stem, suffix = os.path.splitext(file_name)
             if suffix.lower() in VIDEO_SUFFIXES:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from errors import UserError
-from files import atomic_write, process_exists, read_torch_file
+from files import atomic_write, process_exists, process_start, read_torch_file
 from vop import VoPConfig
 
 FORMAT = 2  # the checkpoint layout below; another number is refused
@@ -101,8 +101,11 @@ def vop_config_of(checkpoint: dict, path="the checkpoint") -> VoPConfig:
     saved = checkpoint["vop_config"]
     fields = {field.name for field in dataclasses.fields(VoPConfig)}
     if set(saved) != fields:
-        raise CheckpointError(f"{path}: its vop_config has the fields {sorted(saved)}, not VoPConfig's "
-                              f"{sorted(fields)}: it was written by another version of this code")
+        missing, unknown = sorted(fields - set(saved)), sorted(set(saved) - fields)
+        differences = ([f"lacks {', '.join(missing)}"] if missing else []) + (
+            [f"has {', '.join(unknown)}, which VoPConfig does not know"] if unknown else [])
+        raise CheckpointError(f"{path}: its vop_config {' and '.join(differences)}: it was written by another "
+                              f"version of this code")
     try:
         return VoPConfig(**saved)
     except (TypeError, ValueError) as error:
@@ -155,7 +158,7 @@ class RunFolder:
                 self._clear_stale_lock()
                 continue
             with os.fdopen(descriptor, "w") as handle:
-                handle.write(f"{os.getpid()} {socket.gethostname()} {_process_start(os.getpid())}\n")
+                handle.write(f"{os.getpid()} {socket.gethostname()} {process_start(os.getpid())}\n")
             self.held = True
             return self
         raise RunFolderError(f"could not take the lock {self.lock}; another process keeps taking it")
@@ -181,7 +184,7 @@ class RunFolder:
             if host != socket.gethostname():
                 raise RunFolderError(f"{self.out_dir} is in use by process {pid} on {host} (lock {self.lock}); if "
                                      f"that run is over, delete {self.lock}, or choose another --out-dir")
-            same_process = process_exists(pid) and (not started or started[0] == _process_start(pid))
+            same_process = process_exists(pid, started[0] if started else None)
             if same_process:
                 raise RunFolderError(f"{self.out_dir} is in use by another run (process {pid}); wait for it to "
                                      f"finish, or choose another --out-dir. If no run is using it, delete "
@@ -217,14 +220,3 @@ class RunFolder:
         for name in RUN_FILES:
             (self.out_dir / name).unlink(missing_ok=True)
 
-
-def _process_start(pid: int) -> str:
-    """When process `pid` started, as the kernel counts it (clock ticks since boot, with this boot's id), or
-    "-" where /proc does not tell: a reused PID, or one after a reboot, gives another value."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            ticks = handle.read().rsplit(")", 1)[1].split()[19]  # field 22: starttime
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
-            return f"{handle.read().strip()}/{ticks}"
-    except (OSError, IndexError):
-        return "-"

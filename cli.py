@@ -172,6 +172,4 @@ def run_command(main, argv=None, program: str | None = None):
 
 def _stop_on_sigterm(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    stop = Stopped()
-    stop.signal = signal.SIGTERM
-    raise stop
+    raise Stopped(signal_number=signal.SIGTERM)

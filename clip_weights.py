@@ -33,7 +33,6 @@ import json
 import math
 import os
 import pickle
-import re
 import urllib.request
 import warnings
 import zipfile
@@ -246,11 +245,20 @@ def read_weights(name_or_path: str | os.PathLike, download_root: str | os.PathLi
     return weights
 
 
+def _snapshot_name(ref: Path) -> str:
+    """The snapshot a hub cache's refs/main names: one folder name in snapshots/, never a path that leads out."""
+    name = ref.read_text(encoding="utf-8", errors="replace").strip()
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise WeightsError(f"{ref} names {name[:80]!r}, not a folder of {ref.parent.parent / 'snapshots'}: the "
+                           f"cache is damaged or crafted; pass the snapshot folder itself")
+    return name
+
+
 def find_weights_file(folder: Path) -> Path:
     """The weights file in `folder` (a Hugging Face hub cache folder is followed to its snapshot)."""
     if (folder / "snapshots").is_dir():  # ~/.cache/huggingface/hub/models--org--name
         ref = folder / "refs" / "main"
-        main = folder / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+        main = folder / "snapshots" / _snapshot_name(ref) if ref.is_file() else None
         snapshots = sorted(p for p in (folder / "snapshots").iterdir() if p.is_dir())
         if main is not None and main.is_dir():
             folder = main
@@ -356,6 +364,10 @@ _MAX_HEADER = 100_000_000  # the safetensors library's own bound
 
 
 def read_safetensors(path: Path) -> dict:
+    """The tensors of a .safetensors file. Every header entry is checked before any byte is copied: a known
+    dtype, a shape of non-negative integers whose size fits int64, offsets inside the data section that span
+    exactly the shape's bytes, and no two tensors sharing a byte (aliased ranges would let a small file claim
+    many times its size in memory). So what is read never exceeds the file's size."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         header_length = int.from_bytes(f.read(8), "little")
@@ -363,33 +375,47 @@ def read_safetensors(path: Path) -> dict:
             raise WeightsError(f"{path}: safetensors header length {header_length} does not fit a {size}-byte file")
         try:
             header = json.loads(f.read(header_length))
-        except ValueError as error:
-            raise WeightsError(f"{path}: the safetensors header is not valid JSON ({error})") from error
+        except (ValueError, RecursionError) as error:  # RecursionError: nested thousands of levels deep
+            reason = "is nested too deeply" if isinstance(error, RecursionError) else f"is not valid JSON ({error})"
+            raise WeightsError(f"{path}: the safetensors header {reason}") from None
         if not isinstance(header, dict):
             raise WeightsError(f"{path}: the safetensors header is not a JSON object")
         data_start, data_size = 8 + header_length, size - 8 - header_length
+        entries = {name: _safetensors_entry(path, name, entry, data_size)
+                   for name, entry in header.items() if name != "__metadata__"}
+        spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items() if end > begin)
+        for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+            if begin < end:
+                raise WeightsError(f"{path}: tensors {name!r} and {other!r} share bytes of the data section; each "
+                                   f"tensor must have its own bytes (the file is damaged or crafted)")
         tensors = {}
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
-            except (KeyError, TypeError, ValueError) as error:
-                raise WeightsError(f"{path}: tensor {name!r} has a bad header entry {entry!r:.200} (dtypes read: "
-                                 f"{', '.join(SAFETENSORS_DTYPES)})") from error
-            if not all(isinstance(n, int) and n >= 0 for n in [*shape, begin, end]) or not begin <= end <= data_size:
-                raise WeightsError(f"{path}: tensor {name!r}: shape {shape} or offsets {[begin, end]} are not valid "
-                                 f"for a data section of {data_size} bytes")
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if end - begin != math.prod(shape) * itemsize:
-                raise WeightsError(f"{path}: tensor {name!r} of shape {shape} and dtype {entry['dtype']} needs "
-                                 f"{math.prod(shape) * itemsize} bytes, its offsets span {end - begin}")
+        for name, (dtype, shape, begin, end) in entries.items():
             buffer = bytearray(end - begin)
             f.seek(data_start + begin)
             f.readinto(buffer)
             flat = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
             tensors[name] = flat.reshape(shape)
     return tensors
+
+
+def _safetensors_entry(path: Path, name: str, entry, data_size: int) -> tuple:
+    """(dtype, shape, begin, end) of one header entry, each checked (see read_safetensors)."""
+    try:
+        dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+        shape = list(shape)
+    except (KeyError, TypeError, ValueError) as error:
+        raise WeightsError(f"{path}: tensor {name!r} has a bad header entry {entry!r:.200} (dtypes read: "
+                           f"{', '.join(SAFETENSORS_DTYPES)})") from error
+    numbers = [*shape, begin, end]
+    if (not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers)
+            or not begin <= end <= data_size or math.prod(max(n, 1) for n in shape) >= 2 ** 63):
+        raise WeightsError(f"{path}: tensor {name!r}: shape {str(shape):.100} or offsets {[begin, end]!s:.100} are "
+                           f"not valid for a data section of {data_size} bytes")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if end - begin != math.prod(shape) * itemsize:
+        raise WeightsError(f"{path}: tensor {name!r} of shape {shape} and dtype {entry['dtype']} needs "
+                           f"{math.prod(shape) * itemsize} bytes, its offsets span {end - begin}")
+    return dtype, shape, begin, end
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -562,21 +588,36 @@ def transformers_config(path: Path) -> dict:
     if model_type != "clip":
         raise WeightsError(f"{path}: model_type {model_type!r} is not transformers' CLIP (model_type 'clip'); only "
                          f"CLIP's ViT architecture is supported")
-    text = {**_TRANSFORMERS_TEXT, **(config.get("text_config") or config.get("text_config_dict") or {})}
-    vision = {**_TRANSFORMERS_VISION, **(config.get("vision_config") or config.get("vision_config_dict") or {})}
+    text, vision = (_transformers_tower(path, config, tower, defaults)
+                    for tower, defaults in (("text", _TRANSFORMERS_TEXT), ("vision", _TRANSFORMERS_VISION)))
     activations = {text["hidden_act"], vision["hidden_act"]}
     if len(activations) != 1 or not activations <= {"quick_gelu", "gelu"}:
         raise WeightsError(f"{path}: hidden_act {text['hidden_act']!r} (text) / {vision['hidden_act']!r} (vision) is "
                          f"not supported: both towers must use 'quick_gelu' or both 'gelu'")
     if text["layer_norm_eps"] != 1e-5 or vision["layer_norm_eps"] != 1e-5:
         raise WeightsError(f"{path}: layer_norm_eps other than 1e-5 is not supported")
-    return dict(embed_dim=config.get("projection_dim", 512), image_resolution=vision["image_size"],
+    return dict(embed_dim=_checked(path, "projection_dim", config.get("projection_dim", 512), "count"),
+                image_resolution=vision["image_size"],
                 vision_patch_size=vision["patch_size"], vision_width=vision["hidden_size"],
                 vision_layers=vision["num_hidden_layers"], vision_heads=vision["num_attention_heads"],
                 vision_mlp_width=vision["intermediate_size"], context_length=text["max_position_embeddings"],
                 vocab_size=text["vocab_size"], transformer_width=text["hidden_size"],
                 transformer_layers=text["num_hidden_layers"], transformer_heads=text["num_attention_heads"],
                 transformer_mlp_width=text["intermediate_size"], activation=activations.pop())
+
+
+def _transformers_tower(path: Path, config: dict, tower: str, defaults: dict) -> dict:
+    """One tower's settings (text_config or vision_config over transformers' defaults), each checked."""
+    name = f"{tower}_config_dict" if config.get(f"{tower}_config_dict") and not config.get(f"{tower}_config") else \
+        f"{tower}_config"  # older transformers versions wrote the _dict names
+    settings = {**defaults, **_checked(path, name, config.get(name) or {}, "section")}
+    for key, kind in ((key, "count") for key, value in defaults.items() if isinstance(value, int)):
+        _checked(path, f"{name}.{key}", settings[key], kind)
+    _checked(path, f"{name}.hidden_act", settings["hidden_act"], "name")
+    _checked(path, f"{name}.layer_norm_eps", settings["layer_norm_eps"], "number")
+    _check_heads(path, f"{name}.num_attention_heads", settings["num_attention_heads"], f"{name}.hidden_size",
+                 settings["hidden_size"])
+    return settings
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -605,7 +646,7 @@ _OPEN_CLIP_FIXED = {
 def open_clip_config(path: Path) -> dict:
     """CLIPConfig fields from an open_clip_config.json (or a bare open_clip model config)."""
     config = _read_json(path)
-    model = config.get("model_cfg", config)
+    model = _checked(path, "model_cfg", config.get("model_cfg", config), "section")
     vision, text = model.get("vision_cfg"), model.get("text_cfg")
     if not isinstance(vision, dict) or not isinstance(text, dict) or "embed_dim" not in model:
         raise WeightsError(f"{path} lacks embed_dim, vision_cfg or text_cfg: not an open_clip image-text model")
@@ -617,7 +658,7 @@ def open_clip_config(path: Path) -> dict:
             if settings.get(key, allowed[0]) not in allowed:
                 raise WeightsError(f"{path}: {part}.{key} = {settings[key]!r} is an architecture this CLIP does not "
                                  f"implement (it computes {key} = {allowed[0]!r})")
-    preprocess = config.get("preprocess_cfg") or {}
+    preprocess = _checked(path, "preprocess_cfg", config.get("preprocess_cfg") or {}, "section")
     for key, openai in (("mean", CLIP_MEAN), ("std", CLIP_STD)):
         values = preprocess.get(key, openai)
         if not (isinstance(values, (list, tuple)) and len(values) == 3
@@ -626,20 +667,63 @@ def open_clip_config(path: Path) -> dict:
                           f"project normalises frames (data.py): features will be somewhat off", stacklevel=2)
     image_size = vision.get("image_size", 224)
     if isinstance(image_size, (list, tuple)):
-        if len(set(image_size)) != 1:
+        if len(set(map(repr, image_size))) != 1:
             raise WeightsError(f"{path}: vision_cfg.image_size {image_size} is not square; only square images work")
         image_size = image_size[0]
-    vision_width, head_width = vision.get("width", 768), vision.get("head_width", 64)
-    text_width = text.get("width", 512)
-    return dict(embed_dim=model["embed_dim"], image_resolution=image_size,
-                vision_patch_size=vision.get("patch_size", 16), vision_width=vision_width,
-                vision_layers=vision.get("layers", 12), vision_heads=vision_width // head_width,
-                vision_mlp_width=int(vision_width * vision.get("mlp_ratio", 4.0)),
-                context_length=text.get("context_length", 77), vocab_size=text.get("vocab_size", 49408),
-                transformer_width=text_width, transformer_layers=text.get("layers", 12),
-                transformer_heads=text.get("heads", 8),
-                transformer_mlp_width=int(text_width * text.get("mlp_ratio", 4.0)),
-                activation="quick_gelu" if model.get("quick_gelu", False) else "gelu")
+
+    def count(part: str, settings: dict, key: str, default: int) -> int:
+        return _checked(path, f"{part}.{key}", settings.get(key, default), "count")
+
+    vision_width, head_width = count("vision_cfg", vision, "width", 768), count("vision_cfg", vision, "head_width", 64)
+    text_width, text_heads = count("text_cfg", text, "width", 512), count("text_cfg", text, "heads", 8)
+    _check_heads(path, "vision_cfg.head_width", vision_width // head_width, "vision_cfg.width", vision_width)
+    _check_heads(path, "text_cfg.heads", text_heads, "text_cfg.width", text_width)
+
+    def mlp_width(part: str, settings: dict, width: int) -> int:
+        ratio = _checked(path, f"{part}.mlp_ratio", settings.get("mlp_ratio", 4.0), "ratio")
+        if not 1 <= width * ratio < 2 ** 31:
+            raise WeightsError(f"{path}: {part}.mlp_ratio = {ratio!r} makes an MLP {width * ratio:g} wide; check it")
+        return int(width * ratio)
+
+    return dict(embed_dim=count("model_cfg", model, "embed_dim", 0),
+                image_resolution=_checked(path, "vision_cfg.image_size", image_size, "count"),
+                vision_patch_size=count("vision_cfg", vision, "patch_size", 16), vision_width=vision_width,
+                vision_layers=count("vision_cfg", vision, "layers", 12), vision_heads=vision_width // head_width,
+                vision_mlp_width=mlp_width("vision_cfg", vision, vision_width),
+                context_length=count("text_cfg", text, "context_length", 77),
+                vocab_size=count("text_cfg", text, "vocab_size", 49408), transformer_width=text_width,
+                transformer_layers=count("text_cfg", text, "layers", 12), transformer_heads=text_heads,
+                transformer_mlp_width=mlp_width("text_cfg", text, text_width),
+                activation="quick_gelu" if _checked(path, "model_cfg.quick_gelu", model.get("quick_gelu", False),
+                                                    "flag") else "gelu")
+
+
+# What each kind of config value must be, for `_checked`.
+_CONFIG_KINDS = {
+    "count": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "ratio": ("a finite number > 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+              and math.isfinite(v) and v > 0),
+    "number": ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+               and math.isfinite(v)),
+    "flag": ("true or false", lambda v: isinstance(v, bool)),
+    "name": ("a string", lambda v: isinstance(v, str)),
+    "section": ("an object", lambda v: isinstance(v, dict)),
+}
+
+
+def _checked(path: Path, key: str, value, kind: str):
+    """`value`, the setting `key` of the config file `path`, if it is of `kind` (see _CONFIG_KINDS); a
+    WeightsError naming the file and the key otherwise."""
+    what, valid = _CONFIG_KINDS[kind]
+    if not valid(value):
+        raise WeightsError(f"{path}: {key} must be {what}, got {json.dumps(value)[:60]}")
+    return value
+
+
+def _check_heads(path: Path, heads_key: str, heads, width_key: str, width: int) -> None:
+    if not (isinstance(heads, int) and heads >= 1 and width % heads == 0):
+        raise WeightsError(f"{path}: {heads_key} gives {heads} attention heads, which cannot split {width_key} = "
+                           f"{width} into equal parts")
 
 
 def _read_json(path: Path) -> dict:

@@ -87,10 +87,13 @@ def sample_frame_indices(num_total: int, num_frames: int, mode: str = "uniform",
     return np.clip(indices, 0, num_total - 1)
 
 
-def read_frames(path, num_frames: int, mode: str = "uniform", rng=None, strategy: str = "auto") -> np.ndarray:
-    """Decode the `num_frames` frames `sample_frame_indices` picks (video_io.py does the decoding).
-    Returns (F, H, W, 3) uint8 RGB; raises video_io.VideoReadError naming an unreadable file."""
-    return decode_frames(path, lambda num_total: sample_frame_indices(num_total, num_frames, mode, rng), strategy)
+def read_frames(path, num_frames: int, mode: str = "uniform", rng=None, strategy: str = "auto",
+                transform=None) -> np.ndarray:
+    """Decode the `num_frames` frames `sample_frame_indices` picks (video_io.py does the decoding; `transform`
+    maps each frame as it is decoded). Returns (F, H, W, 3) uint8 RGB; raises video_io.VideoReadError naming
+    an unreadable file."""
+    return decode_frames(path, lambda num_total: sample_frame_indices(num_total, num_frames, mode, rng), strategy,
+                         transform)
 
 
 # ----------------------------------------------------------------------------------------------------------

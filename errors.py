@@ -3,6 +3,7 @@
 Each module's expected errors subclass `UserError`; cli.run_command prints any of them as one line naming the
 thing and the fix, with exit status 2. Every other exception is a bug and keeps its traceback.
 """
+import signal
 
 
 class UserError(Exception):
@@ -11,4 +12,8 @@ class UserError(Exception):
 
 class Stopped(KeyboardInterrupt):
     """Ctrl-C, or SIGTERM from a job scheduler: the program stops cleanly, and its message says what was saved
-    and how to continue (cli.run_command prints it as one line)."""
+    and how to continue (cli.run_command prints it as one line, and exits with 128 + `signal`)."""
+
+    def __init__(self, message: str = "", signal_number: int = signal.SIGINT):
+        super().__init__(message)
+        self.signal = signal_number

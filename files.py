@@ -76,14 +76,42 @@ def remove_leftover_temporaries(folder) -> int:
     return removed
 
 
-def process_exists(pid: int) -> bool:
+def process_exists(pid: int, started: str | None = None) -> bool:
+    """Whether process `pid` runs: it exists and is not a zombie (a process that ended and that its parent has
+    not reaped yet), and, given `started` (its `process_start` when it was seen), it is that process, not a
+    later one that reuses the PID."""
+    fields = _process_stat(pid)
+    if fields is not None:
+        if fields[0] in ("Z", "X"):  # ended; only the exit status waits for its parent
+            return False
+    else:  # no /proc entry we may read: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # it exists, under another user
+            pass
+    return started is None or started == process_start(pid)
+
+
+def process_start(pid: int) -> str:
+    """When process `pid` started, as the kernel counts it (clock ticks since boot, with this boot's id), or
+    "-" where /proc does not tell: a reused PID, or one after a reboot, gives another value."""
+    fields = _process_stat(pid)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return f"{handle.read().strip()}/{fields[19]}"  # field 22 of the stat line: starttime
+    except (OSError, IndexError, TypeError):
+        return "-"
+
+
+def _process_stat(pid: int) -> list | None:
+    """The fields of /proc/<pid>/stat after the command name (the state first), or None where there are none."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def read_torch_file(path, error=UserError, what: str = "file"):

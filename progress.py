@@ -32,7 +32,7 @@ class Progress:
         self.every = 0.2 if self.in_place else every
         self.enabled = enabled
         self.clock = None  # (time, done) at the first update
-        self.last_shown = 0.0
+        self.last_shown = 0.0 if self.in_place else time.monotonic()  # a file gets its first line `every` in
         self.shown_done = None  # the count in the line shown last
         self.width = 0  # of the line shown in place, to blank what a shorter line leaves
 

@@ -14,10 +14,8 @@ this module makes a real run safe, through one `Run` per call of `train`:
 import contextlib
 import dataclasses
 import json
-import time
 from pathlib import Path
 
-import torch
 
 import checkpoints
 import data
@@ -25,7 +23,7 @@ import distributed
 import video_io
 from cli import ConfigError
 from figures import draw_curves
-from files import remove_leftover_temporaries
+from files import WriteError, remove_leftover_temporaries
 from frame_store import FrameStore
 from progress import Progress, format_duration
 from vop import config_as_dict, parse_video_prompts
@@ -178,8 +176,12 @@ class Run:
 
     def write_log(self, record: dict) -> None:
         if self.rank == 0:
-            with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            path = self.out_dir / "log.jsonl"
+            try:
+                with open(path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            except OSError as error:  # no space, no permission: one line, not a traceback
+                raise WriteError(f"could not write {path}: {error.strerror or error}") from None
 
     def log_step(self, epoch: int, step: int, total_steps: int, loss, lr: float, grad_norm) -> None:
         """Every --log-every steps: a progress line and a log.jsonl record (samples/s from the end of the first

@@ -20,6 +20,7 @@ import functools
 import gzip
 import html
 import html.entities
+import itertools
 import re
 import sys
 import unicodedata
@@ -140,6 +141,13 @@ def bytes_to_unicode() -> dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(shifted)}}
 
 
+# A word longer than this (in UTF-8 bytes) is BPE-encoded only as far as the ids a caller needs reach; no word of
+# a real caption is this long. The BPE of a word's first L bytes keeps the whole word's tokens up to CUT_MARGIN
+# bytes before L (two of the longest tokens, 32 bytes; tests/test_tokenizer.py checks it on long random words).
+LONG_WORD = 256
+CUT_MARGIN = 64
+
+
 class SimpleTokenizer:
     """Text -> BPE ids and back; ids exclude the start/end-of-text tokens (see `tokenize`)."""
 
@@ -161,9 +169,10 @@ class SimpleTokenizer:
         # Captions repeat a small vocabulary, so remember each pre-split word's ids.
         self.cache = {"<|startoftext|>": (self.sot_token_id,), "<|endoftext|>": (self.eot_token_id,)}
 
-    def bpe(self, word: str) -> list[str]:
-        """Merge a byte-encoded word's symbols, lowest-ranked pair first, until no known pair is left."""
-        symbols = [*word[:-1], word[-1] + "</w>"]
+    def bpe(self, word: str, whole: bool = True) -> list[str]:
+        """Merge a byte-encoded word's symbols, lowest-ranked pair first, until no known pair is left. The last
+        symbol of a `whole` word is marked as its end ("</w>"); the start of a word is not."""
+        symbols = [*word[:-1], word[-1] + "</w>"] if whole else list(word)
         while len(symbols) > 1:
             pair = min(zip(symbols, symbols[1:]), key=lambda p: self.merge_rank.get(p, float("inf")))
             if pair not in self.merge_rank:
@@ -179,14 +188,38 @@ class SimpleTokenizer:
             symbols = merged
         return symbols
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, max_ids: int | None = None) -> list[int]:
+        """The ids of `text`. With `max_ids`, its first `max_ids` ids only, at a cost bounded by them whatever the
+        text's length: words after them are not encoded, and a word longer than LONG_WORD bytes (none of a
+        caption's real words) only as far as they reach (`_first_ids_of_long_word`)."""
         ids = []
-        for word in _pre_split_pattern().findall(clean(text)):
-            word = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+        for match in _pre_split_pattern().finditer(clean(text)):
+            if max_ids is not None and len(ids) >= max_ids:
+                break
+            raw = match.group().encode("utf-8")
+            if max_ids is not None and len(raw) > LONG_WORD:
+                ids.extend(self._first_ids_of_long_word(raw, max_ids - len(ids)))
+                continue
+            word = "".join(self.byte_encoder[b] for b in raw)
             if word not in self.cache:
                 self.cache[word] = tuple(self.encoder[symbol] for symbol in self.bpe(word))
             ids.extend(self.cache[word])
-        return ids
+        return ids if max_ids is None else ids[:max_ids]
+
+    def _first_ids_of_long_word(self, raw: bytes, needed: int) -> list[int]:
+        """The first `needed` ids of a long word from the BPE of its start alone, since BPE's cost grows with the
+        square of a word's length (a 32,000-letter word: minutes). Merges reach only a few symbols across a cut,
+        so the tokens that end CUT_MARGIN bytes before it are the whole word's (tests/test_tokenizer.py checks
+        this against whole-word BPE); the start doubles until it holds `needed` of them."""
+        length = LONG_WORD
+        while length < len(raw):
+            symbols = self.bpe("".join(self.byte_encoder[b] for b in raw[:length]), whole=False)
+            ends = itertools.accumulate(len(symbol) for symbol in symbols)  # one character per byte
+            kept = [self.encoder[symbol] for symbol, end in zip(symbols, ends) if end <= length - CUT_MARGIN]
+            if len(kept) >= needed:
+                return kept[:needed]
+            length *= 2
+        return [self.encoder[symbol] for symbol in self.bpe("".join(self.byte_encoder[b] for b in raw))][:needed]
 
     def decode(self, ids) -> str:
         text = "".join(self.decoder[int(i)] for i in ids)
@@ -201,16 +234,18 @@ def default_tokenizer() -> SimpleTokenizer:
 
 def tokenize(texts: str | list[str], context_length: int = 77, truncate: bool = True) -> torch.LongTensor:
     """(N, context_length) ids: [SOT] text [EOT], zero-padded. Too long: with `truncate`, cut the
-    text's ids and keep EOT as the last token; otherwise raise RuntimeError."""
+    text's ids and keep EOT as the last token; otherwise raise RuntimeError. Only the ids that can be used are
+    computed, so a caption of a megabyte costs about what a sentence does."""
     tokenizer = default_tokenizer()
     texts = [texts] if isinstance(texts, str) else list(texts)
     rows = []
     for text in texts:
-        ids = [tokenizer.sot_token_id, *tokenizer.encode(text), tokenizer.eot_token_id]
+        # Only the first context_length - 2 ids can be used: one more tells a text that is too long.
+        ids = [tokenizer.sot_token_id, *tokenizer.encode(text, max_ids=context_length - 1), tokenizer.eot_token_id]
         if len(ids) > context_length:
             if not truncate:
-                raise RuntimeError(f"Input {text!r} is too long for context length {context_length}: "
-                                   f"{len(ids)} tokens including start/end of text")
+                raise RuntimeError(f"Input {text[:200]!r} is too long for context length {context_length}: more "
+                                   f"than {context_length} tokens including start/end of text")
             ids = ids[:context_length - 1] + [tokenizer.eot_token_id]
         rows.append(ids + [0] * (context_length - len(ids)))
     return torch.tensor(rows, dtype=torch.long).reshape(len(texts), context_length)

@@ -14,6 +14,7 @@ stopped. What `train` calls on `run` (runs.py: the output folder and its lock, t
 checkpoints and the resume checks, logs) is machinery: skip it on a first reading.
 """
 import math
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from cli import (PRECISIONS, at_least, between, check_config, flag_errors, great
 from clip_weights import load as load_clip
 from evaluate import evaluate, format_results
 from errors import Stopped
+from files import WriteError
 from runs import Run, results_title, run_identity
 from vop import TUNE_MODES, VoP, VoPConfig, describe_parameters
 
@@ -199,8 +201,11 @@ def train(config: TrainConfig) -> dict:
                     history.append(evaluate_epoch(model, test_set, epoch, step, run, device, amp_dtype))
                     run.save(model, optimizer, scaler, step, history)  # now with the epoch's results
                 run.draw_curves()  # out_dir/curves.png: loss, learning rate and recall so far
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (cli.run_command): one line on what is saved
-            raise Stopped(f"Stopped at step {step}/{total_steps}. {run.saved_note(total_steps)}") from None
+        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (cli.run_command): one line on what is saved
+            raise Stopped(f"Stopped at step {step}/{total_steps}. {run.saved_note(total_steps)}",
+                          getattr(stop, "signal", signal.SIGINT)) from None
+        except WriteError as error:  # a full disk: say what is still saved
+            raise WriteError(f"{error}. {run.saved_note(total_steps)}") from None
         except FloatingPointError as error:
             raise FloatingPointError(f"{error} at step {step}: stopping. Try a lower --lr, or --precision bf16 / "
                                      f"fp32. {run.saved_note(total_steps)}") from None

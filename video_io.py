@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 
 from errors import UserError
-from files import atomic_write
+from files import atomic_write, process_exists, process_start
 from progress import Progress
 
 # A broken file makes FFmpeg and OpenCV print a screen of warnings before our one line that names it; quiet them
@@ -173,11 +173,12 @@ def _nearest_decoded(wanted: np.ndarray, decoded: dict) -> np.ndarray:
     return np.stack([decoded[int(index)] for index in nearest])
 
 
-def _read_sequential(path: Path, wanted: np.ndarray):
+def _read_sequential(path: Path, wanted: np.ndarray, convert=_bgr_to_rgb):
     """One pass: grab() every frame up to the last wanted one, retrieve() only the wanted ones.
 
     Returns (frames (F, H, W, 3) uint8 RGB or None, number of frames grabbed, whether the stream ended early).
     A wanted frame that fails to retrieve is replaced by the next one that does (or the nearest earlier one).
+    `convert` turns each retrieved BGR frame into what is kept (see decode_frames).
     """
     capture = _open_capture(path)
     wanted_set = set(int(i) for i in wanted)
@@ -193,7 +194,7 @@ def _read_sequential(path: Path, wanted: np.ndarray):
         if index in wanted_set or need_replacement:
             ok, frame_bgr = capture.retrieve()
             if ok and frame_bgr is not None:
-                decoded[index] = _bgr_to_rgb(frame_bgr)
+                decoded[index] = convert(frame_bgr)
                 need_replacement = False
             elif index in wanted_set:
                 need_replacement = True
@@ -204,7 +205,7 @@ def _read_sequential(path: Path, wanted: np.ndarray):
     return _nearest_decoded(wanted, decoded), index, False
 
 
-def _read_seeking(path: Path, wanted: np.ndarray):
+def _read_seeking(path: Path, wanted: np.ndarray, convert=_bgr_to_rgb):
     """Seek to each wanted frame with CAP_PROP_POS_FRAMES (the X-Pool / ModelScope way).
 
     Returns (F, H, W, 3) uint8 RGB, or None if any seek or read fails or lands elsewhere (the caller then falls
@@ -220,7 +221,7 @@ def _read_seeking(path: Path, wanted: np.ndarray):
         if not ok or frame_bgr is None or int(capture.get(cv2.CAP_PROP_POS_FRAMES)) != index + 1:
             capture.release()
             return None
-        frames[index] = _bgr_to_rgb(frame_bgr)
+        frames[index] = convert(frame_bgr)
     capture.release()
     return np.stack([frames[int(i)] for i in wanted])
 
@@ -235,7 +236,7 @@ def _count_decodable_frames(path: Path) -> int:
     return count
 
 
-def decode_frames(path, sample: Callable[[int], np.ndarray], strategy: str = "auto") -> np.ndarray:
+def decode_frames(path, sample: Callable[[int], np.ndarray], strategy: str = "auto", transform=None) -> np.ndarray:
     """Decode the frames `sample(num_total)` picks out of a video of num_total frames: (F, H, W, 3) uint8 RGB.
 
     `strategy`: "sequential" (one grab() pass, retrieve() only wanted frames), "seek" (CAP_PROP_POS_FRAMES per
@@ -243,13 +244,17 @@ def decode_frames(path, sample: Callable[[int], np.ndarray], strategy: str = "au
     .jpg, ...) are read as a one-frame video. The fps is never used (it can be 0). The frame count is the file's
     packets, counted (`scan_video`); the header's count only where they could not be counted; if the stream
     ends before that count, the frames are re-sampled over the frames that really decode.
+    `transform(frame)`, if given, maps each (H, W, 3) frame as soon as it is decoded (to (h, w, 3)), so that a
+    large video is never held whole: the frame store shrinks 4000x3000 frames this way.
     Raises VideoReadError naming the file if it cannot be opened or nothing decodes.
     """
     path = Path(path)
     if strategy not in ("auto", "sequential", "seek"):
         raise ValueError(f"decode_frames: strategy must be 'auto', 'sequential' or 'seek', got {strategy!r}")
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return _read_image_as_video(path, len(sample(1)))
+        image = _read_image_as_video(path, 1)[0]  # (H, W, 3)
+        return np.repeat((image if transform is None else transform(image))[None], len(sample(1)), axis=0)
+    convert = _bgr_to_rgb if transform is None else (lambda frame_bgr: transform(_bgr_to_rgb(frame_bgr)))
 
     layout = scan_video(path)
     # What the file holds (its packets, counted) over what its header claims: a header that under-reports would
@@ -260,15 +265,15 @@ def decode_frames(path, sample: Callable[[int], np.ndarray], strategy: str = "au
 
     wanted = sample(num_total)  # (F,)
     if strategy == "seek" or (strategy == "auto" and choose_strategy(wanted, layout) == "seek"):
-        frames = _read_seeking(path, wanted)
+        frames = _read_seeking(path, wanted, convert)
         if frames is not None:
             return frames
-    frames, num_grabbed, ended_early = _read_sequential(path, wanted)
+    frames, num_grabbed, ended_early = _read_sequential(path, wanted, convert)
     if frames is None and ended_early and num_grabbed > 0:
         # The header promised more frames than the file holds (truncated file, wrong count): sample again
         # over the frames that do exist, so the segments still span the whole real video.
         wanted = sample(num_grabbed)
-        frames, _, _ = _read_sequential(path, wanted)
+        frames, _, _ = _read_sequential(path, wanted, convert)
     if frames is None:
         raise VideoReadError(f"{path}: no frame decodes (header says {layout.header_frames} frames); the file is "
                              "corrupt. Re-encode it, or remove it from the annotations.")
@@ -332,9 +337,9 @@ def probe_videos(paths, num_workers: int | None = None, cache_file=None, show_pr
             results[path] = ProbeResult(0, f"{path}: cannot open video: the file does not exist")
             continue
         keys[path] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-        cached = cache.get(str(path))
-        if cached is not None and all(cached.get(name) == value for name, value in keys[path].items()):
-            results[path] = ProbeResult(int(cached["frames"]), str(cached["error"]))
+        cached = _cached_probe(cache.get(str(path)), keys[path])
+        if cached is not None:
+            results[path] = cached
         else:
             todo.append(path)
     if num_workers is None:
@@ -364,7 +369,8 @@ def map_in_processes(function, items: list, num_workers: int, on_crash, on_resul
     file, the out-of-memory killer) does not hang the caller, as it would a multiprocessing.Pool: after the
     first death the unfinished items run again one at a time, in order, so the item whose process dies is known
     and gets `on_crash(item)`. `on_result(done, total)` is called as results arrive (for progress lines);
-    `initializer()` runs once in each process."""
+    `initializer()` runs once in each process. An error that `function` raises, Ctrl-C or SIGTERM ends every
+    process at once (queued items are dropped) and is raised here."""
     context = multiprocessing.get_context(
         "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
     initializer = functools.partial(_start_worker, initializer, os.getpid())
@@ -376,12 +382,18 @@ def map_in_processes(function, items: list, num_workers: int, on_crash, on_resul
         try:
             with ProcessPoolExecutor(num_workers, mp_context=context, initializer=initializer) as pool:
                 futures = {pool.submit(_apply_to_each, function, [items[i] for i in chunk]): chunk for chunk in chunks}
-                while futures:
-                    finished, _ = wait(futures, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        results.update(zip(futures.pop(future), future.result()))
-                        if on_result is not None:
-                            on_result(len(results), len(items))
+                try:
+                    while futures:
+                        finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+                        for future in finished:
+                            results.update(zip(futures.pop(future), future.result()))
+                            if on_result is not None:
+                                on_result(len(results), len(items))
+                except BrokenProcessPool:
+                    raise
+                except BaseException:  # Ctrl-C, SIGTERM, an item's error: end the workers now, not after every task
+                    _end_workers(pool)
+                    raise
         except BrokenProcessPool:
             if isolating:  # one process, one item a task, in order: the first unfinished item killed it
                 culprit = next(i for i in pending if i not in results)
@@ -389,6 +401,17 @@ def map_in_processes(function, items: list, num_workers: int, on_crash, on_resul
             num_workers, isolating = 1, True
         pending = [i for i in pending if i not in results]
     return [results[i] for i in range(len(items))]
+
+
+def _end_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's processes and wait for them (a few seconds at most), so that none is left running
+    and what they were writing can be recognised as left over (files.remove_leftover_temporaries)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # the executor has no public way
+    for process in processes:
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.join(timeout=5)
 
 
 def _apply_to_each(function, items: list) -> list:
@@ -411,16 +434,15 @@ def exit_when_process_ends(pid: int, interval: float = 1.0) -> None:
 
     Workers started by a fork server are its children, not the main process's: when the main process is
     killed (SIGKILL, the out-of-memory killer), they would wait for work forever, and keep the fork server and
-    the resource tracker alive with them. A daemon thread that polls the main process ends them instead."""
+    the resource tracker alive with them. A daemon thread that polls the main process ends them instead. A
+    killed main process that its parent has not reaped yet (a zombie) counts as ended: a parent that reads the
+    run's output to its end before reaping it would otherwise wait for the workers, and they for it."""
+    started = process_start(pid)  # so that a later process given the same PID is not taken for it
+
     def watch():
-        while True:
+        while process_exists(pid, started):
             time.sleep(interval)
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                os._exit(0)
-            except PermissionError:
-                pass  # it exists (under another user: PID reuse); keep waiting
+        os._exit(0)
 
     threading.Thread(target=watch, name="exit-when-main-ends", daemon=True).start()
 
@@ -431,8 +453,20 @@ def _read_probe_cache(cache_file) -> dict:
     try:
         content = json.loads(Path(cache_file).read_text(encoding="utf-8"))
         return dict(content["videos"]) if content.get("version") == 1 else {}
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return {}  # unreadable cache (a foreign or damaged file): probe again and replace it
+
+
+def _cached_probe(entry, key: dict) -> ProbeResult | None:
+    """The cached result of a file whose size and mtime are `key`'s, or None: a file that changed, or an entry
+    that is not what probe_videos writes (a damaged or edited cache), is probed again."""
+    if not isinstance(entry, dict) or any(entry.get(name) != value for name, value in key.items()):
+        return None
+    frames, error = entry.get("frames"), entry.get("error")
+    if not (isinstance(frames, int) and not isinstance(frames, bool) and isinstance(error, str)):
+        return None
+    readable, unreadable = frames >= 1 and not error, frames == 0 and error.strip()
+    return ProbeResult(frames, error) if readable or unreadable else None
 
 
 def _write_json_atomically(path: Path, content) -> None:

@@ -5,7 +5,9 @@ What it measures:
     `torch.inference_mode`) at batch 32 of 224 x 224 images, once in float32 and once under
     `torch.autocast("cpu", dtype=torch.bfloat16)`;
   * captions/s of `tokenizer.tokenize` on 10,000 synthetic MSR-VTT-like captions (~10 words each), with a
-    cold BPE cache (first use in a process) and a warm one (as in a training loop).
+    cold BPE cache (first use in a process) and a warm one (as in a training loop);
+  * seconds of `tokenizer.tokenize` on one caption that is a 1 MB word and one of 120 KB of words: only the
+    ids that fit the context are computed, so neither costs much more than a sentence.
 
 How: every measurement runs once as a warm-up (which also fills the tokenizer's BPE cache, so the
 caption figure is the warm-cache rate, as in a training loop), then 3 timed repeats; the median is printed,
@@ -74,6 +76,16 @@ def bench_tokenize(captions: list[str]) -> tuple[float, float, float]:
     return timed_median(lambda: tokenizer.tokenize(captions), REPEATS)
 
 
+def bench_long_captions() -> None:
+    rng = random.Random(0)
+    one_word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(1_000_000))
+    many_words = " ".join(synthetic_captions(3000))[:120_000]
+    for label, caption in (("a 1 MB one-word caption", one_word), ("a 120 KB caption", many_words)):
+        median, fastest, slowest = timed_median(lambda: tokenizer.tokenize(caption), REPEATS)
+        print(f"{'tokenizer.tokenize, ' + label + ':':<38} {median:.3f} s  (median of {REPEATS}; range "
+              f"{fastest:.3f}-{slowest:.3f} s)", flush=True)
+
+
 def main() -> None:
     argument_parser(__doc__).parse_args()
     print(machine_line(), flush=True)
@@ -85,6 +97,7 @@ def main() -> None:
     report("encode_image bfloat16 autocast", BATCH, "images", bench_encode_image(model, torch.bfloat16))
     report("tokenizer.tokenize (warm BPE cache)", NUM_CAPTIONS, "captions",
            bench_tokenize(synthetic_captions(NUM_CAPTIONS)))
+    bench_long_captions()
 
 
 if __name__ == "__main__":

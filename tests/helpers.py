@@ -1,6 +1,7 @@
 """What several test files use: small videos and CSV files the tests write, and a small CLIP to train."""
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -111,3 +112,11 @@ def fake_tokenize(self, captions):
         ids = [SOT] + [1 + sum(map(ord, word)) % 997 for word in caption.split()] + [EOT]
         tokens[row, :len(ids)] = torch.tensor(ids)
     return tokens
+
+
+PROGRESS_LINE = re.compile(r"^[\w ]+: \d+/\d+ ")  # progress.Progress's lines, which go to stderr too
+
+
+def message_lines(stderr: str) -> list[str]:
+    """The lines of a program's stderr that are messages, not progress lines."""
+    return [line for line in stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]

@@ -1,8 +1,11 @@
 """annotations.py: each benchmark's annotation layout on small files written here, the errors for bad input,
 splits, and the caption-to-video map."""
+import csv
 import json
+import os
 import pickle
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +160,24 @@ def test_missing_videos_raise_by_default_and_are_skipped_with_one_warning(tmp_pa
         dataset = data.build_dataset("csv", tmp_path / "partial.csv", "train", skip_missing=True)
     assert len(caught) == 1 and "2 of 3 videos" in str(caught[0].message)
     assert len(dataset) == 1 and dataset.video_ids == ["one.mp4"]
+
+
+def test_a_caption_longer_than_the_csv_modules_field_limit_is_read_whole(tmp_path, tiny_video):
+    place_videos(tiny_video, tmp_path, ["one.mp4"])
+    long_caption = "a" * 1_000_000  # the csv module's own limit is 128 KB
+    write_csv(tmp_path / "long.csv", ["video", "caption"], [["one.mp4", "short"], ["one.mp4", long_caption]])
+    limit = csv.field_size_limit()
+    dataset = data.build_dataset("csv", tmp_path / "long.csv", "train")
+    assert dataset.captions == ["short", long_caption]
+    assert csv.field_size_limit() == limit  # the module's setting is left as it was
+
+
+def test_videos_in_a_symlinked_subfolder_are_found_and_a_link_loop_ends(tmp_path, tiny_video):
+    root = msrvtt_root(tmp_path, tiny_video)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (root / "videos" / "video4.mp4").rename(elsewhere / "video4.mp4")
+    (root / "videos" / "more").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "back").symlink_to(root / "videos", target_is_directory=True)  # a loop through the link
+    test = annotations.read_annotations("msrvtt-9k", root, "test")
+    assert Path(os.path.realpath(test.video_paths[test.video_ids.index("video4")])) == elsewhere / "video4.mp4"

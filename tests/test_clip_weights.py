@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import shutil
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -164,6 +165,37 @@ def test_safetensors_header_length_is_bounded(tmp_path):
     path.write_bytes((10 ** 6).to_bytes(8, "little") + b'{"a": 1}')
     with pytest.raises(clip_weights.WeightsError, match="long_header.safetensors"):
         clip_weights.read_safetensors(path)
+
+
+@pytest.mark.parametrize("spans", [[(0, 400_000)] * 50, [(0, 400_000), (399_996, 799_996)]],
+                         ids=["50 tensors on the same bytes", "two overlapping tensors"])
+def test_safetensors_tensors_that_share_bytes_are_refused_before_any_copy(tmp_path, spans):
+    header = {f"t{k}": {"dtype": "F32", "shape": [(end - begin) // 4], "data_offsets": [begin, end]}
+              for k, (begin, end) in enumerate(spans)}
+    path = tmp_path / "aliased.safetensors"
+    header_bytes = json.dumps(header).encode()
+    path.write_bytes(len(header_bytes).to_bytes(8, "little") + header_bytes + bytes(800_000))
+    tracemalloc.start()
+    with pytest.raises(clip_weights.WeightsError, match=r"aliased.safetensors: tensors 't0' and 't1' share bytes"):
+        clip_weights.read_safetensors(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 400_000  # not one tensor was copied
+
+
+@pytest.mark.parametrize("header, named", [
+    ({"w": {"dtype": "F32", "shape": [0, 2 ** 63], "data_offsets": [0, 0]}}, "shape"),
+    ({"w": {"dtype": "F32", "shape": [0, 2 ** 62, 4], "data_offsets": [0, 0]}}, "shape"),
+    ({"w": {"dtype": "F32", "shape": [True, 4], "data_offsets": [0, 16]}}, "shape"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+], ids=["2**63", "2**64 elements of nothing", "a boolean", "nested 100,000 deep"])
+def test_safetensors_absurd_shapes_and_deep_headers_are_one_line_errors(tmp_path, header, named):
+    header_bytes = (header if isinstance(header, str) else json.dumps(header)).encode()
+    path = tmp_path / "absurd.safetensors"
+    path.write_bytes(len(header_bytes).to_bytes(8, "little") + header_bytes + bytes(16))
+    with pytest.raises(clip_weights.WeightsError, match=named) as refused:
+        clip_weights.read_safetensors(path)
+    assert "absurd.safetensors" in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_sharded_safetensors(tmp_path):
@@ -427,3 +459,58 @@ def test_open_clip_heads_are_width_floor_divided_by_head_width(tmp_path):
     """open_clip makes width // head_width heads (floor), whether or not head_width divides the width."""
     model = load(open_clip_copy(tmp_path, lambda cfg: cfg["vision_cfg"].update(head_width=24)))
     assert model.config.vision_heads == 64 // 24 == 2  # 24 does not divide 64: refused before
+
+
+def transformers_copy(tmp_path, edit):
+    shutil.copy(HF / "model.safetensors", tmp_path)
+    config = json.loads((HF / "config.json").read_text())
+    edit(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def open_clip_whole_copy(tmp_path, edit):
+    shutil.copy(OPEN_CLIP / "open_clip_model.safetensors", tmp_path)
+    config = json.loads((OPEN_CLIP / "open_clip_config.json").read_text())
+    edit(config)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))  # inf is written as Infinity
+    return tmp_path
+
+
+@pytest.mark.parametrize("copy, edit, key", [
+    (transformers_copy, lambda c: c["vision_config"].update(num_attention_heads="2"),
+     "vision_config.num_attention_heads"),
+    (transformers_copy, lambda c: c["vision_config"].update(num_attention_heads=2.0),
+     "vision_config.num_attention_heads"),
+    (transformers_copy, lambda c: c["text_config"].update(num_attention_heads=3), "text_config.num_attention_heads"),
+    (transformers_copy, lambda c: c.update(text_config=[1, 2]), "text_config"),
+    (transformers_copy, lambda c: c.update(projection_dim=None), "projection_dim"),
+    (open_clip_whole_copy, lambda c: c["model_cfg"]["vision_cfg"].update(head_width=0), "vision_cfg.head_width"),
+    (open_clip_whole_copy, lambda c: c["model_cfg"]["vision_cfg"].update(head_width=128), "vision_cfg.head_width"),
+    (open_clip_whole_copy, lambda c: c["model_cfg"]["vision_cfg"].update(mlp_ratio=float("inf")),
+     "vision_cfg.mlp_ratio"),
+    (open_clip_whole_copy, lambda c: c["model_cfg"]["text_cfg"].update(mlp_ratio=1e300), "text_cfg.mlp_ratio"),
+    (open_clip_whole_copy, lambda c: c["model_cfg"]["text_cfg"].update(heads="8"), "text_cfg.heads"),
+    (open_clip_whole_copy, lambda c: c["model_cfg"].update(quick_gelu="yes"), "model_cfg.quick_gelu"),
+    (open_clip_whole_copy, lambda c: c.update(model_cfg=[c["model_cfg"]]), "model_cfg"),
+    (open_clip_whole_copy, lambda c: c.update(preprocess_cfg=[0.5]), "preprocess_cfg"),
+], ids=["heads a string", "heads a float", "heads that do not divide", "text_config a list", "projection_dim null",
+        "head_width 0", "head_width over the width", "mlp_ratio inf", "mlp_ratio 1e300", "open_clip heads a string",
+        "quick_gelu a string", "model_cfg a list", "preprocess_cfg a list"])
+def test_config_values_of_the_wrong_type_or_range_are_refused_naming_file_and_key(tmp_path, copy, edit, key):
+    folder = copy(tmp_path, edit)
+    with pytest.raises(clip_weights.WeightsError) as refused:
+        load(folder)
+    message = str(refused.value)
+    assert key in message and "config.json" in message and "\n" not in message
+
+
+def test_a_hub_cache_whose_refs_main_leads_out_of_the_folder_is_refused(tmp_path):
+    repo = tmp_path / "models--someone--tiny-clip"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    outside = tmp_path / "outside"
+    shutil.copytree(HF, outside)  # weights that must not be read from there
+    (repo / "refs" / "main").write_text("../../outside")
+    with pytest.raises(clip_weights.WeightsError, match=r"refs/main names '\.\./\.\./outside'"):
+        load(repo)

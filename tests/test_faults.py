@@ -1,12 +1,15 @@
 """Off the happy path: files that would run code, broken videos, failing evaluations, busy or used output
 folders, mismatched resumes, bad flags. Every test asserts what is written, refused or counted."""
+import contextlib
 import dataclasses
 import os
+import resource
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,9 @@ import runs
 import train
 from clip_model import CLIP
 from errors import UserError
-from helpers import SMALL_CLIP, read_log, small_config
+from frame_store import FrameStoreError
+from helpers import SMALL_CLIP, message_lines, read_log, small_config, start_python
+from vop import VoPConfig, config_as_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -243,7 +248,7 @@ def test_user_errors_are_one_line_and_the_data_root_comes_before_any_download(tm
                                 str(tmp_path / "nonexistent"), "--out-dir", str(tmp_path / "run")],
                                cwd=REPO, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 2
-    lines = completed.stderr.strip().splitlines()
+    lines = message_lines(completed.stderr)
     assert len(lines) == 1 and "nonexistent" in lines[0] and "Traceback" not in completed.stderr
     assert "ViT-B" not in completed.stdout + completed.stderr  # no download was tried
 
@@ -267,3 +272,221 @@ def test_the_paper_setting_is_the_default_and_its_absence_points_to_the_demo(tmp
     monkeypatch.chdir(tmp_path)  # no data/msrvtt here
     with pytest.raises(cli.ConfigError, match=r"data/msrvtt.*demo\.py"):
         train.main(["--prompts", "pos,ctx"])
+
+
+# -- stopping: SIGTERM stops cleanly, SIGKILL leaves no helper behind -------------------------------------
+
+def session_processes(session: int) -> list[str]:
+    """The processes of a session other than its leader that still run (zombies have ended): 'pid command'."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            state, _, _, sid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            if int(sid) == session and int(entry.name) != session and state not in "ZX":
+                command = (entry / "cmdline").read_bytes().replace(bytes(1), b" ")[:100].decode(errors="replace")
+                found.append(f"{entry.name} {command}")
+        except (OSError, ValueError):
+            continue  # not a process, or gone meanwhile
+    return found
+
+
+def processes_left(session: int, seconds: float) -> list[str]:
+    """The session's processes still running after waiting up to `seconds` for them to end."""
+    deadline = time.time() + seconds
+    while session_processes(session) and time.time() < deadline:
+        time.sleep(0.1)
+    return session_processes(session)
+
+
+@contextlib.contextmanager
+def training_under_way(small_setup, out_dir: Path):
+    """train.py on the small world with 2 DataLoader workers, saving every step, too long to finish, from its
+    first checkpoint on (killed on leaving, if still running). In a session of its own (its id is the process's),
+    so that every helper process it starts can be found."""
+    clip_path, world = small_setup
+    flags = dict(clip=clip_path, data="synthetic", data_root=world, prompts="pos", num_frames=4, batch_size=8,
+                 epochs=1000, lr=5e-3, fn_layers=1, num_workers=2, out_dir=out_dir, log_every=1, save_every=1)
+    argv = [f"--{name.replace('_', '-')}={value}" for name, value in flags.items()] + ["--no-eval-each-epoch"]
+    training = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not ((out_dir / "last.pt").exists() and len(session_processes(training.pid)) >= 3):
+            assert training.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.1)
+        yield training
+    finally:
+        training.kill()
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
+
+
+@needs_proc
+@pytest.mark.slow
+@pytest.mark.parametrize("stop, named", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+def test_sigterm_or_ctrl_c_stops_training_cleanly(small_setup, tmp_path, stop, named):
+    """What a job scheduler (SIGTERM) or a person (Ctrl-C) does: one line on what is saved and how to go on."""
+    out_dir = tmp_path / "run"
+    with training_under_way(small_setup, out_dir) as training:
+        training.send_signal(stop)
+        _, err = training.communicate(timeout=60)
+    assert training.returncode == 128 + stop
+    assert len(message_lines(err)) == 1 and "Traceback" not in err
+    assert named in err and "--resume auto" in err and "last.pt" in err
+    assert processes_left(training.pid, 5) == []  # workers, fork server, resource tracker: all gone
+    assert not (out_dir / "run.lock").exists() and not list(out_dir.glob("*.tmp"))
+    assert checkpoints.load_checkpoint(out_dir / "last.pt")["step"] >= 1
+
+
+@needs_proc
+@pytest.mark.slow
+def test_helpers_exit_on_their_own_when_training_is_killed(small_setup, tmp_path):
+    with training_under_way(small_setup, tmp_path / "run") as training:
+        helpers = session_processes(training.pid)
+        os.kill(training.pid, signal.SIGKILL)
+        # Reading the output to its end before reaping the killed process (what subprocess.run does) returns only
+        # once every helper that holds the pipe has ended, and they see a killed, unreaped process as ended.
+        training.communicate(timeout=20)
+    assert training.returncode == -signal.SIGKILL
+    assert len(helpers) >= 3, helpers  # 2 DataLoader workers and the fork server at least
+    assert processes_left(training.pid, 5) == []
+
+
+def test_sigterm_ends_a_process_pool_at_once(tmp_path):
+    """The probe and the frame store build (video_io.map_in_processes) end their workers when stopped instead of
+    waiting for every queued task: here 8 tasks of 5 s on 2 workers."""
+    stopped = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+sys.path.insert(0, {str(REPO)!r})
+import cli, video_io
+if __name__ == "__main__":
+    cli.run_command(lambda argv: video_io.map_in_processes(time.sleep, [5] * 8, 2, on_crash=print), [], "pool")
+"""], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while len(session_processes(stopped.pid)) < 3:  # the fork server and its 2 workers
+            assert stopped.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        time.sleep(0.5)
+        stopped.send_signal(signal.SIGTERM)
+        _, err = stopped.communicate(timeout=10)  # well before the 20 s of queued work
+    finally:
+        stopped.kill()
+    assert stopped.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    assert processes_left(stopped.pid, 5) == []
+
+
+# -- checkpoint writes under faults -----------------------------------------------------------------------
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(tmp_path):
+    """RLIMIT_FSIZE (ulimit -f) makes every write past its size fail as a full disk does (EFBIG)."""
+    saving = start_python(f"""
+import resource
+import torch
+import checkpoints
+from files import WriteError
+path = {str(tmp_path / "last.pt")!r}
+checkpoints.save_checkpoint({{"step": 1, "trainable": {{"x": torch.zeros(10)}}}}, path)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    checkpoints.save_checkpoint({{"step": 2, "trainable": {{"x": torch.zeros(100_000)}}}}, path)
+except WriteError as error:
+    print(error)
+""", cwd=tmp_path)
+    out, err = saving.communicate(timeout=120)
+    assert saving.returncode == 0, err
+    assert out.count("\n") == 1 and "last.pt" in out and "previous version is intact" in out
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 1
+    assert [path.name for path in tmp_path.iterdir()] == ["last.pt"]  # no temporary left
+
+
+@pytest.mark.slow
+def test_train_py_on_a_full_disk_stops_in_one_line_naming_the_checkpoint(small_setup, tmp_path):
+    clip_path, world = small_setup
+    argv = [f"--clip={clip_path}", "--data=synthetic", f"--data-root={world}", "--prompts=pos", "--num-frames=4",
+            "--batch-size=8", "--epochs=1", "--fn-layers=1", "--num-workers=0", f"--out-dir={tmp_path / 'run'}"]
+    small_file_size = 30_000  # the probe cache and the log fit, the checkpoint (about 49 KB) does not
+    completed = subprocess.run([sys.executable, "train.py", *argv], cwd=REPO, capture_output=True, text=True,
+                               timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE,
+                                                                                  (small_file_size,) * 2))
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    lines = message_lines(completed.stderr)
+    assert len(lines) == 1 and "last.pt" in lines[0] and "File too large" in lines[0]
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["log.jsonl", "video_probe.json"]
+
+
+def test_a_save_killed_midway_leaves_a_temporary_that_the_next_start_removes(small_setup, tmp_path):
+    killed = start_python(f"""
+import os, signal
+from files import atomic_write
+with atomic_write({str(tmp_path / "last.pt")!r}) as handle:
+    handle.write(b"half a checkpoint")
+    handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+""", cwd=tmp_path)
+    killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    leftover, = tmp_path.glob("last.pt.*.tmp")
+    live = tmp_path / f"last.pt.{os.getpid()}.0123abcd.tmp"  # a live process's save in progress: kept
+    live.write_bytes(b"being written")
+    with runs.Run(small_config(small_setup, tmp_path)):
+        assert not leftover.exists() and live.exists()
+
+
+# -- checkpoints of another version -----------------------------------------------------------------------
+
+def written_checkpoint(path: Path, **changes) -> Path:
+    """A checkpoint with every field train.py writes (`changes` replace fields; a value None removes one)."""
+    checkpoint = {"format": checkpoints.FORMAT, "config": {}, "vop_config": config_as_dict(VoPConfig("pos")),
+                  "run": {}, "trainable": {"prompts": torch.zeros(2, 3)}, "optimizer": {"state": {}}, "scaler": {},
+                  "step": 4, "history": [], "replaced_videos": 0}
+    checkpoint.update(changes)
+    torch.save({name: value for name, value in checkpoint.items() if value is not None}, path)
+    return path
+
+
+def vop_config_with(**changes) -> dict:
+    saved = {**config_as_dict(VoPConfig("pos")), **changes}
+    return {name: value for name, value in saved.items() if value is not None}
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"optimizer": None}, "'optimizer'"),
+    ({"vop_config": vop_config_with(pooling="mean")}, "pooling"),
+    ({"vop_config": vop_config_with(num_frames=None)}, "num_frames"),
+    ({"vop_config": vop_config_with(num_frames="12")}, "vop_config"),
+    ({"step": "4"}, "'step'"),
+    ({"step": -1}, "'step'"),
+    ({"history": [3]}, "'history'"),
+    ({"trainable": {"prompts": [0.0]}}, "'trainable'"),
+    ({"format": 1}, "format 1"),
+    ({"format": None}, "no version"),
+], ids=["no optimizer", "extra VoPConfig field", "no num_frames", "num_frames a string", "step a string",
+        "step negative", "history of numbers", "trainable not tensors", "format 1", "no format"])
+def test_a_checkpoint_of_another_version_or_with_a_malformed_field_is_refused(tmp_path, changes, named):
+    path = written_checkpoint(tmp_path / "old.pt", **changes)
+    with pytest.raises(checkpoints.CheckpointError) as refused:
+        checkpoints.load_checkpoint(path)
+    message = str(refused.value)
+    assert "old.pt" in message and named in message and "\n" not in message
+    if "format" in changes:
+        assert f"format {checkpoints.FORMAT}" in message  # both versions
+
+
+def test_evaluate_and_resume_read_checkpoints_through_the_same_checks(small_setup, tmp_path, capsys):
+    assert checkpoints.load_checkpoint(written_checkpoint(tmp_path / "good.pt"))["step"] == 4
+    path = written_checkpoint(tmp_path / "old.pt", vop_config=vop_config_with(num_frames=None))
+    assert exit_status(cli.run_command, ev.main, ["--checkpoint", str(path)], "evaluate.py") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "old.pt" in err and "num_frames" in err
+    with pytest.raises(checkpoints.CheckpointError, match="old.pt.*num_frames"):
+        train.train(small_config(small_setup, tmp_path / "run", resume=str(path)))
+
+
+def test_a_frame_store_that_is_a_file_is_refused_before_any_video_is_read(small_setup, tmp_path):
+    a_file = tmp_path / "frames.bin"
+    a_file.write_bytes(b"")
+    with pytest.raises(FrameStoreError, match="frames.bin is a file"):
+        train.train(small_config(small_setup, tmp_path / "run", frame_store=str(a_file)))
+    assert not (tmp_path / "run" / "video_probe.json").exists()

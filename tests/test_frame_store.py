@@ -3,6 +3,8 @@ draws among the stored candidates, deterministic per (seed, epoch, item)); it su
 two processes building it at once. Clips are written with video_io.write_video (no ffmpeg)."""
 import os
 import time
+import tracemalloc
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -225,3 +227,132 @@ def test_entries_made_by_another_sampling_rule_are_rebuilt_once_not_reused(tmp_p
     dataset = dataset_at(tmp_path, train=False, frame_store=store)
     assert store.build(dataset, num_workers=0, log=quiet)["built"] == 2  # the old entries are not used
     assert store.build(dataset, num_workers=0, log=quiet)["built"] == 0  # and the new ones are, from then on
+
+
+# -- damaged entries, stores that cannot be written, large videos ------------------------------------------
+
+def overwrite_in_place(entry, position_from_end: int, length: int = 64) -> None:
+    """Overwrite `length` bytes of the file in place (its size stays): what a bad disk or a stray write does."""
+    content = bytearray(entry.read_bytes())
+    content[-position_from_end:-position_from_end + length] = bytes(range(length))
+    entry.write_bytes(bytes(content))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["evaluation", "training"])
+def test_an_entry_overwritten_in_place_is_never_used_but_rebuilt_and_reported(tmp_path, index_clip, capfd, train):
+    make_videos(tmp_path, index_clip, 1)
+    store = frame_store.FrameStore(tmp_path / "store")
+    dataset = dataset_at(tmp_path, train=train, frame_store=store)
+    store.build(dataset, num_workers=0, log=quiet)
+    entry, = entries(tmp_path / "store")
+    whole = entry.read_bytes()
+    overwrite_in_place(entry, 300)  # inside the last image
+    rng = np.random.default_rng(0)
+    if train:  # every candidate of every segment, so that the damaged image is among them
+        visits = [store.training_frames(dataset.video_paths[0], 4, 32, rng) for _ in range(40)]
+        candidates = set(frame_store.training_candidates(NUM_FRAMES_IN_FILE, 4, 4).reshape(-1).tolist())
+        assert all(set(decoded_indices(frames).tolist()) <= candidates for frames in visits)
+    else:
+        assert torch.equal(dataset[0]["video"], dataset_at(tmp_path, train=False)[0]["video"])
+    warning = capfd.readouterr().err
+    assert str(entry) in warning and "video0.avi" in warning and "overwritten" in warning
+    assert warning.count("\n") == 1  # reported once: the entry was rebuilt
+    assert entry.read_bytes() == whole
+
+
+def test_an_entry_whose_images_have_another_size_is_rebuilt(tmp_path, index_clip, capfd):
+    """A whole, well-formed entry of the right video whose images are not the size its settings say."""
+    make_videos(tmp_path, index_clip, 1)
+    store = frame_store.FrameStore(tmp_path / "store")
+    dataset = dataset_at(tmp_path, train=False, frame_store=store)
+    expected = dataset[0]["video"]
+    entry, = entries(tmp_path / "store")
+    _, key = store._entry(entry.parent, dataset.video_paths[0])
+    small = [frame_store._encode_image(np.zeros((16, 16, 3), np.uint8), ".png", []) for _ in range(4)]
+    store._write(entry, {"format": frame_store.FORMAT, "key": key, "kind": "eval"}, small)
+    assert torch.equal(dataset[0]["video"], expected)
+    assert "16x16" in capfd.readouterr().err
+
+
+def test_a_build_counts_the_damaged_entries_it_rebuilds(tmp_path, index_clip):
+    make_videos(tmp_path, index_clip, 3)
+    store = frame_store.FrameStore(tmp_path / "store")
+    dataset = dataset_at(tmp_path, train=False, frame_store=store)
+    store.build(dataset, num_workers=0, log=quiet)
+    first, second, _ = entries(tmp_path / "store")
+    first.write_bytes(first.read_bytes()[:-10])  # cut short
+    second.write_bytes(b"VOPFRAMES1\n" + bytes(8) + b"[]")  # a header that is no entry's
+    lines = []
+    summary = store.build(dataset, num_workers=0, log=lines.append)
+    assert summary["damaged"] == 2 and summary["built"] == 2 and "2 of them damaged" in lines[0]
+    assert store.build(dataset, num_workers=0, log=quiet)["damaged"] == 0
+
+
+def test_a_frame_store_that_is_a_file_or_cannot_be_written_is_refused_before_any_decoding(tmp_path, index_clip,
+                                                                                           monkeypatch):
+    make_videos(tmp_path, index_clip, 2)
+    a_file = tmp_path / "frames.txt"
+    a_file.write_text("not a folder")
+    with pytest.raises(frame_store.FrameStoreError, match="frames.txt is a file"):
+        frame_store.FrameStore(a_file)
+    forbid_decoding(monkeypatch)
+    store = frame_store.FrameStore(a_file / "store")  # a folder that cannot be made
+    with pytest.raises(frame_store.FrameStoreError, match=r"frames.txt/store/eval.*cannot be written"):
+        store.build(dataset_at(tmp_path, train=False, frame_store=store), num_workers=0, log=quiet)
+
+
+def test_a_store_without_room_for_the_build_is_refused_before_decoding(tmp_path, index_clip, monkeypatch):
+    make_videos(tmp_path, index_clip, 4)
+    store = frame_store.FrameStore(tmp_path / "store")
+    dataset = dataset_at(tmp_path, train=False, frame_store=store)
+    store.build(dataset_at(tmp_path, train=False).without_videos([1, 2, 3]), num_workers=0, log=quiet)
+    entry_size = entries(tmp_path / "store")[0].stat().st_size
+    forbid_decoding(monkeypatch)
+    monkeypatch.setattr(frame_store.shutil, "disk_usage", lambda path: SimpleNamespace(free=2 * entry_size))
+    with pytest.raises(frame_store.FrameStoreError, match=r"3 videos still to store need about .* GB") as refused:
+        store.build(dataset, num_workers=0, log=quiet)
+    assert str(tmp_path / "store") in str(refused.value) and len(entries(tmp_path / "store")) == 1
+
+
+def test_a_full_disk_stops_the_build_in_one_line_leaving_no_partial_file(tmp_path, index_clip):
+    """RLIMIT_FSIZE (ulimit -f) fails every write past its size as a full disk does."""
+    make_videos(tmp_path, index_clip, 5)
+    building = start_python(f"""
+import resource
+import data, frame_store
+decoded = []
+real = frame_store.decode_frames
+frame_store.decode_frames = lambda *args, **kwargs: decoded.append(args[0]) or real(*args, **kwargs)
+dataset = data.build_dataset("csv", {str(tmp_path / "d.csv")!r}, "train", train=True, num_frames=4, image_size=32)
+resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+try:
+    frame_store.FrameStore({str(tmp_path / "store")!r}).build(dataset, num_workers=0, log=lambda line: None)
+except frame_store.FrameStoreError as error:
+    print(error)
+print(len(decoded))
+""", cwd=tmp_path)
+    out, err = building.communicate(timeout=120)
+    assert building.returncode == 0, err
+    message, decoded = out.splitlines()
+    assert "store" in message and "File too large" in message and "failed to decode" not in message
+    assert decoded == "1"  # stopped at the first failed write, not after decoding every video
+    assert [path.name for path in (tmp_path / "store").rglob("*") if path.is_file()] == []
+
+
+def test_building_from_a_large_video_holds_one_full_size_frame_at_a_time(tmp_path):
+    height, width = 1200, 1600
+    frames = np.zeros((16, height, width, 3), np.uint8)
+    for i in range(16):
+        frames[i, :, 100 * i:100 * i + 200] = (255, 128, 0)
+    video = video_io.write_video(tmp_path / "large.avi", frames, 30, "MJPG")
+    del frames
+    write_csv(tmp_path / "d.csv", ["video", "caption"], [["large.avi", "an orange bar moves right"]])
+    store = frame_store.FrameStore(tmp_path / "store")
+    for train in (True, False):
+        dataset = dataset_at(tmp_path, train=train, frame_store=store, num_frames=8)
+        tracemalloc.start()
+        store.build(dataset, num_workers=0, log=quiet)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 4 * height * width * 3  # not the 16 frames (train: 8 x 4 candidates) at full size
+    assert video.is_file() and len(entries(tmp_path / "store")) == 2

@@ -3,8 +3,6 @@ script's --help describes that script and returns at once, and progress lines sh
 import dataclasses
 import io
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -13,21 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import annotations
 import checkpoints
-import cli
 import data
+import files
 import progress
 import train
 import video_io
-from helpers import read_log, small_config, write_csv, write_tiny_video
+from helpers import message_lines, small_config, write_csv, write_tiny_video
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-PROGRESS_LINE = re.compile(r"^[\w ]+: \d+/\d+ ")  # progress.Progress's lines, also on stderr
 
 
 def one_line_error(arguments, cwd=REPO, timeout=120) -> str:
@@ -36,7 +30,7 @@ def one_line_error(arguments, cwd=REPO, timeout=120) -> str:
     completed = subprocess.run([sys.executable, *arguments], cwd=cwd, capture_output=True, text=True,
                                timeout=timeout)
     assert completed.returncode == 2, completed.stderr
-    lines = [line for line in completed.stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]
+    lines = message_lines(completed.stderr)
     assert len(lines) == 1 and "Traceback" not in completed.stderr, completed.stderr
     return lines[0]
 
@@ -123,7 +117,7 @@ def test_a_lock_whose_pid_now_belongs_to_another_process_is_cleared(tmp_path):
         with checkpoints.RunFolder(tmp_path):  # not refused: that PID is another process now
             assert (tmp_path / "run.lock").read_text().split()[0] == str(os.getpid())
         (tmp_path / "run.lock").write_text(f"{holder.pid} {socket.gethostname()} "
-                                          f"{checkpoints._process_start(holder.pid)}\n")
+                                          f"{files.process_start(holder.pid)}\n")
         with pytest.raises(checkpoints.RunFolderError) as refused:  # the holder itself: refused, with the way out
             checkpoints.RunFolder(tmp_path).__enter__()
         assert str(holder.pid) in str(refused.value) and "delete" in str(refused.value)
@@ -143,30 +137,6 @@ def test_the_eta_does_not_wrap_after_a_day():
     assert progress.format_duration(59) == "00:00:59"
     assert progress.format_duration(25 * 3600) == "1d 01:00:00"
     assert progress.format_duration(90061) == "1d 01:01:01"
-
-
-@pytest.mark.slow
-def test_ctrl_c_stops_train_py_with_one_line_on_how_to_continue(small_setup, tmp_path):
-    clip_path, world = small_setup
-    arguments = ["train.py", "--clip", str(clip_path), "--data", "synthetic", "--data-root", str(world),
-                 "--num-frames", "4", "--batch-size", "8", "--epochs", "50", "--num-workers", "1", "--log-every", "1",
-                 "--save-every", "1", "--prompts", "pos", "--fn-layers", "1", "--out-dir", str(tmp_path / "run")]
-    running = subprocess.Popen([sys.executable, *arguments], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    try:
-        for _ in range(600):  # until it has saved a few steps
-            if (tmp_path / "run" / "log.jsonl").exists() and len(read_log(tmp_path / "run")) >= 3:
-                break
-            time.sleep(0.1)
-        running.send_signal(signal.SIGINT)
-        out, err = running.communicate(timeout=60)
-    finally:
-        running.kill()
-    assert running.returncode == 130, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err and "--resume auto" in lines[0] and "last.pt" in lines[0], err
-    assert not (tmp_path / "run" / "run.lock").exists()
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] >= 1
 
 
 # -- flags and help -----------------------------------------------------------------------------------------

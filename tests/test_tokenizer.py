@@ -1,5 +1,6 @@
 """tokenizer.py against golden outputs of OpenAI's reference CLIP tokenizer (ftfy + regex)."""
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,38 @@ def test_decode_roundtrip_and_invalid_utf8(tok):
     assert tok.decode(tok.encode("Hello, World!")) == "hello , world ! "
     lone_lead_byte = tok.byte_encoder[0xC3]  # starts a 2-byte UTF-8 sequence that never comes
     assert tok.decode([tok.encoder[lone_lead_byte]]) == "\ufffd"
+
+
+def random_word(alphabet: str, length: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice(alphabet) for _ in range(length))
+
+
+@pytest.mark.parametrize("alphabet", ["abcdefghijklmnopqrstuvwxyz", "etaoinshrdlu" * 4 + "cmfwypvbgkjqxz",
+                                      "".join(map(chr, range(0x4E00, 0x4F00))), "😍😂👍🔥",
+                                      "!?.,;:-_()[]*&^%$#@"],
+                         ids=["letters", "english letters", "CJK", "emoji", "punctuation"])
+def test_a_long_word_gives_the_first_ids_of_its_whole_word_bpe(tok, alphabet):
+    """Only the start of a word over LONG_WORD bytes is encoded: its first ids are those of the whole word."""
+    for seed in range(2):
+        raw = random_word(alphabet, 900, seed).encode("utf-8")[:900]
+        whole = [tok.encoder[symbol] for symbol in tok.bpe("".join(tok.byte_encoder[b] for b in raw))]
+        assert tok._first_ids_of_long_word(raw, 75) == whole[:75]
+
+
+def test_the_work_of_a_long_caption_is_bounded(tok, monkeypatch):
+    """A 1 MB one-word caption and a 120 KB caption: BPE sees a few KB, however long the text."""
+    seen = []
+    real_bpe = tok.bpe
+    monkeypatch.setattr(tok, "bpe", lambda word, whole=True: seen.append(len(word)) or real_bpe(word, whole))
+    monkeypatch.setattr(tok, "cache", dict(tok.cache))
+    one_word = random_word("abcdefghijklmnopqrstuvwxyz", 1_000_000, 0)
+    row = tokenize(one_word)[0].tolist()
+    assert row[0] == 49406 and row[-1] == 49407 and 0 not in row  # 75 ids of the word
+    assert sum(seen) <= 16 * tokenizer.LONG_WORD
+    seen.clear()
+    words = " ".join(random_word("abcdefghijklmnopqrstuvwxyz", 6, seed) for seed in range(17_000))
+    assert len(words) > 100_000
+    row = tokenize(words)[0].tolist()
+    assert len(seen) <= 76  # the words after the 76 ids a caption can use are never encoded
+    assert row[1:-1] == tok.encode(" ".join(words.split()[:80]))[:75]

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import cv2
@@ -200,3 +201,39 @@ def _dies_on_five(item: int) -> int:
 def test_a_dying_worker_costs_only_its_item_and_never_hangs():
     results = video_io.map_in_processes(_dies_on_five, list(range(40)), 2, on_crash=lambda item: -item)
     assert results == [2 * i if i != 5 else -5 for i in range(40)]
+
+
+def _fails_on_zero_else_sleeps(item: int) -> int:
+    if item == 0:
+        raise ValueError("item 0 is bad")
+    time.sleep(item)
+    return item
+
+
+def test_an_error_in_one_item_ends_the_pool_at_once():
+    """The error is raised as soon as it comes (after the pool's start), not after the 3 minutes that the other
+    queued items would take."""
+    start = time.time()
+    with pytest.raises(ValueError, match="item 0 is bad"):
+        video_io.map_in_processes(_fails_on_zero_else_sleeps, [0] + [60] * 6, 2, on_crash=print)
+    assert time.time() - start < 60
+
+
+@pytest.mark.parametrize("damage", [{"frames": "many"}, "a string", {"error": None}, {"frames": True},
+                                    {"frames": 0, "error": ""}, {"frames": 12, "error": "broken"}],
+                         ids=["frames a word", "an entry that is a string", "error null", "frames true",
+                              "no frames and no error", "frames and an error"])
+def test_a_probe_cache_entry_that_does_not_validate_is_probed_again(mixed_videos, tmp_path, monkeypatch, damage):
+    good, bad = mixed_videos
+    cache = tmp_path / "probe.json"
+    first = video_io.probe_videos(good + bad, num_workers=1, cache_file=cache)
+    content = json.loads(cache.read_text())
+    entry = content["videos"][str(good[0])]
+    content["videos"][str(good[0])] = {**entry, **damage} if isinstance(damage, dict) else damage
+    cache.write_text(json.dumps(content))
+    probed = []
+    original = video_io.probe_video
+    monkeypatch.setattr(video_io, "probe_video", lambda path: probed.append(path) or original(path))
+    assert video_io.probe_videos(good + bad, num_workers=1, cache_file=cache) == first
+    assert probed == [good[0]]
+    assert json.loads(cache.read_text())["videos"][str(good[0])] == entry  # and the cache is mended
