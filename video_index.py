@@ -9,6 +9,8 @@ The files of an index named `my_videos.index`:
                                   the embedding size E, the embeddings file's name, the unreadable videos
         path_bytes, path_ends     the N videos' paths, file-system encoded and concatenated; (N,) int64 ends
         sizes, mtimes_ns          (N,) int64 each; a size of -1 marks a dead row (its video changed or gone)
+        norms                     (N,) float32: each row's length as stored (1 +- 1e-4 after float16
+                                  rounding); scores divide by it, so they are cosines
     my_videos.index.<token>.f16   the embeddings: (rows, E) float16, row-major, no header, memory-mapped on
                                   open; row i is the video of table row i; rows past N are not committed
     my_videos.index.skipped.txt   the videos that could not be read, one per line with why
@@ -63,7 +65,7 @@ def _read(path: Path) -> tuple[dict, dict]:
         raise IndexFileError(f"no index at {path}: make one with `python search.py index FOLDER --index {path}`")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in ("header", "path_bytes", "path_ends", "sizes", "mtimes_ns")}
+            arrays = {name: npz[name] for name in ("header", "path_bytes", "path_ends", "sizes", "mtimes_ns", "norms")}
         header = json.loads(arrays.pop("header").tobytes().decode("utf-8"))
     except Exception as error:  # not a zip, a foreign .npz, bad JSON: all mean "not an index"
         raise IndexFileError(f"{path} is not a search index written by search.py ({type(error).__name__}: "
@@ -73,7 +75,7 @@ def _read(path: Path) -> tuple[dict, dict]:
         raise IndexFileError(f"{path} is an index of format {found!r}; this code reads format {FORMAT}: index "
                              f"the videos again into a new --index")
     rows = len(arrays["sizes"])
-    if not (len(arrays["path_ends"]) == len(arrays["mtimes_ns"]) == rows
+    if not (len(arrays["path_ends"]) == len(arrays["mtimes_ns"]) == len(arrays["norms"]) == rows
             and (rows == 0 or arrays["path_ends"][-1] == len(arrays["path_bytes"]))
             and isinstance(header.get("embedding_size"), int) and isinstance(header.get("embeddings_file"), str)):
         raise IndexFileError(f"{path}: its table is damaged (lengths do not agree); index again into a new --index")
@@ -93,14 +95,15 @@ def _map_embeddings(path: Path, rows: int, size: int) -> np.ndarray:
 
 class VideoIndex:
     """An index opened for searching. `embeddings` (N, E) float16 memory-mapped; per row, its video's path
-    (`video_path(row)`) and whether it is live (`live` (N,) bool). `header` holds the rest."""
+    (`video_path(row)`), its length (`norms` (N,)) and whether it is live (`live` (N,) bool). `header` holds
+    the rest."""
 
     def __init__(self, path):
         self.path = Path(path).expanduser().absolute()
         for attempt in range(3):  # an update that removed dead rows may delete the file we just read of
             self.header, table = _read(self.path)
             self.path_bytes, self.path_ends = table["path_bytes"], table["path_ends"]
-            self.sizes, self.mtimes_ns = table["sizes"], table["mtimes_ns"]
+            self.sizes, self.mtimes_ns, self.norms = table["sizes"], table["mtimes_ns"], table["norms"]
             try:
                 self.embeddings = _map_embeddings(self.path.parent / self.header["embeddings_file"],
                                                   len(self.sizes), self.header["embedding_size"])
@@ -174,7 +177,7 @@ class IndexWriter:
 
     def _open(self) -> None:
         remove_leftover_temporaries(self.path.parent)  # of commits a killed update was writing
-        self.paths, self.encoded, self.sizes, self.mtimes_ns = [], [], [], []  # the table, one entry per row
+        self.paths, self.encoded, self.sizes, self.mtimes_ns, self.norms = [], [], [], [], []  # the table, by row
         self.unreadable = {}  # path -> (size, mtime_ns, why), the videos that could not be read
         self.notes = []
         if self.path.exists():
@@ -190,7 +193,7 @@ class IndexWriter:
             ends = index.path_ends.tolist()
             self.encoded = [index.path_bytes[start:end].tobytes() for start, end in zip([0] + ends[:-1], ends)]
             self.paths = [os.fsdecode(encoded) for encoded in self.encoded]
-            self.sizes, self.mtimes_ns = index.sizes.tolist(), index.mtimes_ns.tolist()
+            self.sizes, self.mtimes_ns, self.norms = index.sizes.tolist(), index.mtimes_ns.tolist(), index.norms.tolist()
             self.unreadable = {path: tuple(entry) for path, *entry in index.header.get("unreadable", [])}
             with open(self.embeddings_file, "r+b") as handle:  # cut off the rows appended after the last commit
                 handle.truncate(len(self.paths) * self._row_bytes)
@@ -257,11 +260,12 @@ class IndexWriter:
 
     def add(self, paths: list, stats: list, embeddings: torch.Tensor) -> None:
         """Append videos and their embeddings (B, E) (float32, L2-normalised); they count from the next commit."""
-        rows = embeddings.to(torch.float16).numpy()  # (B, E)
+        rows = embeddings.to(torch.float16)  # (B, E)
         try:
-            self.handle.write(rows.tobytes())
+            self.handle.write(rows.numpy().tobytes())
         except OSError as error:
             self._write_failed(self.embeddings_file, error)
+        self.norms += rows.float().norm(dim=1).tolist()
         for path, (size, mtime_ns) in zip(paths, stats):
             self.paths.append(path)
             self.encoded.append(os.fsencode(path))
@@ -293,7 +297,8 @@ class IndexWriter:
             np.savez(handle, header=np.frombuffer(json.dumps(header).encode("utf-8"), np.uint8),
                      path_bytes=np.frombuffer(b"".join(self.encoded), np.uint8),
                      path_ends=np.cumsum([len(encoded) for encoded in self.encoded], dtype=np.int64),
-                     sizes=np.array(self.sizes, np.int64), mtimes_ns=np.array(self.mtimes_ns, np.int64))
+                     sizes=np.array(self.sizes, np.int64), mtimes_ns=np.array(self.mtimes_ns, np.int64),
+                     norms=np.array(self.norms, np.float32))
         self._write_skipped_list()
         self.last_commit, self.commit_seconds = time.monotonic(), time.monotonic() - started
 
@@ -333,6 +338,7 @@ class IndexWriter:
         del old
         self.paths, self.encoded = [self.paths[row] for row in keep], [self.encoded[row] for row in keep]
         self.sizes, self.mtimes_ns = [self.sizes[row] for row in keep], [self.mtimes_ns[row] for row in keep]
+        self.norms = [self.norms[row] for row in keep]
         self.handle.close()
         self.embeddings_file = new_file
         self.handle = None  # the commit below names the new file; nothing is appended after it
