@@ -377,7 +377,7 @@ def find_videos(folders) -> dict:
         if not root.is_dir():
             raise NoVideosError(f"{folder} is not a folder: pass folders of videos" if root.exists() else
                                 f"{folder} does not exist: pass folders of videos")
-        files, unlisted, seen = 0, [], set()
+        files, found, unlisted, seen = 0, 0, [], set()
         for parent, folder_names, file_names in os.walk(root, followlinks=True, onerror=unlisted.append):
             stat = os.stat(parent)
             if (stat.st_dev, stat.st_ino) in seen:  # a symlink back up the tree: once is enough
@@ -388,6 +388,7 @@ def find_videos(folders) -> dict:
             for name in sorted(file_names):
                 files += 1
                 if os.path.splitext(name)[1].lower() in VIDEO_SUFFIXES:
+                    found += 1
                     path = os.path.join(parent, name)
                     try:
                         stat = os.stat(path)
@@ -399,7 +400,7 @@ def find_videos(folders) -> dict:
                   f"{unlisted[0]})", file=sys.stderr)
         if files == 0:
             raise NoVideosError(f"{folder} is empty: there is nothing to index")
-        if not any(path.startswith(str(root)) for path in videos):
+        if found == 0:
             raise NoVideosError(f"{folder} holds {files} files but no videos (suffixes {' '.join(VIDEO_SUFFIXES)}): "
                                 f"pass the folder of your videos")
     return dict(sorted(videos.items()))
@@ -471,26 +472,32 @@ def write_page(path, title: str, hits: list[dict], query_video=None, about: str 
 
 
 @dataclass
-class IndexConfig:
-    """search.py index: each field is the flag --field-name (the folders come first, without a flag)."""
-    folders: tuple = option((), "folders of videos, searched recursively", positional="+")
-    index: str | None = option(None, "the index file to create or update, e.g. my_videos.index")
-    checkpoint: str | None = option(None, "the model: a train.py checkpoint (e.g. runs/demo/last.pt)")
+class ModelOptions:
+    """The flags both commands share: the model, and where and how it runs."""
+    checkpoint: str | None = option(None, "the model: a train.py checkpoint (e.g. runs/demo/last.pt); for query, "
+                                          "if not the one the index recorded")
     clip: str | None = option(None, "zero-shot CLIP instead (a name such as ViT-B/32, or a weights file/folder); "
                                     "with --checkpoint: where its backbone now lies")
     clip_activation: str | None = option(None, "for --clip weights without a config: quick_gelu or gelu",
                                          choices=("quick_gelu", "gelu"))
     num_frames: int = option(12, "frames per video for --clip (a checkpoint has its own)", at_least(1))
-    batch_size: int = option(16, "videos per batch", at_least(1))
-    num_workers: int | None = option(None, "DataLoader workers decoding videos; default: this machine's cores",
-                                     at_least(0))
     device: str = option("auto", "cuda, cpu, ...; auto picks cuda when available")
     precision: str = option("auto", "autocast: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16",
                             choices=("auto", *PRECISIONS))
 
 
 @dataclass
-class QueryConfig:
+class IndexConfig(ModelOptions):
+    """search.py index: each field is the flag --field-name (the folders come first, without a flag)."""
+    folders: tuple = option((), "folders of videos, searched recursively", positional="+")
+    index: str | None = option(None, "the index file to create or update, e.g. my_videos.index")
+    batch_size: int = option(16, "videos per batch", at_least(1))
+    num_workers: int | None = option(None, "DataLoader workers decoding videos; default: this machine's cores",
+                                     at_least(0))
+
+
+@dataclass
+class QueryConfig(ModelOptions):
     """search.py query: each field is the flag --field-name (the text comes first, without a flag)."""
     text: str | None = option(None, "what to search for (or --video)", positional="?")
     index: str | None = option(None, "the index to search (its model is loaded from what it recorded)")
@@ -499,15 +506,6 @@ class QueryConfig:
     captions: str | None = option(None, "with --video: a text file of captions, one per line, ranked for the video")
     json: bool = option(False, "print a JSON list of {rank, score, video or caption}, best first, and nothing else")
     html: str | None = option(None, "also write a page with each hit's frames (e.g. hits.html), thumbnails inside")
-    checkpoint: str | None = option(None, "the model, if not the one the index recorded")
-    clip: str | None = option(None, "zero-shot CLIP (a name or weights file/folder); with --checkpoint: where its "
-                                    "backbone now lies")
-    clip_activation: str | None = option(None, "for --clip weights without a config: quick_gelu or gelu",
-                                         choices=("quick_gelu", "gelu"))
-    num_frames: int = option(12, "frames per video for --clip (a checkpoint has its own)", at_least(1))
-    device: str = option("auto", "cuda, cpu, ...; auto picks cuda when available")
-    precision: str = option("auto", "autocast: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16",
-                            choices=("auto", *PRECISIONS))
 
 
 def index_main(config: IndexConfig) -> dict:
@@ -576,8 +574,10 @@ def _read_captions(path) -> list[str]:
     return captions
 
 
-COMMANDS = {"index": (IndexConfig, index_main, "Embed the videos under folders into an index (incrementally)."),
-            "query": (QueryConfig, query_main, "Find the videos for a text or a video, or the captions for a video.")}
+COMMANDS = {"index": (IndexConfig, index_main, "search.py index: embed the videos under folders into an index "
+                                               "(incrementally)."),
+            "query": (QueryConfig, query_main, "search.py query: the videos for a text or a video, or the captions "
+                                               "for a video.")}
 
 
 def main(argv=None):

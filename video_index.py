@@ -26,8 +26,8 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
-import sys
 import time
 from pathlib import Path
 
@@ -216,8 +216,9 @@ class IndexWriter:
 
     def _remove_other_embeddings_files(self) -> None:
         """Embeddings files no commit names: left by a kill while dead rows were being removed."""
+        ours = re.compile(re.escape(self.path.name) + r"\.[0-9a-f]{8}\.f16")
         for other in self.path.parent.glob(f"{self.path.name}.*.f16"):
-            if other != self.embeddings_file and len(other.name) == len(self.path.name) + 13:  # .<8 hex>.f16
+            if other != self.embeddings_file and ours.fullmatch(other.name):
                 other.unlink(missing_ok=True)
 
     # -- what to embed ------------------------------------------------------------------------------------
@@ -307,21 +308,21 @@ class IndexWriter:
         if not self.unreadable:
             listing.unlink(missing_ok=True)
             return
-        with atomic_write(listing, "w", encoding="utf-8", ) as handle:
+        with atomic_write(listing, "w", encoding="utf-8") as handle:
             handle.write(f"# videos search.py could not read for {self.path.name}; fixed or re-encoded, the next "
                          f"`search.py index` reads them again\n")
             for path, (_, _, why) in sorted(self.unreadable.items()):
                 handle.write(f"{path}\t{why}\n")
 
     def finish(self) -> None:
-        """The last commit of a complete update: dead rows are removed first (a new embeddings file)."""
-        dead = [row for row, size in enumerate(self.sizes) if size < 0]
-        if dead:
-            self._remove_dead_rows()
+        """The end of a complete update: commit, then remove the dead rows (a new embeddings file, committed)."""
         self.commit()
+        if any(size < 0 for size in self.sizes):
+            self._remove_dead_rows()
 
     def _remove_dead_rows(self) -> None:
-        self.handle.flush()
+        """Copy the live rows into a new embeddings file, commit the table that names it, delete the old file.
+        Interrupted anywhere, the last commit stays whole (an uncommitted new file is removed next time)."""
         keep = np.flatnonzero(np.array(self.sizes, np.int64) >= 0)  # (kept,)
         old_file = self.embeddings_file
         old = np.memmap(old_file, np.float16, mode="r", shape=(len(self.sizes), self.embedding_size))
