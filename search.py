@@ -242,13 +242,7 @@ class VideoSearch:
                     done += len(indices)
                     failed += sum(1 for error in errors if error)
                     if writer is not None:
-                        read = [j for j, error in enumerate(errors) if not error]
-                        writer.add([todo[indices[j]][0] for j in read], [todo[indices[j]][1] for j in read],
-                                   embeddings[read])
-                        for index, error in zip(indices, errors):
-                            if error:
-                                writer.skip(*todo[index], error)
-                        writer.commit_if_due()
+                        _write_batch(writer, [todo[index] for index in indices], embeddings, errors)
                     if done < len(todo):  # the last line is finish's
                         progress.update(done, f"{failed} unreadable" if failed else "")
             except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (cli.run_command): keep what was embedded
@@ -278,6 +272,11 @@ class VideoSearch:
         batches = evaluate.embed_video_batches(self.model, share, self.batch_size, workers, self.device,
                                                self.autocast_dtype)
         rounds = math.ceil(math.ceil(len(files) / world_size) / self.batch_size)  # rank 0's batches, the most
+        with contextlib.closing(batches):  # its workers stop when this ends, however it ends
+            yield from self._exchanged(batches, rounds)
+
+    def _exchanged(self, batches, rounds: int):
+        """Each round, this process's next batch (or none) and every other process's, joined in path order."""
         for _ in range(rounds):
             batch, embeddings = next(batches, (None, None))
             mine = ((batch["index"].tolist(), embeddings, list(batch["error"])) if batch is not None
@@ -297,6 +296,18 @@ class VideoSearch:
         return {"fingerprint": self.fingerprint, "description": _describe(self.model),
                 "source": getattr(self.model, "source", None), "num_frames": self.model.num_frames,
                 "image_size": self.image_size}
+
+
+def _write_batch(writer: IndexWriter, videos: list, embeddings: torch.Tensor, errors: list) -> None:
+    """The videos of a batch ([(path, (size, mtime_ns))]) that were read go into the index with their embeddings
+    (B, E), the others into its list of unreadable videos; then a commit, if one is due."""
+    read = [j for j, error in enumerate(errors) if not error]
+    writer.add([videos[j][0] for j in read], [videos[j][1] for j in read], embeddings[read])
+    for (path, stat), error in zip(videos, errors):
+        if error:
+            writer.skip(path, stat, error)
+    writer.commit_if_due()
+
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -583,9 +594,10 @@ COMMANDS = {"index": (IndexConfig, index_main, "search.py index: embed the video
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
-        usage = __doc__.split("\n\n")[1]
         if argv and argv[0] in ("-h", "--help"):
-            print(f"{__doc__.splitlines()[0]}\n\n{usage}")
+            summary, usage = __doc__.split("\n\n")[:2]
+            print(f"{summary}\n\n{usage}\n\nThe flags of each command: python search.py index --help, python search.py "
+                  f"query --help")
             return None
         raise ConfigError(f"the first word must be a command, index or query (got {argv[0] if argv else 'none'}); "
                           f"see python search.py --help")
