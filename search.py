@@ -309,7 +309,6 @@ def _write_batch(writer: IndexWriter, videos: list, embeddings: torch.Tensor, er
     writer.commit_if_due()
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # 3. The model: loading it, and what identifies it
 
