@@ -157,7 +157,7 @@ class IndexWriter:
     def __init__(self, path, model: dict, embedding_size: int, precision: str = "fp32"):
         self.path = Path(path).expanduser().absolute()
         self.model, self.embedding_size, self.precision = model, embedding_size, precision
-        self._lock = None
+        self._lock, self.handle = None, None
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,8 @@ class IndexWriter:
         return self
 
     def __exit__(self, *exc_info):
-        self.handle.close()
+        if self.handle is not None:
+            self.handle.close()
         self._lock.__exit__(*exc_info)
         return False
 
@@ -193,7 +194,8 @@ class IndexWriter:
             ends = index.path_ends.tolist()
             self.encoded = [index.path_bytes[start:end].tobytes() for start, end in zip([0] + ends[:-1], ends)]
             self.paths = [os.fsdecode(encoded) for encoded in self.encoded]
-            self.sizes, self.mtimes_ns, self.norms = index.sizes.tolist(), index.mtimes_ns.tolist(), index.norms.tolist()
+            self.sizes, self.mtimes_ns = index.sizes.tolist(), index.mtimes_ns.tolist()
+            self.norms = index.norms.tolist()
             self.unreadable = {path: tuple(entry) for path, *entry in index.header.get("unreadable", [])}
             with open(self.embeddings_file, "r+b") as handle:  # cut off the rows appended after the last commit
                 handle.truncate(len(self.paths) * self._row_bytes)
@@ -284,7 +286,7 @@ class IndexWriter:
     def commit(self) -> None:
         """Make everything added so far durable and count it: the embeddings first, then the table naming them."""
         started = time.monotonic()
-        if getattr(self, "handle", None) is not None:
+        if self.handle is not None:
             try:
                 self.handle.flush()
                 os.fsync(self.handle.fileno())
