@@ -33,9 +33,12 @@ USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryErr
 
 # -- declaring and checking options -------------------------------------------------------------------------
 
-def option(default, help: str, check=None, choices=None):
-    """A config field with its command-line help, an optional check (see below) and allowed values."""
-    return field(default=default, metadata={"help": help, "check": check, "choices": choices})
+def option(default, help: str, check=None, choices=None, short: str | None = None, positional: str | None = None):
+    """A config field with its command-line help, an optional check (see below) and allowed values; `short` adds
+    a one-letter flag ("-k"); `positional` makes it an argument without a flag, with argparse's nargs ("+": one
+    or more, a tuple field; "?": optional)."""
+    return field(default=default, metadata={"help": help, "check": check, "choices": choices, "short": short,
+                                            "positional": positional})
 
 
 def at_least(low):
@@ -76,10 +79,13 @@ def build_parser(config_class, description: str, only_given: bool = False) -> ar
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f.type)
         default = {} if only_given else {"default": f.default}
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"], **default)
+        flags = [flag] if not f.metadata.get("short") else [f.metadata["short"], flag]
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs=f.metadata["positional"], help=f.metadata["help"], **default)
+        elif kind is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, help=f.metadata["help"], **default)
         else:
-            parser.add_argument(flag, type=kind, help=f.metadata["help"], choices=f.metadata.get("choices"),
+            parser.add_argument(*flags, type=kind, help=f.metadata["help"], choices=f.metadata.get("choices"),
                                 **default)
     return parser
 

@@ -6,7 +6,8 @@
 2. CLIP's preprocessing - evaluation: bicubic resize of the shorter side to R and a center crop, with the
    exact arithmetic of CLIP's torchvision `Resize` + `CenterCrop`; training: one random resized crop and flip
    for all frames of a video; then CLIP's mean/std normalisation.
-3. `VideoTextDataset` / `build_dataset` - items `{"video": (F, 3, R, R) float32, "caption": str, ...}`.
+3. `VideoTextDataset` / `build_dataset` - items `{"video": (F, 3, R, R) float32, "caption": str, ...}`;
+   `VideoFiles` - the videos of a folder, for search.py.
 4. `make_loader` - DataLoader workers that decode in parallel and stay alive for the whole run.
 
 Machinery behind small functions, skip on a first reading: decoding video files (video_io.py), decoding each
@@ -316,6 +317,34 @@ class VideoOnlyDataset(Dataset):
     def __getitem__(self, video_index: int) -> dict:
         return {"video": self.parent.load_video(video_index), "video_id": self.parent.video_ids[video_index],
                 "video_index": video_index}
+
+
+class VideoFiles(Dataset):
+    """Items `{"video": (F, 3, R, R), "index": int, "error": str}` for a list of video files (a user's own
+    collection, search.py), in the evaluation protocol's frames: segment middles, CLIP's resize and center crop.
+
+    A file that cannot be read (corrupt, an unknown codec, no permission, gone) gives a video of zeros and
+    "error" saying why in one line naming it, instead of failing its whole batch in a DataLoader worker: the
+    caller leaves it out and reports it. "" when the video was read."""
+
+    def __init__(self, paths, num_frames: int = 12, image_size: int = 224):
+        self.paths = [Path(path) for path in paths]
+        self.num_frames = num_frames
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.paths[index]
+        try:
+            video = video_transform(read_frames(path, self.num_frames, "uniform"), False, self.image_size)
+            error = ""
+        except (VideoReadError, OSError, cv2.error) as failure:
+            video = torch.zeros(self.num_frames, 3, self.image_size, self.image_size)
+            error = str(failure).splitlines()[0] if str(failure).strip() else type(failure).__name__
+            error = error if str(path) in error else f"{path}: {error}"
+        return {"video": video, "index": index, "error": error}
 
 
 def build_dataset(name: str, root, split: str, num_frames: int = 12, image_size: int = 224, train=None,

@@ -69,11 +69,16 @@ def from_first_process(value):
 
 def sum_over_processes(count: int) -> int:
     """The sum of an integer over all processes."""
+    return sum(gather_objects(int(count)))
+
+
+def gather_objects(value) -> list:
+    """Every process's `value` (any picklable object), in rank order: [value] in a single process."""
     if not is_distributed():
-        return count
-    counts = [None] * dist.get_world_size()
-    dist.all_gather_object(counts, int(count))
-    return sum(counts)
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def join_shares(mine: torch.Tensor, total: int) -> torch.Tensor:
@@ -83,8 +88,7 @@ def join_shares(mine: torch.Tensor, total: int) -> torch.Tensor:
     if not is_distributed():
         return mine
     world_size = dist.get_world_size()
-    shares = [None] * world_size
-    dist.all_gather_object(shares, mine.cpu())
+    shares = gather_objects(mine.cpu())
     nonempty = [share for share in shares if share.numel()]
     if not nonempty:
         return mine.new_empty(0)

@@ -163,16 +163,29 @@ def embed_videos(model: VoP, videos, batch_size: int = 32, num_workers: int | No
     """
     rank, world_size = distributed.rank_and_world_size()
     share = torch.utils.data.Subset(videos, range(rank, len(videos), world_size))
-    loader = data.make_loader(share, batch_size, num_workers, shuffle=False, pin_memory=torch.device(device).type
-                              == "cuda", persistent_workers=False)
     embeddings = []  # each (B, E)
-    with _inference(model, device, autocast_dtype):
-        for batch in loader:
-            embeddings.append(model.encode_video(batch["video"].to(device, non_blocking=True)).float().cpu())
-            if progress is not None:  # every process embeds at about the same rate: count all of them
-                progress(min(len(videos), sum(len(part) for part in embeddings) * world_size), len(videos))
+    for _, batch_embeddings in embed_video_batches(model, share, batch_size, num_workers, device, autocast_dtype):
+        embeddings.append(batch_embeddings)
+        if progress is not None:  # every process embeds at about the same rate: count all of them
+            progress(min(len(videos), sum(len(part) for part in embeddings) * world_size), len(videos))
     mine = torch.cat(embeddings) if embeddings else torch.empty(0)  # (rows of this process, E)
     return distributed.join_shares(mine, len(videos))  # (V, E)
+
+
+def embed_video_batches(model: VoP, videos, batch_size: int = 32, num_workers: int | None = None, device="cpu",
+                        autocast_dtype: torch.dtype | None = None):
+    """Yield (batch, embeddings (B, E) float32 on the CPU, L2-normalised) for the consecutive batches of
+    `videos`, all of them, in this process: embed_videos without the sharing, for callers that keep each batch
+    as it comes or read its other fields (search.py writes each batch to its index)."""
+    loader = data.make_loader(videos, batch_size, num_workers, shuffle=False,
+                              pin_memory=torch.device(device).type == "cuda")
+    try:
+        for batch in loader:
+            with _inference(model, device, autocast_dtype):  # per batch: the caller's code keeps its own mode
+                embeddings = model.encode_video(batch["video"].to(device, non_blocking=True)).float().cpu()  # (B, E)
+            yield batch, embeddings
+    finally:
+        data.stop_workers(loader)  # at the end, and when stopped or abandoned early
 
 
 def embed_captions(model: VoP, captions: list[str], batch_size: int = 32, device="cpu",

@@ -1,0 +1,279 @@
+"""Benchmark search.py (not a test): what an index of a million videos costs, how fast `index` embeds videos, and
+bf16 against fp32.
+
+1. A million videos: synthetic L2-normalised embeddings (E = 512, ViT-B/32's size) written as an index by
+   video_index.IndexWriter. Size on disk; writing it; one commit of its table; then, in a fresh process,
+   opening it, its memory (resident anonymous memory, and the file pages mapped), and the latency of an exact
+   top-10 query: with the embeddings file out of the page cache (cold: read from disk) and in it (warm).
+2. `index` on MSR-VTT-like clips (320x240, 30 fps, 15 s, H.264, from ffmpeg's testsrc2; see bench_data.py):
+   videos per second for the demo's tiny CLIP and for ViT-B/32 (random weights, plain VoP, 12 frames), end to
+   end (VideoSearch.update: decode in DataLoader workers + encode + write), and each part alone.
+3. bf16 against fp32 on the demo world: the demo's trained VoP (`python demo.py --prompts pos`, trained here
+   if no --checkpoint is given) indexes the 160 test clips and answers every test caption in each precision;
+   how many top-5 lists are unchanged, and the time of each; then ViT-B/32's video encoder in each precision.
+
+    python benchmarks/bench_search.py [--rows 1000000] [--clips 16] [--checkpoint runs/demo/last.pt]
+"""
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_data import make_clips  # noqa: E402
+from common import machine_line, timed_median  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import clip_model  # noqa: E402
+import data  # noqa: E402
+import demo  # noqa: E402
+import search  # noqa: E402
+import train  # noqa: E402
+import video_index  # noqa: E402
+from vop import VoP, VoPConfig  # noqa: E402
+
+EMBEDDING_SIZE = 512
+
+
+# -- 1. a million videos ----------------------------------------------------------------------------------
+
+def write_synthetic_index(path: Path, rows: int) -> float:
+    """An index of `rows` random unit vectors under MSR-VTT-like paths; returns the seconds it took."""
+    record = {"fingerprint": "synthetic", "description": "synthetic embeddings", "source": None,
+              "num_frames": 12, "image_size": 224}
+    generator = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    with video_index.IndexWriter(path, record, EMBEDDING_SIZE) as writer:
+        for start in range(0, rows, 65536):
+            count = min(65536, rows - start)
+            embeddings = torch.nn.functional.normalize(torch.randn(count, EMBEDDING_SIZE, generator=generator), dim=1)
+            paths = [f"/data/videos/collection_{row // 1000:04d}/video{row:07d}.mp4" for row in range(start,
+                                                                                                 start + count)]
+            writer.add(paths, [(12_345_678, 1_700_000_000_000_000_000)] * count, embeddings)
+        writer.finish()
+        commit = time.perf_counter()
+        writer.commit()
+        print(f"one commit of the {rows:,}-video table (what each batch of an update pays, at most "
+              f"{100 * video_index.COMMIT_COST:.0f}% of the time): {time.perf_counter() - commit:.2f} s")
+    return time.perf_counter() - started
+
+
+def memory() -> dict:
+    """This process's resident memory in MB: anonymous (its own), file pages (the mapped index), peak."""
+    fields = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("RssAnon", "RssFile", "VmHWM"):
+                fields[name] = int(value.split()[0]) / 1024
+    return fields
+
+
+def measure_queries(path: str) -> dict:
+    """In a fresh process: open the index, query it cold and warm; the figures as a dict."""
+    results = {"before": memory()}
+    started = time.perf_counter()
+    index = video_index.VideoIndex(path)
+    results["open_s"] = time.perf_counter() - started
+    results["after_open"] = memory()
+    queries = torch.nn.functional.normalize(torch.randn(10, EMBEDDING_SIZE, generator=torch.Generator().manual_seed(1)),
+                                            dim=1)
+    def ask(some_queries):
+        return search.top_k(some_queries, index.embeddings, 10, norms=index.norms, live=index.live)
+
+    embeddings_file = index.path.parent / index.header["embeddings_file"]
+    with open(embeddings_file, "rb") as handle:  # out of the page cache (this file only): a cold query
+        os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    started = time.perf_counter()
+    ask(queries[:1])
+    results["cold_s"] = time.perf_counter() - started
+    results["warm_s"] = timed_median(lambda: ask(queries[:1]))[0]
+    results["warm_10_s"] = timed_median(lambda: ask(queries))[0]
+    _, rows = ask(queries[:1])
+    started = time.perf_counter()
+    [index.video_path(row) for row in rows[0].tolist()]
+    results["paths_s"] = time.perf_counter() - started
+    results["after_queries"] = memory()
+    return results
+
+
+def a_million_videos(out: Path, rows: int) -> None:
+    path = out / "million.index"
+    for old in out.glob("million.index*"):
+        old.unlink()
+    seconds = write_synthetic_index(path, rows)
+    files = list(out.glob("million.index*"))
+    size = {file.name.split(".", 2)[-1]: file.stat().st_size for file in files}
+    print(f"writing the index: {seconds:.1f} s; on disk: " + ", ".join(f"{name} {bytes_ / 1e6:,.1f} MB"
+                                                                       for name, bytes_ in sorted(size.items())))
+    completed = subprocess.run([sys.executable, __file__, "--measure-queries", str(path)], capture_output=True,
+                               text=True, check=True)
+    figures = json.loads(completed.stdout.strip().splitlines()[-1])
+    print(f"open: {figures['open_s']:.2f} s; resident memory after open: {figures['after_open']['RssAnon']:.0f} MB "
+          f"anonymous (torch and Python: {figures['before']['RssAnon']:.0f} MB before), "
+          f"{figures['after_open']['RssFile']:.0f} MB of mapped files")
+    print(f"top-10 of {rows:,} for one text: {1000 * figures['cold_s']:.0f} ms cold (embeddings read from disk), "
+          f"{1000 * figures['warm_s']:.0f} ms warm; 10 texts at once {1000 * figures['warm_10_s']:.0f} ms; "
+          f"the 10 paths {1000 * figures['paths_s']:.2f} ms")
+    print(f"after the queries: {figures['after_queries']['RssAnon']:.0f} MB anonymous, "
+          f"{figures['after_queries']['RssFile']:.0f} MB of mapped file pages (the page cache: shared, "
+          f"evictable), peak {figures['after_queries']['VmHWM']:.0f} MB")
+    for file in files:
+        file.unlink()
+
+
+# -- 2. index speed ---------------------------------------------------------------------------------------
+
+TINY_CLIP = demo.TINY_CLIP  # the demo's tiny CLIP: 32 px, 4 + 4 layers, width 128
+
+
+def model_of(config: clip_model.CLIPConfig) -> VoP:
+    torch.manual_seed(0)
+    return VoP(clip_model.CLIP(config), VoPConfig(num_frames=12)).eval()  # plain VoP, the protocol's 12 frames
+
+
+def index_speed(name: str, model: VoP, folder: Path, out: Path, workers: int) -> None:
+    """videos/s of VideoSearch.update (worker start-up included), of decoding alone (one process, one thread:
+    per CPU-second) and of encoding alone (a batch of 16 videos, 4 for ViT-B/32)."""
+    videos = sorted(folder.glob("*.mp4"))
+    index = out / f"speed_{name.split()[0]}.index"
+    for old in out.glob(f"{index.name}*"):
+        old.unlink()
+    searcher = search.VideoSearch(model, index, precision="fp32", batch_size=16, num_workers=workers,
+                                  show_progress=False)
+    started = time.perf_counter()
+    searcher.update([folder])
+    end_to_end = len(videos) / (time.perf_counter() - started)
+    files = data.VideoFiles(videos[:8], 12, model.clip.visual.input_resolution)
+    cv2.setNumThreads(1)
+    with torch_threads(1):
+        started = time.perf_counter()
+        for item in range(len(files)):
+            files[item]
+        decode = len(files) / (time.perf_counter() - started)
+    batch = 16 if model.clip.visual.input_resolution < 224 else 4  # ViT-B/32 takes seconds per video here
+    frames = torch.randn(batch, 12, 3, model.clip.visual.input_resolution, model.clip.visual.input_resolution)
+    with torch.no_grad():
+        encode = batch / timed_median(lambda: model.encode_video(frames), 1)[0]
+    print(f"| {name} | {len(videos)} | {end_to_end:.2f} | {decode:.1f} | {encode:.2f} |", flush=True)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def index_speeds(out: Path, args) -> None:
+    workers = data.default_num_workers()
+    print(f"\n2. index speed, videos/s on this machine ({workers} DataLoader workers, batch 16, fp32, plain VoP, "
+          f"12 frames); clips: 320x240 30 fps 15 s H.264", flush=True)
+    clips = next(iter(make_clips(out, args.clips).values()))
+    folders = {}
+    for copies in (args.copies, 1):  # the tiny CLIP indexes every clip `copies` times, ViT-B/32 once
+        folders[copies] = out / f"clips_x{copies}"
+        shutil.rmtree(folders[copies], ignore_errors=True)
+        folders[copies].mkdir()
+        for copy in range(copies):
+            for clip in clips:
+                shutil.copy(clip, folders[copies] / f"{copy}_{Path(clip).name}")
+    print("| model | videos | `index` end to end, all cores | decode + preprocess, per CPU-second | encode only, "
+          "all cores |\n|---|---:|---:|---:|---:|")
+    index_speed("tiny CLIP (the demo's, 32 px)", model_of(TINY_CLIP), folders[args.copies], out, workers)
+    index_speed("ViT-B/32 (224 px)", model_of(clip_model.CLIPConfig()), folders[1], out, workers)
+
+
+# -- 3. bf16 against fp32 on the demo world ---------------------------------------------------------------
+
+def demo_checkpoint(out: Path) -> Path:
+    checkpoint = out / "demo" / "last.pt"
+    if not checkpoint.is_file():
+        print("training the demo's VoP pos (python demo.py --prompts pos) for the bf16 comparison ...", flush=True)
+        demo.run(train.given_options(["--prompts", "pos", "--out-dir", str(out / "demo")]), evaluate_before=False)
+    return checkpoint
+
+
+def precisions(checkpoint: Path, out: Path) -> None:
+    world = demo.DEMO_ROOT / "world"
+    captions = sorted({caption for _, caption in
+                       (line.split(",", 1) for line in (world / "test.csv").read_text().splitlines()[1:])})
+    model = search.load_model(checkpoint)
+    top5, timing = {}, {}
+    for precision in ("fp32", "bf16"):
+        index = out / f"demo_{precision}.index"
+        for old in out.glob(f"{index.name}*"):
+            old.unlink()
+        searcher = search.VideoSearch(model, index, precision=precision, num_workers=0, show_progress=False)
+        started = time.perf_counter()
+        searcher.update([world / "test"])
+        indexing = time.perf_counter() - started
+        started = time.perf_counter()
+        top5[precision] = searcher.search_text(captions, k=5)
+        timing[precision] = (160 / indexing, len(captions) / (time.perf_counter() - started))
+    same_list = np.mean([[p for p, _ in a] == [p for p, _ in b] for a, b in zip(top5["fp32"], top5["bf16"])])
+    same_set = np.mean([{p for p, _ in a} == {p for p, _ in b} for a, b in zip(top5["fp32"], top5["bf16"])])
+    same_first = np.mean([a[0][0] == b[0][0] for a, b in zip(top5["fp32"], top5["bf16"])])
+    score_difference = max(abs(sa - sb) for a, b in zip(top5["fp32"], top5["bf16"]) for (_, sa), (_, sb) in zip(a, b))
+    print(f"demo world ({checkpoint}), {len(captions)} distinct test captions over the 160 test clips, index and "
+          f"query each in its precision: top-5 unchanged (same videos, same order) {100 * same_list:.0f}%, same "
+          f"five videos {100 * same_set:.0f}%, same top-1 {100 * same_first:.0f}%; largest score difference "
+          f"{score_difference:.4f}")
+    for precision, (videos, queries) in timing.items():
+        print(f"  {precision}: index {videos:.1f} videos/s (no workers), {queries:.1f} queries/s")
+    vit = model_of(clip_model.CLIPConfig())
+    frames = torch.randn(4, 12, 3, 224, 224)
+    with torch.no_grad():
+        seconds = {precision: timed_median(lambda: _encode(vit, frames, dtype), 1)[0]
+                   for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16))}
+    print(f"ViT-B/32 encode_video, 4 videos x 12 frames: fp32 {4 / seconds['fp32']:.2f} videos/s, bf16 autocast "
+          f"{4 / seconds['bf16']:.2f} videos/s ({seconds['fp32'] / seconds['bf16']:.2f}x)")
+
+
+def _encode(model, frames, dtype):
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        return model.encode_video(frames)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="videos in the synthetic index")
+    parser.add_argument("--clips", type=int, default=16, help="MSR-VTT-like clips to index")
+    parser.add_argument("--copies", type=int, default=4, help="copies of each clip the tiny CLIP indexes")
+    parser.add_argument("--parts", default="123", help="which parts to run (1, 2, 3)")
+    parser.add_argument("--checkpoint", help="the demo's checkpoint (trained here if not given)")
+    parser.add_argument("--out", default="/tmp/vop_bench_search", help="where the clips and indexes go")
+    parser.add_argument("--measure-queries", help=argparse.SUPPRESS)  # the fresh process of part 1
+    args = parser.parse_args()
+    if args.measure_queries:
+        print(json.dumps(measure_queries(args.measure_queries)))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(machine_line(), flush=True)
+    print(f"load average at start (other processes share these CPUs): {os.getloadavg()[0]:.1f}\n")
+
+    if "1" in args.parts:
+        print(f"1. an index of {args.rows:,} videos (E = {EMBEDDING_SIZE}, float16)", flush=True)
+        a_million_videos(out, args.rows)
+    if "2" in args.parts:
+        index_speeds(out, args)
+    if "3" in args.parts:
+        print("\n3. bf16 autocast against fp32", flush=True)
+        precisions(Path(args.checkpoint) if args.checkpoint else demo_checkpoint(out), out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,608 @@
+"""Search your own videos with a trained model: the videos for a text, the nearest videos for a video, the best
+captions for a video.
+
+    python search.py index ~/videos --checkpoint runs/demo/last.pt --index my_videos.index
+    python search.py query "a dog plays with its tail" --index my_videos.index -k 10 [--json] [--html hits.html]
+    python search.py query --video clip.mp4 --index my_videos.index                  # the nearest videos
+    python search.py query --video clip.mp4 --captions captions.txt --checkpoint runs/demo/last.pt  # video -> text
+    torchrun --nproc_per_node 4 search.py index ~/videos --checkpoint ... --index ...  # each process a share
+
+What a search is (read this first): every video is embedded once, exactly as evaluation embeds a test video
+(evaluate.embed_videos's pipeline: the segment middles, CLIP's resize and center crop, `encode_video`), and the
+embeddings are kept on disk; a query is embedded the same way (`encode_text`, or `encode_video`), and the
+videos are ranked by cosine similarity, exactly: brute force over the whole index, a chunk of rows at a time
+(`top_k`), with no approximate index. The scores are the cosines the evaluation ranks by, up to the float16 in
+which the index keeps the videos' embeddings (about 1e-4).
+
+    from search import VideoSearch, load_model
+    videos = VideoSearch(load_model("runs/demo/last.pt"), "my_videos.index")
+    videos.update(["~/videos"])                       # embeds new and changed videos, drops the gone ones
+    videos.search_text("a dog plays with its tail", k=5)   # [(path, score), ...], best first
+
+`index` is incremental: a rerun embeds only the videos that are new or changed (path, size, mtime), drops those
+that are gone, and says how many of each. An index belongs to the model that made it (`model_fingerprint`:
+what the model computes, not where its files lie); another model is refused, since two models' embeddings
+never mix. Unreadable videos are skipped, counted and listed (`<index>.skipped.txt`); Ctrl-C keeps what was
+embedded, and the next `index` continues. The index on disk and its crash safety: video_index.py.
+"""
+import base64
+import contextlib
+import hashlib
+import html
+import io
+import json
+import math
+import os
+import signal
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import clip_weights
+import data
+import distributed
+import evaluate
+from annotations import VIDEO_SUFFIXES
+from cli import PRECISIONS, ConfigError, at_least, option, parse_config, resolve_device, resolve_precision, run_command
+from errors import Stopped, UserError
+from files import atomic_write
+from progress import Progress
+from video_index import IndexFileError, IndexWriter, VideoIndex, skipped_list
+from video_io import VideoReadError
+from vop import VoP, VoPConfig, config_as_dict
+
+ROWS_PER_CHUNK = 1 << 14  # index rows scored at once: 16 MB of float16 at E = 512, 32 MB as float32
+
+
+class NoVideosError(UserError):
+    """A folder to index that does not exist, is empty, or holds no videos."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Ranking: exact cosine top-k over the whole index, a chunk of rows at a time
+
+
+def top_k(queries: torch.Tensor, embeddings: np.ndarray, k: int, device="cpu", norms: np.ndarray | None = None,
+          live: np.ndarray | None = None, rows_per_chunk: int = ROWS_PER_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores (Q, k'), rows (Q, k')): for each query, the k rows of `embeddings` with the highest cosine, best
+    first (a tie goes to the lower row), k' = min(k, live rows). Exact: every row is scored.
+
+    queries (Q, E) L2-normalised; embeddings (N, E) float16, memory-mapped: a chunk of rows is read, scored in
+    float32 on `device` and merged with the best so far, so memory stays at one chunk whatever N. `norms` (N,):
+    the rows' lengths (float16 rounding moves them off 1 by about 1e-4), divided out so that scores are cosines.
+    `live` (N,) bool leaves out dead rows (videos changed or gone since they were embedded).
+    """
+    queries = queries.to(device, torch.float32)  # (Q, E)
+    best_scores = torch.empty(len(queries), 0, device=device)  # (Q, <= k)
+    best_rows = torch.empty(len(queries), 0, dtype=torch.long, device=device)  # (Q, <= k)
+    # One float32 chunk, filled again for every chunk: a fresh allocation costs more than the conversion.
+    chunk_buffer = torch.empty(min(rows_per_chunk, len(embeddings)), embeddings.shape[1], device=device)
+    for start in range(0, len(embeddings), rows_per_chunk):
+        stored = torch.from_numpy(embeddings[start:start + rows_per_chunk])  # (rows, E) float16, read from disk
+        chunk = chunk_buffer[:len(stored)].copy_(stored)  # (rows, E) float32
+        scores = (chunk @ queries.T).T  # (Q, rows); this order is the faster product on MKL
+        if norms is not None:
+            scores /= torch.from_numpy(norms[start:start + len(chunk)]).to(device)
+        if live is not None:
+            scores.masked_fill_(~torch.from_numpy(live[start:start + len(chunk)]).to(device), -torch.inf)
+        rows = torch.arange(start, start + len(chunk), device=device).expand(len(queries), -1)  # (Q, rows)
+        scores, rows = torch.cat([best_scores, scores], dim=1), torch.cat([best_rows, rows], dim=1)
+        best_scores, picked = scores.topk(min(k, scores.shape[1]), dim=1)  # (Q, <= k)
+        best_rows = rows.gather(1, picked)
+    # Best first, a tie to the lower row: sort by row, then stably by score.
+    by_row = best_rows.argsort(dim=1)
+    best_scores, best_rows = best_scores.gather(1, by_row), best_rows.gather(1, by_row)
+    order = best_scores.sort(dim=1, descending=True, stable=True).indices
+    best_scores, best_rows = best_scores.gather(1, order).cpu(), best_rows.gather(1, order).cpu()
+    found = int(torch.isfinite(best_scores).sum(dim=1).min()) if len(queries) else 0  # dead rows score -inf
+    return best_scores[:, :found], best_rows[:, :found]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. A model and its index: the Python API
+
+
+class VideoSearch:
+    """A model and an index of the videos it embedded: `update` the index from folders, `search_text`,
+    `search_video`, `rank_captions`, and `embed_videos` / `embed_texts` for the vectors themselves.
+
+    `index`: the index file (created by the first `update`); None to only embed and rank captions. The model
+    runs on `device` (default: where it is) under `precision`'s autocast ("auto": fp16 on CUDA, fp32 on CPU;
+    "bf16"). Opening an index made by another model is refused (IndexModelError)."""
+
+    def __init__(self, model: VoP, index=None, device=None, precision: str = "auto", batch_size: int = 16,
+                 num_workers: int | None = None, show_progress: bool = True):
+        self.model = model.eval()
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.precision = ({None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+                          [resolve_precision(precision, self.device)])
+        self.autocast_dtype = PRECISIONS[self.precision]
+        self.batch_size, self.num_workers, self.show_progress = batch_size, num_workers, show_progress
+        self.index_path = Path(index).expanduser().absolute() if index is not None else None
+        self.fingerprint = model_fingerprint(model)
+        self.image_size = model.clip.visual.input_resolution
+        self._opened = (None, None)  # (the index file's stat, VideoIndex): reopened only when it changes
+        if self.index_path is not None and self.index_path.exists():
+            self.open_index()  # refuse another model's index now, not after embedding
+
+    # -- embedding ------------------------------------------------------------------------------------------
+
+    def embed_texts(self, captions: list[str]) -> torch.Tensor:
+        """(T, E) float32, L2-normalised: `encode_text` of each caption (evaluate.embed_captions)."""
+        return evaluate.embed_captions(self.model, list(captions), self.batch_size, self.device, self.autocast_dtype)
+
+    def embed_videos(self, paths) -> torch.Tensor:
+        """(V, E) float32, L2-normalised: `encode_video` of each video file, in evaluation's frames. A video that
+        cannot be read raises VideoReadError naming it."""
+        paths = [Path(path).expanduser() for path in paths]
+        embeddings = torch.empty(len(paths), self._embedding_size())  # (V, E)
+        errors = []
+        workers = 0 if len(paths) <= 2 else self.num_workers  # starting workers costs more than 2 videos
+        files = data.VideoFiles(paths, self.model.num_frames, self.image_size)
+        for batch, batch_embeddings in evaluate.embed_video_batches(self.model, files, self.batch_size, workers,
+                                                                    self.device, self.autocast_dtype):
+            embeddings[batch["index"]] = batch_embeddings
+            errors += [error for error in batch["error"] if error]
+        if errors:
+            raise VideoReadError(f"{errors[0]}" if len(errors) == 1 else
+                                 f"{len(errors)} of the {len(paths)} videos cannot be read; the first: {errors[0]}")
+        return embeddings
+
+    def _embed_query_video(self, video) -> torch.Tensor:
+        """(1, E): a video file, or its frames (F, H, W, 3) uint8 RGB with F the model's frame count."""
+        if isinstance(video, (str, os.PathLike)):
+            return self.embed_videos([video])
+        frames = np.asarray(video)
+        if frames.ndim != 4 or frames.shape[0] != self.model.num_frames:
+            raise ValueError(f"a video's frames must be ({self.model.num_frames}, H, W, 3) uint8 RGB (this model's "
+                             f"frame count; data.sample_frame_indices picks them), got shape {frames.shape}")
+        item = {"video": data.video_transform(frames, False, self.image_size)}  # (F, 3, R, R)
+        [(_, embedding)] = evaluate.embed_video_batches(self.model, [item], 1, 0, self.device, self.autocast_dtype)
+        return embedding
+
+    # -- searching ------------------------------------------------------------------------------------------
+
+    def open_index(self) -> VideoIndex:
+        """The index, opened (memory-mapped) once and again only when its file has changed; another model's
+        index is refused."""
+        if self.index_path is None:
+            raise ConfigError("no index was given: pass --index (VideoSearch(model, index=...))")
+        try:
+            stat = self.index_path.stat()
+            key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            key = None
+        if key is None or self._opened[0] != key:
+            index = VideoIndex(self.index_path)
+            index.check_model(self.fingerprint, "query it with the model that made it, or index your videos with "
+                                                "this model into a new --index")
+            self._opened = (key, index)
+        return self._opened[1]
+
+    def search_text(self, captions, k: int = 10):
+        """The k videos with the highest cosine to a caption: [(path, score), ...], best first; for a list of
+        captions, one such list per caption."""
+        queries = self.embed_texts([captions] if isinstance(captions, str) else captions)  # (Q, E)
+        hits = self._search(queries, k)
+        return hits[0] if isinstance(captions, str) else hits
+
+    def search_video(self, video, k: int = 10) -> list[tuple[str, float]]:
+        """The k videos nearest to `video` (a path, or its frames as in `_embed_query_video`): [(path, score),
+        ...], best first. The query video itself, if indexed, is left out."""
+        itself = str(Path(video).expanduser().absolute()) if isinstance(video, (str, os.PathLike)) else None
+        return self._search(self._embed_query_video(video), k, leave_out=itself)[0]
+
+    def rank_captions(self, video, captions: list[str], k: int | None = None) -> list[tuple[str, float]]:
+        """Video -> text: `captions` ranked by their cosine to `video`, [(caption, score), ...], best first."""
+        scores = (self.embed_texts(captions) @ self._embed_query_video(video).T)[:, 0]  # (T,)
+        order = scores.sort(descending=True, stable=True).indices[:k]
+        return [(captions[i], float(scores[i])) for i in order.tolist()]
+
+    def _search(self, queries: torch.Tensor, k: int, leave_out: str | None = None) -> list[list[tuple[str, float]]]:
+        index = self.open_index()
+        scores, rows = top_k(queries, index.embeddings, k + (leave_out is not None), self.device, index.norms,
+                             index.live)
+        hits = [[(index.video_path(row), score) for row, score in zip(query_rows.tolist(), query_scores.tolist())]
+                for query_rows, query_scores in zip(rows, scores)]
+        return [[hit for hit in query_hits if hit[0] != leave_out][:k] for query_hits in hits]
+
+    # -- indexing -------------------------------------------------------------------------------------------
+
+    def update(self, folders) -> dict:
+        """Bring the index up to date with the videos under `folders`: embed the new and changed ones, drop the
+        gone ones. Returns the counts {"new", "changed", "gone", "unchanged", "unreadable", "videos"}.
+        Under torchrun every process calls this: each embeds its share, rank 0 writes the index."""
+        if self.index_path is None:
+            raise ConfigError("no index was given: pass --index (VideoSearch(model, index=...))")
+        rank, _ = distributed.rank_and_world_size()
+        with contextlib.ExitStack() as stack:
+            writer, todo, counts, error = None, None, None, None  # the writer lives on rank 0 only
+            if rank == 0:
+                try:
+                    found = find_videos(folders)  # before the writer: a wrong folder creates no index
+                    writer = stack.enter_context(IndexWriter(self.index_path, self.model_record(),
+                                                             self._embedding_size(), self.precision))
+                    for note in writer.notes:
+                        print(note, file=sys.stderr)
+                    todo, counts = writer.plan(found)
+                except UserError as failure:  # raised in every process, below
+                    error = failure
+            todo, counts, error = distributed.from_first_process((todo, counts, error))
+            if error is not None:
+                raise error
+            progress = Progress(f"embedding videos for {self.index_path.name}", len(todo), "videos",
+                                stream=sys.stderr, enabled=self.show_progress and rank == 0)
+            done, failed = 0, 0
+            try:
+                for indices, embeddings, errors in self._embedded_batches([path for path, _ in todo]):
+                    done += len(indices)
+                    failed += sum(1 for error in errors if error)
+                    if writer is not None:
+                        _write_batch(writer, [todo[index] for index in indices], embeddings, errors)
+                    if done < len(todo):  # the last line is finish's
+                        progress.update(done, f"{failed} unreadable" if failed else "")
+            except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (cli.run_command): keep what was embedded
+                if writer is not None:
+                    writer.commit()
+                stopped = Stopped(f"{self.index_path} keeps the {done} videos embedded before the stop; run the "
+                                  f"same command again to embed the {len(todo) - done} left")
+                stopped.signal = getattr(stop, "signal", signal.SIGINT)
+                raise stopped from None
+            if writer is not None:
+                writer.finish()
+                counts["videos"] = sum(1 for size in writer.sizes if size >= 0)
+            if todo:
+                progress.finish(f"{failed} unreadable" if failed else "")
+            counts["unreadable"] += failed
+        return counts
+
+    def _embedded_batches(self, paths: list[str]):
+        """Yield (indices into `paths`, embeddings (B, E), errors [B]) for every batch of `paths`, error "" for a
+        video that was read. Under torchrun each process embeds its share (paths r, r + W, ...), and every
+        process gets every batch: each round, each process embeds one batch and they exchange them."""
+        rank, world_size = distributed.rank_and_world_size()
+        files = data.VideoFiles(paths, self.model.num_frames, self.image_size)
+        share = torch.utils.data.Subset(files, range(rank, len(files), world_size))
+        workers = (data.default_num_workers(distributed.processes_per_machine()) if self.num_workers is None
+                   else self.num_workers)
+        batches = evaluate.embed_video_batches(self.model, share, self.batch_size, workers, self.device,
+                                               self.autocast_dtype)
+        rounds = math.ceil(math.ceil(len(files) / world_size) / self.batch_size)  # rank 0's batches, the most
+        with contextlib.closing(batches):  # its workers stop when this ends, however it ends
+            yield from self._exchanged(batches, rounds)
+
+    def _exchanged(self, batches, rounds: int):
+        """Each round, this process's next batch (or none) and every other process's, joined in path order."""
+        for _ in range(rounds):
+            batch, embeddings = next(batches, (None, None))
+            mine = ((batch["index"].tolist(), embeddings, list(batch["error"])) if batch is not None
+                    else ([], torch.empty(0, self._embedding_size()), []))
+            parts = distributed.gather_objects(mine)  # every process's batch of this round
+            indices = [index for part in parts for index in part[0]]
+            if indices:  # in path order: the round's batches cover consecutive paths
+                order = sorted(range(len(indices)), key=indices.__getitem__)
+                embeddings, errors = torch.cat([part[1] for part in parts]), [e for part in parts for e in part[2]]
+                yield [indices[i] for i in order], embeddings[order], [errors[i] for i in order]
+
+    def _embedding_size(self) -> int:
+        return self.model.clip.text_projection.shape[1]
+
+    def model_record(self) -> dict:
+        """What an index keeps about its model: the fingerprint, a description, and how to load it again."""
+        return {"fingerprint": self.fingerprint, "description": _describe(self.model),
+                "source": getattr(self.model, "source", None), "num_frames": self.model.num_frames,
+                "image_size": self.image_size}
+
+
+def _write_batch(writer: IndexWriter, videos: list, embeddings: torch.Tensor, errors: list) -> None:
+    """The videos of a batch ([(path, (size, mtime_ns))]) that were read go into the index with their embeddings
+    (B, E), the others into its list of unreadable videos; then a commit, if one is due."""
+    read = [j for j, error in enumerate(errors) if not error]
+    writer.add([videos[j][0] for j in read], [videos[j][1] for j in read], embeddings[read])
+    for (path, stat), error in zip(videos, errors):
+        if error:
+            writer.skip(path, stat, error)
+    writer.commit_if_due()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. The model: loading it, and what identifies it
+
+
+def load_model(checkpoint=None, clip=None, device="cpu", num_frames: int = 12,
+               clip_activation: str | None = None) -> VoP:
+    """A model to search with, in eval mode on `device`: a train.py checkpoint (what
+    evaluate.load_model_from_checkpoint reads; `clip` then says where its backbone now lies), or, without a
+    checkpoint, zero-shot CLIP from `clip` (any name or path clip_weights.load reads) with `num_frames` frames.
+    `model.source` records how to load it again (an index keeps it, so `query` needs no --checkpoint)."""
+    if checkpoint is None and clip is None:
+        raise ConfigError("give a model: --checkpoint (a train.py checkpoint) or --clip (zero-shot CLIP)")
+    if checkpoint is not None:
+        model, _ = evaluate.load_model_from_checkpoint(checkpoint, device, clip)
+        model.source = {"checkpoint": str(Path(checkpoint).expanduser().absolute()),
+                        "clip": str(Path(clip).expanduser().absolute()) if clip else None}
+    else:
+        backbone = clip_weights.load(clip, device, activation=clip_activation)
+        model = VoP(backbone, VoPConfig(tune="zero-shot", num_frames=num_frames)).to(device).eval()
+        model.source = {"clip": backbone.source["clip"], "activation": backbone.source["activation"],
+                        "num_frames": num_frames}
+    return model
+
+
+def load_recorded_model(source: dict, device="cpu") -> VoP:
+    """The model an index recorded (`VideoSearch.model_record`'s "source")."""
+    if source.get("checkpoint"):
+        return load_model(source["checkpoint"], source.get("clip"), device)
+    return load_model(clip=source["clip"], device=device, num_frames=source["num_frames"],
+                      clip_activation=source["activation"])
+
+
+def model_fingerprint(model: VoP) -> str:
+    """SHA-256 of what decides a model's embeddings: its backbone's weights (the weights file's SHA-256 that
+    clip_weights.load recorded, else the backbone's tensors themselves), every trainable tensor (name, dtype,
+    shape, bytes, in name order), its VoPConfig and CLIP config (activation included), frames and input side.
+    Two models that compute different embeddings never share a fingerprint; where the files lie plays no part."""
+    digest = hashlib.sha256()
+    backbone_sha256 = (getattr(model.clip, "source", None) or {}).get("sha256")
+    if backbone_sha256:
+        digest.update(f"backbone weights file {backbone_sha256}\n".encode())
+    else:
+        _hash_tensors(digest, model.clip.state_dict())
+    _hash_tensors(digest, model.trainable_state_dict())
+    settings = {"model": type(model).__qualname__, "vop": config_as_dict(model.config),
+                "clip": asdict(model.clip.config), "num_frames": model.num_frames,
+                "image_size": model.clip.visual.input_resolution}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _hash_tensors(digest, tensors: dict) -> None:
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def _describe(model: VoP) -> str:
+    source = getattr(model, "source", None) or {}
+    where = source.get("checkpoint") or source.get("clip") or "a model built in Python"
+    return f"{where}: {model.describe()}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Finding the videos of a folder
+
+
+def find_videos(folders) -> dict:
+    """{absolute path: (size, mtime_ns)} of every video under `folders`, recursively (symlinked folders are
+    followed, each folder once), by the suffixes the project reads (annotations.VIDEO_SUFFIXES, any case), in
+    path order. A folder that does not exist, is empty or holds no videos is a NoVideosError naming it."""
+    videos = {}
+    for folder in folders:
+        root = Path(folder).expanduser().absolute()
+        if not root.is_dir():
+            raise NoVideosError(f"{folder} is not a folder: pass folders of videos" if root.exists() else
+                                f"{folder} does not exist: pass folders of videos")
+        files, found, unlisted, seen = 0, 0, [], set()
+        for parent, folder_names, file_names in os.walk(root, followlinks=True, onerror=unlisted.append):
+            stat = os.stat(parent)
+            if (stat.st_dev, stat.st_ino) in seen:  # a symlink back up the tree: once is enough
+                folder_names.clear()
+                continue
+            seen.add((stat.st_dev, stat.st_ino))
+            folder_names.sort()
+            for name in sorted(file_names):
+                files += 1
+                if os.path.splitext(name)[1].lower() in VIDEO_SUFFIXES:
+                    found += 1
+                    path = os.path.join(parent, name)
+                    try:
+                        stat = os.stat(path)
+                        videos[path] = (stat.st_size, stat.st_mtime_ns)
+                    except OSError:  # a broken symlink: listed as unreadable when it fails to decode
+                        videos[path] = (-1, -1)
+        if unlisted:
+            print(f"warning: {len(unlisted)} folders under {folder} cannot be listed and were left out (the first: "
+                  f"{unlisted[0]})", file=sys.stderr)
+        if files == 0:
+            raise NoVideosError(f"{folder} is empty: there is nothing to index")
+        if found == 0:
+            raise NoVideosError(f"{folder} holds {files} files but no videos (suffixes {' '.join(VIDEO_SUFFIXES)}): "
+                                f"pass the folder of your videos")
+    return dict(sorted(videos.items()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. What a person reads: a page of hits with their frames (skip on a first reading)
+
+THUMBNAIL_HEIGHT = 96
+PAGE_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+h1 { font-size: 1.4em; } .meta { color: #666; } .time { color: #666; font-size: 0.85em; margin: 0 0 0.5em 6.5em; }
+ol { list-style: none; padding: 0; }
+li { display: flex; align-items: center; gap: 1em; margin: 0.6em 0; }
+.rank { width: 2.5em; text-align: right; font-size: 1.3em; font-weight: bold; }
+.score { width: 4em; font-family: monospace; }
+.strip { display: flex; gap: 6px; }
+.strip img { height: %dpx; border-radius: 2px; }
+.name { font-family: monospace; } .folder { color: #888; font-size: 0.85em; }
+""" % THUMBNAIL_HEIGHT
+
+
+def frame_strip(path, frames: int = 4) -> str:
+    """HTML: `frames` frames of a video (the segment middles, so in time order, left to right) as JPEG data
+    URIs, so the page can be mailed; a note instead if the video cannot be read."""
+    try:
+        decoded = data.read_frames(path, frames, "uniform")  # (frames, H, W, 3) uint8
+    except (VideoReadError, OSError) as error:
+        return f'<span class="strip">(cannot be read: {html.escape(str(error))})</span>'
+    images = []
+    for number, frame in enumerate(decoded, 1):
+        image = Image.fromarray(frame)
+        width = max(1, round(image.width * THUMBNAIL_HEIGHT / image.height))
+        buffer = io.BytesIO()
+        image.resize((width, THUMBNAIL_HEIGHT), Image.BICUBIC).save(buffer, "JPEG", quality=85)
+        uri = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        images.append(f'<img src="{uri}" alt="frame {number} of {frames}" width="{width}" '
+                      f'height="{THUMBNAIL_HEIGHT}">')
+    return f'<span class="strip">{"".join(images)}</span>'
+
+
+def write_page(path, title: str, hits: list[dict], query_video=None, about: str = "") -> None:
+    """A self-contained HTML page: the query (its frames, for a video), then each hit with its rank, score and
+    its frames and file name (a video) or its text (a caption). `hits` as `--json` prints them."""
+    parts = [f"<h1>{html.escape(title)}</h1>", f'<p class="meta">{html.escape(about)}</p>']
+    if query_video is not None:
+        parts.append(f"<p>{frame_strip(query_video)}</p>")
+    if any("video" in hit for hit in hits):
+        parts.append('<p class="time">time &rarr; (4 frames per video, left to right)</p>')
+    parts.append("<ol>")
+    for hit in hits:
+        if "video" in hit:
+            video = Path(hit["video"])
+            what = (f'{frame_strip(video)}<span><span class="name">{html.escape(video.name)}</span><br>'
+                    f'<span class="folder">{html.escape(str(video.parent))}</span></span>')
+        else:
+            what = f'<span class="caption">{html.escape(hit["caption"])}</span>'
+        parts.append(f'<li><span class="rank">{hit["rank"]}</span><span class="score">{hit["score"]:.4f}</span>'
+                     f'{what}</li>')
+    parts.append("</ol>")
+    page = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}'
+            f'</title>\n<style>{PAGE_STYLE}</style>\n</head>\n<body>\n' + "\n".join(parts) + "\n</body>\n</html>\n")
+    with atomic_write(path, "w", encoding="utf-8") as handle:
+        handle.write(page)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Command line
+
+
+@dataclass
+class ModelOptions:
+    """The flags both commands share: the model, and where and how it runs."""
+    checkpoint: str | None = option(None, "the model: a train.py checkpoint (e.g. runs/demo/last.pt); for query, "
+                                          "if not the one the index recorded")
+    clip: str | None = option(None, "zero-shot CLIP instead (a name such as ViT-B/32, or a weights file/folder); "
+                                    "with --checkpoint: where its backbone now lies")
+    clip_activation: str | None = option(None, "for --clip weights without a config: quick_gelu or gelu",
+                                         choices=("quick_gelu", "gelu"))
+    num_frames: int = option(12, "frames per video for --clip (a checkpoint has its own)", at_least(1))
+    device: str = option("auto", "cuda, cpu, ...; auto picks cuda when available")
+    precision: str = option("auto", "autocast: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16",
+                            choices=("auto", *PRECISIONS))
+
+
+@dataclass
+class IndexConfig(ModelOptions):
+    """search.py index: each field is the flag --field-name (the folders come first, without a flag)."""
+    folders: tuple = option((), "folders of videos, searched recursively", positional="+")
+    index: str | None = option(None, "the index file to create or update, e.g. my_videos.index")
+    batch_size: int = option(16, "videos per batch", at_least(1))
+    num_workers: int | None = option(None, "DataLoader workers decoding videos; default: this machine's cores",
+                                     at_least(0))
+
+
+@dataclass
+class QueryConfig(ModelOptions):
+    """search.py query: each field is the flag --field-name (the text comes first, without a flag)."""
+    text: str | None = option(None, "what to search for (or --video)", positional="?")
+    index: str | None = option(None, "the index to search (its model is loaded from what it recorded)")
+    k: int = option(10, "how many hits", at_least(1), short="-k")
+    video: str | None = option(None, "query with a video file instead of a text: the nearest videos")
+    captions: str | None = option(None, "with --video: a text file of captions, one per line, ranked for the video")
+    json: bool = option(False, "print a JSON list of {rank, score, video or caption}, best first, and nothing else")
+    html: str | None = option(None, "also write a page with each hit's frames (e.g. hits.html), thumbnails inside")
+
+
+def index_main(config: IndexConfig) -> dict:
+    if config.index is None:
+        raise ConfigError("--index: name the index file to create or update, e.g. --index my_videos.index")
+    _, _, device = distributed.setup(resolve_device(config.device))
+    model = load_model(config.checkpoint, config.clip, device, config.num_frames, config.clip_activation)
+    search = VideoSearch(model, config.index, device, config.precision, config.batch_size, config.num_workers)
+    counts = search.update(config.folders)
+    if distributed.rank_and_world_size()[0] == 0:
+        print(f"{search.index_path}: {counts['videos']} videos; {counts['new']} new, {counts['changed']} changed, "
+              f"{counts['gone']} gone, {counts['unchanged']} unchanged")
+        if counts["unreadable"]:
+            print(f"warning: {counts['unreadable']} videos could not be read and were skipped; they are listed in "
+                  f"{skipped_list(search.index_path)}", file=sys.stderr)
+    return counts
+
+
+def query_main(config: QueryConfig) -> list[dict]:
+    if (config.text is None) == (config.video is None):
+        raise ConfigError("give a text to search for, or --video FILE (not both)")
+    if config.captions and not config.video:
+        raise ConfigError("--captions ranks captions for a video: give --video FILE too")
+    if config.index is None and not (config.captions and (config.checkpoint or config.clip)):
+        raise ConfigError("--index: name the index to search (made by `search.py index`)")
+    device = resolve_device(config.device)
+    if config.checkpoint or config.clip:
+        model = load_model(config.checkpoint, config.clip, device, config.num_frames, config.clip_activation)
+    else:
+        source = VideoIndex(config.index).header["model"].get("source")
+        if not source:
+            raise IndexFileError(f"{config.index} does not record how to load its model (it was made in Python): "
+                                 f"pass --checkpoint or --clip")
+        model = load_recorded_model(source, device)
+    search = VideoSearch(model, config.index if not config.captions else None, device, config.precision,
+                         show_progress=False)
+    if config.captions:
+        captions = _read_captions(config.captions)
+        found, key = search.rank_captions(config.video, captions, config.k), "caption"
+        title = f"Captions for {Path(config.video).name}"
+    else:
+        found = search.search_video(config.video, config.k) if config.video else search.search_text(config.text,
+                                                                                                    config.k)
+        key, title = "video", f"Videos for “{config.text}”" if config.text else f"Videos nearest {config.video}"
+    hits = [{"rank": rank, "score": round(score, 6), key: item} for rank, (item, score) in enumerate(found, 1)]
+    if config.json:
+        print(json.dumps(hits, indent=1, ensure_ascii=False))
+    else:
+        for hit in hits:
+            print(f"{hit['rank']:4d}  {hit['score']:.4f}  {hit[key]}")
+    if config.html:
+        about = (f"index {search.index_path} ({len(search.open_index())} videos); " if not config.captions else ""
+                 ) + f"model {_describe(model)}; scores are cosine similarities"
+        write_page(config.html, title, hits, config.video, about)
+        print(f"wrote {config.html}", file=sys.stderr)
+    return hits
+
+
+def _read_captions(path) -> list[str]:
+    try:
+        captions = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--captions {path}: cannot be read ({error})") from None
+    if not captions:
+        raise ConfigError(f"--captions {path} holds no captions: write one caption per line")
+    return captions
+
+
+COMMANDS = {"index": (IndexConfig, index_main, "search.py index: embed the videos under folders into an index "
+                                               "(incrementally)."),
+            "query": (QueryConfig, query_main, "search.py query: the videos for a text or a video, or the captions "
+                                               "for a video.")}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        if argv and argv[0] in ("-h", "--help"):
+            summary, usage = __doc__.split("\n\n")[:2]
+            print(f"{summary}\n\n{usage}\n\nThe flags of each command: python search.py index --help, python search.py "
+                  f"query --help")
+            return None
+        raise ConfigError(f"the first word must be a command, index or query (got {argv[0] if argv else 'none'}); "
+                          f"see python search.py --help")
+    config_class, command, description = COMMANDS[argv[0]]
+    return command(parse_config(config_class, argv[1:], description))
+
+
+if __name__ == "__main__":
+    run_command(main, sys.argv[1:], "search.py")

@@ -1,0 +1,521 @@
+"""search.py: a trained model's index of a folder gives evaluate.py's recall and the cosines of encode_text and
+encode_video; incremental updates embed only what is new or changed; another model's index is refused; unreadable
+videos are listed, never fatal; a stopped or killed update leaves an index that opens and that a rerun completes;
+--json and --html; one-line errors; the exact chunked top-k; the fingerprint; torchrun's split."""
+import base64
+import html.parser
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cli
+import data
+import evaluate
+import search
+import train
+import video_index
+from helpers import small_config, start_python
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(small_setup, tmp_path_factory):
+    """(a train.py checkpoint of VoP `pos` on the small world, the world's folder)."""
+    out_dir = tmp_path_factory.mktemp("search_run")
+    train.train(small_config(small_setup, out_dir, epochs=1))
+    return out_dir / "last.pt", small_setup[1]
+
+
+@pytest.fixture(scope="module")
+def model(trained):
+    return search.load_model(trained[0])
+
+
+@pytest.fixture(scope="module")
+def test_index(trained, tmp_path_factory):
+    """The world's test clips indexed by the command line: (index path, checkpoint)."""
+    checkpoint, world = trained
+    index = tmp_path_factory.mktemp("search_index") / "test.index"
+    search.main(["index", str(world / "test"), "--checkpoint", str(checkpoint), "--index", str(index),
+                 "--num-workers", "0", "--batch-size", "3"])
+    return index, checkpoint
+
+
+def query_json(capsys, *arguments) -> list:
+    capsys.readouterr()
+    search.main(["query", *arguments, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def copy_clips(world, folder, count, start=0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    clips = sorted((world / "train").glob("*.mp4"))[start:start + count]
+    return [Path(shutil.copy2(clip, folder / clip.name)) for clip in clips]
+
+
+def one_line_error(capsys, argv) -> str:
+    """What search.py prints for a user error: exactly one line on stderr, exit status 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        cli.run_command(search.main, argv, "search.py")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(lines) == 1, lines
+    return lines[0]
+
+
+# -- search gives what evaluation measures ----------------------------------------------------------------
+
+def test_search_finds_what_evaluation_measures_with_the_cosines_of_the_encoders(test_index, trained, model,
+                                                                                  capsys):
+    index, checkpoint = test_index
+    world = trained[1]
+    dataset = data.build_dataset("synthetic", world, "test", num_frames=4, image_size=32)
+    text_embeddings, video_embeddings = evaluate.embed(model, dataset, batch_size=4, num_workers=0)
+    expected = evaluate.metrics_from_embeddings(text_embeddings, video_embeddings, dataset.caption_video_index)
+    # The encoders called directly: encode_text of the tokens, encode_video of the evaluation frames.
+    with torch.no_grad():
+        texts = model.encode_text(model.tokenize(dataset.captions))  # (T, E)
+        frames = torch.stack([data.video_transform(data.read_frames(path, 4, "uniform"), False, 32)
+                              for path in dataset.video_paths])  # (V, F, 3, R, R)
+        videos = model.encode_video(frames)  # (V, E)
+    cosine = {(caption, str(path)): float(texts[i] @ videos[j]) for i, caption in enumerate(dataset.captions)
+              for j, path in enumerate(dataset.video_paths)}
+    own_video = [str(dataset.video_paths[j]) for j in dataset.caption_video_index]
+    found_at = []  # the rank of each caption's own clip among all videos
+    differences = []
+    for caption, own in zip(dataset.captions, own_video):
+        hits = query_json(capsys, caption, "--index", str(index), "-k", str(len(dataset.video_paths)))
+        assert [hit["rank"] for hit in hits] == list(range(1, len(dataset.video_paths) + 1))
+        assert {hit["video"] for hit in hits} == {str(path) for path in dataset.video_paths}
+        found_at.append(next(hit["rank"] for hit in hits if hit["video"] == own))
+        differences += [abs(hit["score"] - cosine[caption, hit["video"]]) for hit in hits]
+    assert max(differences) < 1e-4  # the index keeps float16: about 2^-11 of each component
+    for k in (1, 5):
+        recall = 100 * float(np.mean([rank <= k for rank in found_at]))
+        assert recall == pytest.approx(expected["t2v"][f"R@{k}"]), k
+    assert np.mean(found_at) == pytest.approx(expected["t2v"]["MnR"])
+
+
+def test_the_python_api(test_index, trained, model, tmp_path):
+    index, _ = test_index
+    world = trained[1]
+    videos = search.VideoSearch(model, index)
+    clip = sorted((world / "test").glob("*.mp4"))[0]
+    hits = videos.search_text("a red circle moves left", k=3)
+    assert len(hits) == 3 and all(isinstance(path, str) and isinstance(score, float) for path, score in hits)
+    assert [score for _, score in hits] == sorted([score for _, score in hits], reverse=True)
+    [first, second] = videos.search_text(["a red circle moves left", "a blue square moves up"], k=2)
+    assert [path for path, _ in first] == [path for path, _ in hits[:2]] and len(second) == 2
+    assert [score for _, score in first] == pytest.approx([score for _, score in hits[:2]], abs=1e-6)
+    # A video query: its nearest videos, itself left out; the same from its frames as from its path.
+    nearest = videos.search_video(clip, k=3)
+    assert len(nearest) == 3 and str(clip) not in [path for path, _ in nearest]
+    direct = videos.embed_videos([clip])  # (1, E)
+    from_frames = dict(videos.search_video(data.read_frames(clip, 4, "uniform"), k=2))  # frames: nothing left out
+    assert from_frames[str(clip)] == pytest.approx(1, abs=1e-3)  # (its reversed twin is about as near)
+    for path, score in nearest:  # the index keeps float16: a direction within 2^-11 of the embedding's
+        assert score == pytest.approx(float(videos.embed_videos([path])[0] @ direct[0]), abs=2 ** -11)
+    # Video -> text: the captions ranked by their cosine to the video.
+    captions = ["a red circle moves left", "a green triangle moves right", "a yellow square moves down"]
+    ranked = videos.rank_captions(clip, captions)
+    expected = (videos.embed_texts(captions) @ direct[0]).tolist()
+    assert sorted(caption for caption, _ in ranked) == sorted(captions)
+    assert [score for _, score in ranked] == pytest.approx(sorted(expected, reverse=True), abs=1e-6)
+    with pytest.raises(search.VideoReadError, match="nothing.mp4"):
+        videos.embed_videos([tmp_path / "nothing.mp4"])
+
+
+# -- incremental updates, one model per index ---------------------------------------------------------------
+
+def test_an_update_embeds_only_new_and_changed_videos_and_drops_gone_ones(trained, model, tmp_path,
+                                                                          monkeypatch):
+    world = trained[1]
+    folder = tmp_path / "videos"
+    first, changed, gone = copy_clips(world, folder, 3)
+    (folder / "notes.txt").write_text("not a video")
+    videos = search.VideoSearch(model, tmp_path / "my.index", num_workers=0, show_progress=False)
+    counts = videos.update([folder])
+    assert counts == {"new": 3, "changed": 0, "gone": 0, "unchanged": 0, "unreadable": 0, "videos": 3}
+    before = video_index.VideoIndex(tmp_path / "my.index")
+    row_of = {before.video_path(row): row for row in range(len(before.sizes))}
+    unchanged_embedding = np.array(before.embeddings[row_of[str(first)]])
+
+    read = []
+    real_getitem = data.VideoFiles.__getitem__
+    monkeypatch.setattr(data.VideoFiles, "__getitem__", lambda self, i: (read.append(str(self.paths[i])),
+                                                                        real_getitem(self, i))[1])
+    shutil.copy2(sorted((world / "train").glob("*.mp4"))[10], changed)  # other content under the same name
+    gone.unlink()
+    [added] = copy_clips(world, folder / "more", 1, start=5)
+    counts = videos.update([folder])
+    assert counts == {"new": 1, "changed": 1, "gone": 0 + 1, "unchanged": 1, "unreadable": 0, "videos": 3}
+    assert sorted(read) == sorted([str(changed), str(added)])  # the unchanged video was not read again
+    after = video_index.VideoIndex(tmp_path / "my.index")
+    assert len(after.sizes) == 3 and after.live.all()  # the dead rows (changed, gone) were removed
+    paths = [after.video_path(row) for row in range(3)]
+    assert sorted(paths) == sorted([str(first), str(changed), str(added)])
+    assert np.array_equal(after.embeddings[paths.index(str(first))], unchanged_embedding)
+    new_content = videos.embed_videos([changed])[0].to(torch.float16).numpy()
+    assert np.array_equal(after.embeddings[paths.index(str(changed))], new_content)
+    assert len(list(tmp_path.glob("my.index.*.f16"))) == 1  # the old embeddings file is gone
+    # Another folder adds to the index; the first folder's videos stay (they still exist).
+    other = tmp_path / "other"
+    copy_clips(world, other, 2, start=20)
+    read.clear()
+    assert videos.update([other])["new"] == 2 and len(read) == 2
+    assert len(video_index.VideoIndex(tmp_path / "my.index")) == 5
+
+
+def test_another_model_is_refused_and_the_same_model_elsewhere_is_not(test_index, trained, small_setup, tmp_path,
+                                                                      capsys):
+    index, checkpoint = test_index
+    world = trained[1]
+    moved = Path(shutil.copy(checkpoint, tmp_path / "moved.pt"))  # the same model, another path: accepted
+    search.main(["index", str(world / "test"), "--checkpoint", str(moved), "--index", str(index),
+                 "--num-workers", "0"])
+    assert "0 new, 0 changed, 0 gone, 8 unchanged" in capsys.readouterr().out
+    other = tmp_path / "other_run"
+    train.train(small_config(small_setup, other, epochs=1, seed=1))  # other prompts
+    stamp = index.stat().st_mtime_ns
+    line = one_line_error(capsys, ["index", str(world / "test"), "--checkpoint", str(other / "last.pt"),
+                                   "--index", str(index), "--num-workers", "0"])
+    assert str(index) in line and "another model" in line and "new --index" in line
+    line = one_line_error(capsys, ["index", str(world / "test"), "--clip", str(small_setup[0]), "--num-frames",
+                                   "4", "--index", str(index), "--num-workers", "0"])  # zero-shot CLIP
+    assert "new --index" in line
+    assert index.stat().st_mtime_ns == stamp  # untouched
+    line = one_line_error(capsys, ["query", "a red circle moves left", "--index", str(index), "--checkpoint",
+                                   str(other / "last.pt")])
+    assert "another model" in line
+
+
+def test_the_fingerprint_is_what_the_model_computes(trained, small_setup, tmp_path):
+    checkpoint = trained[0]
+    fingerprint = search.model_fingerprint(search.load_model(checkpoint))
+    assert search.model_fingerprint(search.load_model(shutil.copy(checkpoint, tmp_path / "x.pt"))) == fingerprint
+    model = search.load_model(checkpoint)
+    name, tensor = sorted(model.trainable_state_dict().items())[0]
+    with torch.no_grad():
+        tensor.view(-1)[0] = torch.nextafter(tensor.view(-1)[0], torch.tensor(np.inf))  # one ulp in one prompt
+    assert search.model_fingerprint(model) != fingerprint
+    zero_shot = [search.load_model(clip=small_setup[0], num_frames=frames, clip_activation=activation)
+                 for frames, activation in ((4, None), (8, None), (4, "gelu"))]
+    assert len({fingerprint, *map(search.model_fingerprint, zero_shot)}) == 4
+    built = search.load_model(clip=small_setup[0], num_frames=4)
+    del built.clip.source  # a backbone built in Python: its tensors are hashed instead
+    assert search.model_fingerprint(built) != search.model_fingerprint(zero_shot[0])
+
+
+# -- unreadable videos, stops and kills -----------------------------------------------------------------------
+
+def test_an_unreadable_video_is_skipped_listed_and_not_read_again_until_it_changes(trained, model, tmp_path,
+                                                                                   monkeypatch, capsys):
+    world = trained[1]
+    folder = tmp_path / "videos"
+    copy_clips(world, folder, 2)
+    broken = folder / "broken.mp4"
+    broken.write_bytes(b"\x00not a video" * 100)
+    index = tmp_path / "x.index"
+    checkpoint = str(trained[0])
+    counts = search.main(["index", str(folder), "--checkpoint", checkpoint, "--index", str(index),
+                          "--num-workers", "0"])
+    assert counts["unreadable"] == 1 and counts["videos"] == 2
+    captured = capsys.readouterr()
+    assert "1 videos could not be read" in captured.err and "x.index.skipped.txt" in captured.err
+    listed = [line.split("\t") for line in (tmp_path / "x.index.skipped.txt").read_text().splitlines()
+              if not line.startswith("#")]
+    assert [path for path, _ in listed] == [str(broken)] and "broken.mp4" in listed[0][1]
+    assert str(broken) not in [hit["video"] for hit in query_json(capsys, "a red circle", "--index", str(index))]
+
+    read = []
+    real_getitem = data.VideoFiles.__getitem__
+    monkeypatch.setattr(data.VideoFiles, "__getitem__", lambda self, i: (read.append(self.paths[i].name),
+                                                                        real_getitem(self, i))[1])
+    counts = search.main(["index", str(folder), "--checkpoint", checkpoint, "--index", str(index),
+                          "--num-workers", "0"])
+    assert read == [] and counts["unreadable"] == 1 and (tmp_path / "x.index.skipped.txt").exists()
+    shutil.copy(sorted((world / "train").glob("*.mp4"))[7], broken)  # repaired
+    counts = search.main(["index", str(folder), "--checkpoint", checkpoint, "--index", str(index),
+                          "--num-workers", "0"])
+    assert read == ["broken.mp4"] and counts["unreadable"] == 0 and counts["videos"] == 3
+    assert not (tmp_path / "x.index.skipped.txt").exists()
+
+
+def _start_slow_index(folder, checkpoint, index):
+    """search.py index in another process, each video taking a fifth of a second longer to read."""
+    code = (f"import time, data, search, cli; real = data.VideoFiles.__getitem__\n"
+            f"data.VideoFiles.__getitem__ = lambda self, i: (time.sleep(0.2), real(self, i))[1]\n"
+            f"cli.run_command(search.main, ['index', {str(folder)!r}, '--checkpoint', {str(checkpoint)!r}, "
+            f"'--index', {str(index)!r}, '--num-workers', '0', '--batch-size', '1'], 'search.py')")
+    return start_python(code, REPO)
+
+
+def _wait_for_videos(process, index, at_least) -> int:
+    for _ in range(600):
+        if process.poll() is not None:
+            break
+        try:
+            if len(video_index.VideoIndex(index)) >= at_least:
+                return len(video_index.VideoIndex(index))
+        except video_index.IndexFileError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"the index never held {at_least} videos: {process.communicate()}")
+
+
+def test_a_stopped_or_killed_update_leaves_an_index_that_opens_and_a_rerun_completes(trained, model, tmp_path):
+    world, checkpoint = trained[1], trained[0]
+    folder = tmp_path / "videos"
+    copy_clips(world, folder, 16)
+    index = tmp_path / "stop.index"
+
+    running = _start_slow_index(folder, checkpoint, index)  # Ctrl-C: what was embedded is kept
+    _wait_for_videos(running, index, 2)
+    running.send_signal(signal.SIGINT)
+    _, stderr = running.communicate(timeout=60)
+    assert running.returncode == 130, stderr
+    assert "Traceback" not in stderr and "run the same command again" in stderr.strip().splitlines()[-1]
+    after_stop = len(video_index.VideoIndex(index))
+    assert 2 <= after_stop < 16
+
+    running = _start_slow_index(folder, checkpoint, index)  # SIGKILL: the last commit stays whole
+    _wait_for_videos(running, index, after_stop + 2)
+    running.kill()
+    running.communicate(timeout=60)
+    after_kill = len(video_index.VideoIndex(index))
+    assert after_stop + 2 <= after_kill < 16
+
+    counts = search.VideoSearch(model, index, num_workers=0, show_progress=False).update([folder])
+    assert counts["new"] == 16 - after_kill and counts["unchanged"] == after_kill and counts["videos"] == 16
+    assert not list(tmp_path.glob("*.tmp")) and len(list(tmp_path.glob("stop.index.*.f16"))) == 1
+    # The same index as one uninterrupted run.
+    whole = search.VideoSearch(model, tmp_path / "whole.index", num_workers=0, show_progress=False)
+    whole.update([folder])
+    resumed, fresh = video_index.VideoIndex(index), video_index.VideoIndex(tmp_path / "whole.index")
+    order = sorted(range(16), key=resumed.video_path)
+    assert [resumed.video_path(row) for row in order] == [fresh.video_path(row) for row in range(16)]
+    assert np.array_equal(np.asarray(resumed.embeddings)[order], np.asarray(fresh.embeddings))
+
+
+def test_a_second_update_at_once_is_refused(trained, model, tmp_path, capsys):
+    folder = tmp_path / "videos"
+    copy_clips(trained[1], folder, 6)
+    index = tmp_path / "busy.index"
+    running = _start_slow_index(folder, trained[0], index)
+    try:
+        _wait_for_videos(running, index, 1)
+        line = one_line_error(capsys, ["index", str(folder), "--checkpoint", str(trained[0]), "--index", str(index),
+                                       "--num-workers", "0"])
+        assert "being updated by another process" in line
+    finally:
+        running.kill()
+        running.communicate()
+
+
+# -- output: --json, --html, captions, errors -------------------------------------------------------------
+
+def test_json_is_a_sorted_list_and_nothing_else(test_index, trained, capsys, tmp_path):
+    index, _ = test_index
+    hits = query_json(capsys, "a red circle moves left", "--index", str(index), "-k", "5")
+    assert [hit["rank"] for hit in hits] == [1, 2, 3, 4, 5]
+    assert all(set(hit) == {"rank", "score", "video"} for hit in hits)
+    assert [hit["score"] for hit in hits] == sorted([hit["score"] for hit in hits], reverse=True)
+    clip = hits[0]["video"]
+    nearest = query_json(capsys, "--video", clip, "--index", str(index), "-k", "3")
+    assert len(nearest) == 3 and clip not in [hit["video"] for hit in nearest]
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle moves left\n\na blue square moves up\na green triangle moves right\n")
+    ranked = query_json(capsys, "--video", clip, "--captions", str(captions), "--checkpoint", str(test_index[1]))
+    assert all(set(hit) == {"rank", "score", "caption"} for hit in ranked) and len(ranked) == 3
+    assert [hit["score"] for hit in ranked] == sorted([hit["score"] for hit in ranked], reverse=True)
+    capsys.readouterr()
+    search.main(["query", "a red circle moves left", "--index", str(index), "-k", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["1", "2"] and lines[0].split()[2] == hits[0]["video"]
+
+
+class StrictPage(html.parser.HTMLParser):
+    """Collects a page's structure and fails on what a browser would repair: unclosed or misnested tags."""
+    VOID = {"meta", "img", "br", "link", "hr", "input"}
+
+    def __init__(self):
+        super().__init__()
+        self.open, self.items, self.doctype, self.title = [], [], None, ""
+
+    def handle_decl(self, declaration):
+        self.doctype = declaration
+
+    def handle_starttag(self, tag, attributes):
+        attributes = dict(attributes)
+        if tag == "li":
+            self.items.append({"text": "", "images": []})
+        if tag == "img":
+            assert self.items or "li" not in self.open
+            (self.items[-1]["images"] if "li" in self.open else []).append(attributes)
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.open and self.open[-1] == tag, f"</{tag}> closes {self.open[-1:]}"
+        self.open.pop()
+
+    def handle_data(self, text):
+        if "li" in self.open:
+            self.items[-1]["text"] += text + " "
+        if self.open and self.open[-1] == "title":
+            self.title += text
+
+
+def parse_page(path) -> StrictPage:
+    page = StrictPage()
+    page.feed(Path(path).read_text(encoding="utf-8"))
+    page.close()
+    assert page.doctype.lower() == "doctype html" and page.open == [], page.open
+    return page
+
+
+def test_the_html_page_is_valid_and_shows_every_hit(test_index, capsys, tmp_path):
+    index, _ = test_index
+    page_path = tmp_path / "hits.html"
+    hits = query_json(capsys, "a red circle <moves> left & right", "--index", str(index), "-k", "4", "--html",
+                      str(page_path))
+    page = parse_page(page_path)
+    assert "a red circle <moves> left & right" in page.title  # escaped in the file, itself once parsed
+    assert len(page.items) == len(hits) == 4
+    for item, hit in zip(page.items, hits):
+        words = item["text"].split()
+        assert words[:2] == [str(hit["rank"]), f"{hit['score']:.4f}"] and Path(hit["video"]).name in words
+        assert len(item["images"]) == 4  # the strip: 4 frames, each a JPEG inside the page
+        for image in item["images"]:
+            assert image["src"].startswith("data:image/jpeg;base64,")
+            with Image.open(io.BytesIO(base64.b64decode(image["src"].split(",", 1)[1]))) as thumbnail:
+                assert thumbnail.height == search.THUMBNAIL_HEIGHT == int(image["height"])
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="no headless chromium here (.ci/run installs Debian's)")
+def test_a_browser_renders_every_hit_and_thumbnail(test_index, capsys, tmp_path):
+    index, _ = test_index
+    page_path = tmp_path / "hits.html"
+    query_json(capsys, "a red circle moves left", "--index", str(index), "-k", "3", "--html", str(page_path))
+    # A copy of the page with a script that counts, after loading, the hits and the thumbnails that decoded.
+    probe = tmp_path / "probe.html"
+    probe.write_text(page_path.read_text(encoding="utf-8").replace("</body>", (
+        "<script>window.onload = () => { const images = [...document.images]; document.body.setAttribute("
+        "'data-seen', document.querySelectorAll('li').length + ' hits, ' + images.filter(i => i.complete && "
+        "i.naturalWidth > 0).length + '/' + images.length + ' images'); };</script></body>")), encoding="utf-8")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    completed = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                                "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    assert 'data-seen="3 hits, 12/12 images"' in completed.stdout, completed.stderr[-2000:]
+
+
+def test_folders_without_videos_and_bad_queries_are_one_line(trained, tmp_path, capsys):
+    checkpoint = str(trained[0])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    papers = tmp_path / "papers"
+    papers.mkdir()
+    (papers / "vop.pdf").write_bytes(b"%PDF")
+    index = tmp_path / "x.index"
+    for folder, says in ((empty, "is empty"), (papers, "no videos"), (tmp_path / "nowhere", "does not exist")):
+        line = one_line_error(capsys, ["index", str(folder), "--checkpoint", checkpoint, "--index", str(index)])
+        assert str(folder) in line and says in line
+    assert not index.exists()  # nothing was created
+    line = one_line_error(capsys, ["query", "a dog", "--index", str(index)])
+    assert "no index at" in line
+    (tmp_path / "fake.index").write_text("hello")
+    line = one_line_error(capsys, ["query", "a dog", "--index", str(tmp_path / "fake.index")])
+    assert "not a search index" in line
+    assert "--index" in one_line_error(capsys, ["index", str(papers), "--checkpoint", checkpoint])
+    assert "not both" in one_line_error(capsys, ["query", "a dog", "--video", "x.mp4", "--index", str(index)])
+    assert "--video" in one_line_error(capsys, ["query", "a dog", "--captions", "c.txt", "--index", str(index)])
+    assert "command" in one_line_error(capsys, ["find", "a dog"])
+
+
+# -- the pieces -------------------------------------------------------------------------------------------
+
+def test_top_k_is_exact_chunked_and_skips_dead_rows():
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.nn.functional.normalize(torch.randn(1000, 16, generator=generator), dim=1)
+    embeddings[700] = embeddings[300]  # a tie: the lower row comes first
+    stored = embeddings.to(torch.float16).numpy()
+    queries = torch.nn.functional.normalize(torch.randn(3, 16, generator=generator), dim=1)
+    queries[2] = embeddings[300]
+    live = np.ones(1000, bool)
+    live[[5, 299]] = False
+    norms = torch.from_numpy(stored).float().norm(dim=1).numpy()  # (1000,) 1 +- 1e-3 after float16 rounding
+    dense = (queries @ torch.from_numpy(stored).float().T / torch.from_numpy(norms)).tolist()  # (3, 1000)
+    expected = [sorted((row for row in range(1000) if live[row]), key=lambda row: (-scores[row], row))[:10]
+                for scores in dense]
+    for rows_per_chunk in (1000, 64, 7):
+        scores, rows = search.top_k(queries, stored, 10, norms=norms, live=live, rows_per_chunk=rows_per_chunk)
+        assert rows.tolist() == expected and rows[2, :2].tolist() == [300, 700]
+        expected_scores = torch.tensor([[dense[q][row] for row in expected[q]] for q in range(3)])
+        torch.testing.assert_close(scores, expected_scores, atol=1e-6, rtol=0)
+    scores, rows = search.top_k(queries, stored[:4], 10, norms=norms[:4], live=np.array([True, False, True, True]))
+    assert scores.shape == (3, 3) and all(1 not in query_rows for query_rows in rows.tolist())
+
+
+def test_bf16_precision_indexes_close_to_fp32(test_index, trained, model, tmp_path):
+    videos = search.VideoSearch(model, tmp_path / "bf16.index", precision="bf16", num_workers=0,
+                                show_progress=False)
+    videos.update([trained[1] / "test"])
+    fp32 = video_index.VideoIndex(test_index[0])
+    bf16 = video_index.VideoIndex(tmp_path / "bf16.index")
+    assert bf16.header["precision"] == "bf16" and fp32.header["precision"] == "fp32"
+    difference = np.abs(np.asarray(bf16.embeddings, np.float32) - np.asarray(fp32.embeddings, np.float32))
+    assert 0 < difference.max() < 0.05  # bf16 keeps 8 bits of mantissa
+
+
+# -- torchrun ---------------------------------------------------------------------------------------------
+
+def _index_worker(rank, world_size, port, argv):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    search.main(argv)
+
+
+@pytest.mark.slow
+def test_under_torchrun_each_process_embeds_a_share_and_rank_0_writes(trained, test_index, tmp_path):
+    from test_train import _free_port
+    checkpoint, world = trained
+    index = tmp_path / "shared.index"
+    folder = tmp_path / "videos"
+    copy_clips(world, folder, 5)  # 5 videos, batch 2: shares of 3 and 2, the last round uneven
+    torch.multiprocessing.spawn(_index_worker, args=(2, _free_port(), [
+        "index", str(folder), "--checkpoint", str(checkpoint), "--index", str(index), "--num-workers", "0",
+        "--batch-size", "2", "--device", "cpu"]), nprocs=2, join=True)
+    single = search.VideoSearch(search.load_model(checkpoint), tmp_path / "single.index", num_workers=0,
+                                show_progress=False)
+    single.update([folder])
+    shared, alone = video_index.VideoIndex(index), video_index.VideoIndex(tmp_path / "single.index")
+    assert [shared.video_path(row) for row in range(5)] == [alone.video_path(row) for row in range(5)]
+    assert np.array_equal(np.asarray(shared.embeddings), np.asarray(alone.embeddings))
+
+
+def test_the_readme_example_runs(trained, tmp_path, capsys):
+    """The README's Python example, as printed, on this test's checkpoint, world and a fresh index."""
+    checkpoint, world = trained
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    example = readme.split("From Python:\n\n```python\n", 1)[1].split("```", 1)[0]
+    assert len(example.strip().splitlines()) < 15
+    example = (example.replace("runs/demo/last.pt", str(checkpoint)).replace("demo.index", str(tmp_path / "demo.index"))
+               .replace("~/.cache/vop/demo/world/test", str(world / "test")))
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 5 and all(Path(line.split()[1]).is_file() for line in printed)
+    assert len(namespace["nearest"]) == 5 and len(namespace["captions"]) == 2
+    assert namespace["vectors"].shape == namespace["texts"].shape == (1, 32)
