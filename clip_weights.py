@@ -15,8 +15,9 @@ from them. Skip on a first reading, after `load` (clip_model.py is the model; th
                     weights file itself, or a hub cache folder models--org--name
     open_clip       open_clip_model.safetensors or open_clip_pytorch_model.bin  open_clip_config.json: heads,
                     with open_clip_config.json next to it, or their folder      head_width, quick_gelu (else GELU)
-    modelscope      the authors' VoP release folder (modelscope.py): the        OpenAI's rules
-                    clip.* of its state dict (the released VoP's backbone)
+
+The authors' released VoP (a ModelScope folder) holds its backbone inside its state dict: modelscope.py reads it
+(evaluate.py --checkpoint FOLDER), building on this module.
 
 No file runs code. A torch.save'd file is read by `torch.load(weights_only=True)`, which unpickles tensors and
 plain containers only and refuses anything else; there is no fallback. OpenAI's TorchScript archive is a zip of
@@ -208,9 +209,6 @@ def read_weights(name_or_path: str | os.PathLike, download_root: str | os.PathLi
     if not asked.exists():
         raise FileNotFoundError(f"CLIP weights {asked} do not exist; pass a model name ({', '.join(OPENAI_MODELS)}), "
                                 f"a weights file or a folder holding one")
-    import modelscope  # here, not at the top: modelscope.py builds on this module
-    if modelscope.is_release_folder(asked):  # the authors' VoP release: the CLIP in its state dict
-        return modelscope.read_release(asked).weights
     path = find_weights_file(asked) if asked.is_dir() else asked
     kind = file_kind(path)
     tensors = read_state_dict(path)

@@ -18,9 +18,9 @@ the paper's baselines beside it (`..._vop_bias`, `..._vop_proj`, `..._vop_partia
 
 `load_folder(folder)` builds this project's model from it: a `VoP` whose prompts are the release's, renamed
 (`text_prompts.tokens`, `visual_prompts.tokens`), or for the baselines a plain-CLIP `VoP` whose trainable
-tensors are those the baseline trained. `read_release(folder)` reads and checks everything without building,
-and `clip_weights.load(folder)` gives the folder's CLIP like any other weights (format "modelscope"). Files are
-read with clip_weights' readers: no file runs code.
+tensors are those the baseline trained. `read_release(folder)` reads and checks everything without building;
+its `weights` are the folder's CLIP under OpenAI's names (format "modelscope"). Files are read with
+clip_weights' readers: no file runs code.
 
 The text layout. The paper (Sec. 3.2) and vop.py put each text layer's P prompts right after [SOS] and read the
 sentence at [EOT]. The release splits them: `prefix` prompts after [SOS] and `suffix` prompts just before the

@@ -30,14 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_data import make_clips  # noqa: E402
-from common import machine_line, timed_median  # noqa: E402
+from common import REPO, argument_parser, machine_line, timed_median  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import clip_model  # noqa: E402
+import clip_weights  # noqa: E402
 import data  # noqa: E402
-import demo  # noqa: E402
 import search  # noqa: E402
-import train  # noqa: E402
 import video_index  # noqa: E402
 from vop import VoP, VoPConfig  # noqa: E402
 
@@ -133,7 +132,17 @@ def a_million_videos(out: Path, rows: int) -> None:
 
 # -- 2. index speed ---------------------------------------------------------------------------------------
 
-TINY_CLIP = demo.TINY_CLIP  # the demo's tiny CLIP: 32 px, 4 + 4 layers, width 128
+DEMO_ROOT = Path("~/.cache/vop/demo").expanduser()  # where demo.py keeps its world and its tiny CLIP
+
+
+def demo_checkpoint(out: Path) -> Path:
+    """The demo's trained VoP pos (python demo.py --prompts pos, run here once), with its world and tiny CLIP."""
+    checkpoint = out / "demo" / "last.pt"
+    if not checkpoint.is_file() or not (DEMO_ROOT / "tiny_clip.pt").is_file():
+        print("training the demo's VoP pos (python demo.py --prompts pos) ...", flush=True)
+        subprocess.run([sys.executable, "demo.py", "--prompts", "pos", "--out-dir", str(out / "demo")], cwd=REPO,
+                       check=True, stdout=subprocess.DEVNULL)
+    return checkpoint
 
 
 def model_of(config: clip_model.CLIPConfig) -> VoP:
@@ -192,22 +201,16 @@ def index_speeds(out: Path, args) -> None:
                 shutil.copy(clip, folders[copies] / f"{copy}_{Path(clip).name}")
     print("| model | videos | `index` end to end, all cores | decode + preprocess, per CPU-second | encode only, "
           "all cores |\n|---|---:|---:|---:|---:|")
-    index_speed("tiny CLIP (the demo's, 32 px)", model_of(TINY_CLIP), folders[args.copies], out, workers)
+    demo_checkpoint(out)  # the demo's tiny CLIP: 32 px, 4 + 4 layers, width 128
+    tiny_clip = clip_weights.load(DEMO_ROOT / "tiny_clip.pt").config
+    index_speed("tiny CLIP (the demo's, 32 px)", model_of(tiny_clip), folders[args.copies], out, workers)
     index_speed("ViT-B/32 (224 px)", model_of(clip_model.CLIPConfig()), folders[1], out, workers)
 
 
 # -- 3. bf16 against fp32 on the demo world ---------------------------------------------------------------
 
-def demo_checkpoint(out: Path) -> Path:
-    checkpoint = out / "demo" / "last.pt"
-    if not checkpoint.is_file():
-        print("training the demo's VoP pos (python demo.py --prompts pos) for the bf16 comparison ...", flush=True)
-        demo.run(train.given_options(["--prompts", "pos", "--out-dir", str(out / "demo")]), evaluate_before=False)
-    return checkpoint
-
-
 def precisions(checkpoint: Path, out: Path) -> None:
-    world = demo.DEMO_ROOT / "world"
+    world = DEMO_ROOT / "world"
     captions = sorted({caption for _, caption in
                        (line.split(",", 1) for line in (world / "test.csv").read_text().splitlines()[1:])})
     model = search.load_model(checkpoint)
@@ -248,7 +251,7 @@ def _encode(model, frames, dtype):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--rows", type=int, default=1_000_000, help="videos in the synthetic index")
     parser.add_argument("--clips", type=int, default=16, help="MSR-VTT-like clips to index")
     parser.add_argument("--copies", type=int, default=4, help="copies of each clip the tiny CLIP indexes")
