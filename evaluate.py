@@ -128,8 +128,6 @@ def dense_video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: 
     return dense_counts(best_caption.T, query_video)
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------
 # 2. Embeddings
 
@@ -388,7 +386,6 @@ def format_results(results: dict, title: str) -> str:
         m = results[key]
         lines.append(f"{label:<{width}}{m['R@1']:6.1f}{m['R@5']:6.1f}{m['R@10']:6.1f}{m['MdR']:6.1f}{m['MnR']:7.1f}")
     return "\n".join(lines)
-
 
 
 def load_model_from_checkpoint(path, device="cpu", clip=None) -> tuple[VoP, dict]:

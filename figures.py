@@ -331,8 +331,7 @@ def draw_comparison(rows: list[dict], path, title: str) -> bool:
         values = [row[key] for row in rows]
         bars = axis.bar(positions + offset, values, width, label=key, color=colour)
         axis.bar_label(bars, fmt="%.1f", fontsize=8)
-    axis.axhline(50, color="grey", linestyle=":", linewidth=1)
-    axis.text(len(rows) - 0.5, 51, "chance on reversal pairs (50%)", ha="right", fontsize=8, color="grey")
+    axis.axhline(50, color="grey", linestyle=":", linewidth=1, label="chance on reversal pairs (50%)")
     axis.set_xticks(positions, names, rotation=20, ha="right")
     axis.set(ylabel="%", title=title, ylim=(0, max(100, math.ceil(max(r["reversal pairs"] for r in rows)) + 5)))
     axis.legend(loc="upper left")

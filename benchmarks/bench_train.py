@@ -20,8 +20,8 @@ What it measures, by wrapping train.training_step and runs.Run.fill_frame_store 
   with 0 workers that is the data path's own cost, and the main process's CPU-seconds in it give its rate per
   core (videos per CPU-second, as in bench_data.py);
 - the store's build (fill_frame_store: training and test videos), the time to the first step, the whole run;
-- train.py's own samples/s (the last line of out_dir/log.jsonl), for comparison: it counts from the start of the
-  run, so it includes the start-up and the store's build.
+- train.py's own samples/s (the last line of out_dir/log.jsonl), for comparison: it counts from the end of the
+  run's first step, so it leaves out the start-up and the store's build, but not the first epoch.
 
     apt-get install ffmpeg     # a benchmark dependency only; without it, OpenCV's mp4v clips are used
     python benchmarks/bench_train.py [--clips 64] [--epochs 5] [--out /tmp/vop_bench_train]
@@ -239,7 +239,7 @@ def main():
           f"process's CPU-seconds while it waits for a batch: read, transform, collate): "
           f"{decode_one['data_rate']:.1f} videos/s decoding, {store_one['data_rate']:.1f} from the store "
           f"({store_one['data_rate'] / decode_one['data_rate']:.1f}x). train.py's own samples/s counts from the "
-          f"start of the run (probe, CLIP, workers, store build included).")
+          f"end of its first step (the first epoch included).")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ def test_msrvtt_9k_7k_and_1k_a_splits(tmp_path, tiny_video):
     assert one_each[2]["caption"] in {f"caption {c} of video 2" for c in range(3)}
 
 
-
 def test_didemo_and_activitynet_join_a_videos_sentences_into_one_paragraph(tmp_path, tiny_video):
     root = tmp_path / "didemo"
     root.mkdir()

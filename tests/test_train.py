@@ -271,7 +271,6 @@ def test_resuming_with_another_prompt_configuration_is_refused(small_setup, tmp_
         train.train(small_config(small_setup, tmp_path, epochs=1, prompts="fn", resume="auto"))
 
 
-
 # -- the bugs a careful reader found ----------------------------------------------------------------------
 
 def test_the_default_out_dir_does_not_depend_on_the_order_the_prompts_were_typed():
