@@ -301,7 +301,7 @@ def processes_left(session: int, seconds: float) -> list[str]:
 @contextlib.contextmanager
 def training_under_way(small_setup, out_dir: Path):
     """train.py on the small world with 2 DataLoader workers, saving every step, too long to finish, from its
-    first checkpoint on (killed on leaving, if still running). In a session of its own (its id is the process's),
+    first checkpoint on (killed on leaving, if still running). It leads a new Unix session (whose id is its PID),
     so that every helper process it starts can be found."""
     clip_path, world = small_setup
     flags = dict(clip=clip_path, data="synthetic", data_root=world, prompts="pos", num_frames=4, batch_size=8,
