@@ -727,7 +727,7 @@ def _check_heads(path: Path, heads_key: str, heads, width_key: str, width: int) 
 def _read_json(path: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: nested too deep
         raise WeightsError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(config, dict):
         raise WeightsError(f"{path} holds a JSON {type(config).__name__}, not an object")

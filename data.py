@@ -421,7 +421,7 @@ def make_loader(dataset, batch_size: int, num_workers: int | None = None, **kwar
     """A DataLoader set up for video: `num_workers` defaults to `default_num_workers()`; the workers stay alive
     from one epoch to the next (persistent) and each keeps 2 batches ready (prefetch); one OpenCV thread per
     worker; workers started by a fork server rather than forked from a parent that has already decoded video
-    (FFmpeg's thread pools do not survive fork(): we saw 2 workers hang after the parent had read 720p clips).
+    (FFmpeg's thread pools do not survive fork(): 2 forked workers can hang once the parent has read 720p clips).
     Stop its workers with `stop_workers` when done with it (or when stopped: they outlive an exception)."""
     num_workers = default_num_workers() if num_workers is None else num_workers
     if num_workers > 0:

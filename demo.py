@@ -319,7 +319,7 @@ def parse_options(argv=None) -> tuple[dict, bool]:
     parser.epilog = ("Any of train.py's flags above overrides the demo's own setting, e.g. --prompts pos,ctx or "
                      "--epochs 4.")
     parser.add_argument("--all", action="store_true", default=False,
-                        help="train and evaluate every row of the README's table (about 5 minutes on 2 cores) and "
+                        help="train and evaluate every row of the README's table (about 10 minutes on 2 cores) and "
                              "draw runs/demo-all/comparison.png")
     options = vars(parser.parse_args(argv))
     return options, options.pop("all")

@@ -23,13 +23,6 @@ def backend_for(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
-def backend_devices(backend: str) -> set[str]:
-    """The device types a backend string serves: "cpu:gloo,cuda:nccl" -> {"cpu", "cuda"}, "nccl" -> {"cuda"}."""
-    if ":" in backend:
-        return {part.split(":")[0] for part in backend.split(",")}
-    return {"nccl": {"cuda"}, "gloo": {"cpu", "cuda"}}.get(backend, {"cpu"})
-
-
 def setup(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world size, this process's device). Under torchrun, joins the process group (once) and takes
     GPU LOCAL_RANK; otherwise (0, 1, device)."""

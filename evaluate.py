@@ -468,6 +468,9 @@ def main(argv=None) -> dict:
     elif model is None:
         model, _ = load_model_from_checkpoint(config.checkpoint, device, config.clip)
     model_name = f"zero-shot {config.clip or 'ViT-B/32'}" if config.zero_shot else config.checkpoint
+    if config.num_frames and config.num_frames != model.num_frames and model.video_prompts:
+        raise ConfigError(f"--num-frames {config.num_frames}: this model's video prompts are made for "
+                          f"{model.num_frames} frames per video; leave --num-frames out")
     dataset.num_frames = config.num_frames or model.num_frames  # the model's frames, and input side
     dataset.image_size = model.clip.visual.input_resolution
     print(f"{model_name} on {name} {config.split}: {len(dataset.captions)} captions, "

@@ -285,7 +285,7 @@ def draw_curves(log_path, path) -> bool:
     plt = _pyplot("training curve")
     if plt is None:
         return False
-    records = read_log(log_path)
+    records = read_log(log_path) if Path(log_path).is_file() else []  # nothing logged yet: empty axes
     steps = [r for r in records if "loss" in r]
     evaluations = [r for r in records if "eval" in r]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))

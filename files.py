@@ -2,8 +2,10 @@
 
 - `atomic_write(path)`: write to a temporary file beside `path`, then rename it over `path` (atomic on POSIX):
   a crash, a full disk or a kill never leaves half a file, and the previous version stays whole until the new
-  one is. The temporary is named `<name>.<pid>.<random>.tmp`, so `remove_leftover_temporaries` can tell
-  the ones a dead process left behind (a SIGKILL mid-write) from those a live writer is still writing.
+  one is. The temporary is named `<name>.<host>.<pid>.<random>.tmp` (`temporary_path`), so
+  `remove_leftover_temporaries` can tell the ones a dead process of this machine left behind (a SIGKILL
+  mid-write) from those a live writer, here or on another machine sharing the folder, is still writing; it
+  removes nothing else (a user's own notes.tmp stays).
 - `read_torch_file(path)`: `torch.load(weights_only=True)` and nothing else, so a crafted pickle is refused,
   never executed; every failure is one error naming the file.
 """
@@ -11,15 +13,18 @@ import contextlib
 import errno
 import os
 import pickle
+import hashlib
 import re
 import secrets
+import socket
 import time
 from pathlib import Path
 
 from errors import UserError
 
-TEMPORARY = re.compile(r"\.(\d+)\.[0-9a-f]+\.tmp$")  # <name>.<pid>.<random>.tmp
-STALE_TEMPORARY_SECONDS = 3600  # a temporary this old is left over, whoever wrote it (another machine, PID reuse)
+HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]  # which machine wrote a temporary
+TEMPORARY = re.compile(r"\.([0-9a-f]{6})\.(\d+)\.[0-9a-f]{8}\.tmp$")  # <name>.<host>.<pid>.<random>.tmp
+STALE_TEMPORARY_SECONDS = 3600  # a temporary of ours this old is left over, whoever wrote it (another machine)
 
 
 class WriteError(UserError):
@@ -36,7 +41,7 @@ def atomic_write(path, mode: str = "wb", encoding: str | None = None):
     A failed write (no space, no permission) raises WriteError naming `path` and saying whether its previous
     version is intact; no temporary is left behind, whatever fails."""
     path = Path(path)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    temporary = temporary_path(path)
     try:
         with open(temporary, mode, encoding=encoding) as handle:
             yield handle
@@ -60,14 +65,22 @@ def _previous(path: Path) -> str:
     return "; its previous version is intact" if path.exists() else ""
 
 
+def temporary_path(path: Path) -> Path:
+    """Where `atomic_write` writes `path` before renaming it: `<name>.<host>.<pid>.<random>.tmp` beside it."""
+    return path.with_name(f"{path.name}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def remove_leftover_temporaries(folder) -> int:
-    """Remove the temporaries in `folder` that a process which no longer runs (or an hour ago) left behind;
-    returns how many. A live writer's temporary stays."""
+    """Remove the temporaries of `atomic_write` in `folder` that a process of this machine which no longer runs
+    left behind, or that are over an hour old (written elsewhere); returns how many. A live writer's temporary
+    stays, and so does every other file."""
     removed = 0
     for temporary in Path(folder).glob("*.tmp") if Path(folder).is_dir() else ():
         match = TEMPORARY.search(temporary.name)
+        if match is None:
+            continue  # not ours
         try:
-            dead = match is not None and not process_exists(int(match.group(1)))
+            dead = match.group(1) == HOST and not process_exists(int(match.group(2)))
             if dead or time.time() - temporary.stat().st_mtime > STALE_TEMPORARY_SECONDS:
                 temporary.unlink()
                 removed += 1

@@ -11,7 +11,6 @@ this module makes a real run safe, through one `Run` per call of `train`:
   atomically; `fill_frame_store` decodes each video once for --frame-store;
 - `log_step`, `log_results` and `finish` print progress and results and append them to out_dir/log.jsonl.
 """
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -41,7 +40,7 @@ class Run:
             distributed.processes_per_machine())
         self.store = FrameStore(config.frame_store) if config.frame_store else None
         self.folder, self.identity, self.replaced_videos = None, {}, 0
-        self.start_step, self.saved_step = 0, None
+        self.start_step, self.saved_step, self.wrote = 0, None, False
         self.clock = Progress("training", total=0, unit="samples", enabled=False)  # rate and ETA of log_step
 
     def log(self, message: str) -> None:
@@ -53,19 +52,19 @@ class Run:
     def __enter__(self):
         """Lock out_dir (rank 0), and refuse to start over an earlier run that was not asked to continue. Every
         process learns rank 0's answer, so a refusal stops them all instead of leaving them waiting."""
-        problem = None
+        problem, failure = None, None
         if self.rank == 0:
             try:
                 self.folder = checkpoints.RunFolder(self.out_dir).__enter__()
                 remove_leftover_temporaries(self.out_dir)  # of a save that a kill interrupted
                 trains = self.config.tune != "zero-shot" and self.config.epochs > 0
                 problem = self.folder.settle_earlier_run(self.config.resume, self.config.overwrite, trains, self.log)
-            except checkpoints.RunFolderError as error:
-                problem = str(error)
+            except Exception as error:  # whatever it is, the other processes must not wait for rank 0 for ever
+                problem, failure = str(error) or type(error).__name__, error
         problem = distributed.from_first_process(problem)
         if problem:
             self.__exit__()
-            raise checkpoints.RunFolderError(problem)
+            raise failure or checkpoints.RunFolderError(problem)
         return self
 
     def __exit__(self, *exc_info):
@@ -147,18 +146,8 @@ class Run:
                 "run": self.identity, "trainable": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "history": history,
                 "replaced_videos": self.replaced_videos}, self.checkpoint_path)
-        self.saved_step = step
+        self.saved_step, self.wrote = step, True
         distributed.barrier()
-
-    @contextlib.contextmanager
-    def evaluation_failure_note(self, epoch: int):
-        """A failed evaluation leaves the epoch's checkpoint, and says so and how to evaluate it again."""
-        try:
-            yield
-        except Exception:
-            self.log(f"evaluation after epoch {epoch + 1} failed; the epoch's checkpoint {self.checkpoint_path} is "
-                     f"saved. Evaluate it again with: python evaluate.py --checkpoint {self.checkpoint_path}")
-            raise
 
     def saved_note(self, total_steps: int) -> str:
         """What a run that stops now leaves, and how to continue it."""
@@ -170,9 +159,13 @@ class Run:
     # -- logs -----------------------------------------------------------------------------------------------
 
     def draw_curves(self) -> None:
-        """out_dir/curves.png: the loss and learning rate, and the test split's recall, so far (figures.py)."""
-        if self.rank == 0:
-            draw_curves(self.out_dir / "log.jsonl", self.out_dir / "curves.png")
+        """out_dir/curves.png: the loss and learning rate, and the test split's recall, so far (figures.py). A
+        picture that cannot be drawn is noted, never allowed to stop the run."""
+        try:
+            if self.rank == 0:
+                draw_curves(self.out_dir / "log.jsonl", self.out_dir / "curves.png")
+        except Exception as error:  # noqa: BLE001  (a by-product: the checkpoint and the log hold the numbers)
+            self.log(f"note: {self.out_dir / 'curves.png'} was not drawn: {type(error).__name__}: {error}")
 
     def write_log(self, record: dict) -> None:
         if self.rank == 0:
@@ -184,8 +177,7 @@ class Run:
                 raise WriteError(f"could not write {path}: {error.strerror or error}") from None
 
     def log_step(self, epoch: int, step: int, total_steps: int, loss, lr: float, grad_norm) -> None:
-        """Every --log-every steps: a progress line and a log.jsonl record (samples/s from the end of the first
-        step this process trained, so start-up and a resumed run's skipped steps do not count)."""
+        """Every --log-every steps: a progress line and a log.jsonl record (samples/s from the first step's end)."""
         self.clock.total = total_steps * self.config.batch_size
         rate, left = self.clock.measure(step * self.config.batch_size)
         if step % self.config.log_every and step != total_steps:
@@ -197,8 +189,7 @@ class Run:
                         "grad_norm": grad_norm.item(), "samples_per_second": rate})
 
     def count_replaced(self, epoch: int, step: int, replaced: list) -> None:
-        """Training videos that passed the probe but failed to decode this epoch (each was replaced by another
-        item): their count over all processes goes into the log and the final summary."""
+        """Videos that failed to decode this epoch, each replaced by another item: counted over all processes."""
         count = distributed.sum_over_processes(len(replaced))
         if count:
             self.replaced_videos += count
@@ -209,7 +200,7 @@ class Run:
 
     def finish(self, step: int, history: list, trainable: int) -> dict:
         """The run's last results, and one line on what it saved (nothing, for a finished run resumed)."""
-        if step != self.start_step:
+        if self.wrote:
             size = self.checkpoint_path.stat().st_size / 1e6 if self.checkpoint_path.is_file() else 0
             self.log(f"saved {self.checkpoint_path} ({size:.1f} MB); {self.replaced_videos} training item(s) were "
                      f"replaced because their video failed to decode")

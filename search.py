@@ -193,7 +193,7 @@ class VideoSearch:
     def search_video(self, video, k: int = 10) -> list[tuple[str, float]]:
         """The k videos nearest to `video` (a path, or its frames as in `_embed_query_video`): [(path, score),
         ...], best first. The query video itself, if indexed, is left out."""
-        itself = str(Path(video).expanduser().absolute()) if isinstance(video, (str, os.PathLike)) else None
+        itself = os.path.realpath(Path(video).expanduser()) if isinstance(video, (str, os.PathLike)) else None
         return self._search(self._embed_query_video(video), k, leave_out=itself)[0]
 
     def rank_captions(self, video, captions: list[str], k: int | None = None) -> list[tuple[str, float]]:
@@ -229,7 +229,7 @@ class VideoSearch:
                     for note in writer.notes:
                         print(note, file=sys.stderr)
                     todo, counts = writer.plan(found)
-                except UserError as failure:  # raised in every process, below
+                except Exception as failure:  # raised in every process, below, so none waits for rank 0
                     error = failure
             todo, counts, error = distributed.from_first_process((todo, counts, error))
             if error is not None:
@@ -324,7 +324,8 @@ def load_model(checkpoint=None, clip=None, device="cpu", num_frames: int = 12,
     if checkpoint is not None:
         model, _ = evaluate.load_model_from_checkpoint(checkpoint, device, clip)
         model.source = {"checkpoint": str(Path(checkpoint).expanduser().absolute()),
-                        "clip": str(Path(clip).expanduser().absolute()) if clip else None}
+                        "clip": clip if not clip or clip in clip_weights.OPENAI_MODELS else
+                        str(Path(clip).expanduser().absolute())}
     else:
         backbone = clip_weights.load(clip, device, activation=clip_activation)
         model = VoP(backbone, VoPConfig(tune="zero-shot", num_frames=num_frames)).to(device).eval()
@@ -378,12 +379,12 @@ def _describe(model: VoP) -> str:
 
 
 def find_videos(folders) -> dict:
-    """{absolute path: (size, mtime_ns)} of every video under `folders`, recursively (symlinked folders are
+    """{real path (absolute, links resolved): (size, mtime_ns)} of every video under `folders`, recursively (symlinked folders are
     followed, each folder once), by the suffixes the project reads (annotations.VIDEO_SUFFIXES, any case), in
     path order. A folder that does not exist, is empty or holds no videos is a NoVideosError naming it."""
     videos = {}
     for folder in folders:
-        root = Path(folder).expanduser().absolute()
+        root = Path(folder).expanduser().resolve()  # one name per video, however the folder was named
         if not root.is_dir():
             raise NoVideosError(f"{folder} is not a folder: pass folders of videos" if root.exists() else
                                 f"{folder} does not exist: pass folders of videos")
@@ -399,7 +400,7 @@ def find_videos(folders) -> dict:
                 files += 1
                 if os.path.splitext(name)[1].lower() in VIDEO_SUFFIXES:
                     found += 1
-                    path = os.path.join(parent, name)
+                    path = os.path.realpath(os.path.join(parent, name))
                     try:
                         stat = os.stat(path)
                         videos[path] = (stat.st_size, stat.st_mtime_ns)

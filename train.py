@@ -223,8 +223,12 @@ def train(config: TrainConfig) -> dict:
 def evaluate_epoch(model: VoP, test_set, epoch: int, step: int, run: Run, device, amp_dtype) -> dict:
     """The test split's retrieval metrics after `epoch` (every process embeds its share), printed as the paper's
     table and logged."""
-    with run.evaluation_failure_note(epoch):  # says that the epoch's checkpoint is saved and how to evaluate it
+    try:
         results = evaluate(model, test_set, run.config.eval_batch_size, run.num_workers, device, amp_dtype)
+    except Exception:  # the epoch is saved already: say so, and how to evaluate it again
+        run.log(f"evaluation after epoch {epoch + 1} failed; the epoch's checkpoint {run.checkpoint_path} is saved. "
+                f"Evaluate it again with: python evaluate.py --checkpoint {run.checkpoint_path}")
+        raise
     run.log(format_results(results, results_title(run.config, f"epoch {epoch + 1}", test_set)))
     run.write_log({"epoch": epoch + 1, "step": step, "eval": results})
     return {"epoch": epoch + 1, "step": step, **results}

@@ -268,12 +268,13 @@ class IndexWriter:
             self.handle.write(rows.numpy().tobytes())
         except OSError as error:
             self._write_failed(self.embeddings_file, error)
-        self.norms += rows.float().norm(dim=1).tolist()
-        for path, (size, mtime_ns) in zip(paths, stats):
-            self.paths.append(path)
-            self.encoded.append(os.fsencode(path))
-            self.sizes.append(size)
-            self.mtimes_ns.append(mtime_ns)
+        norms = rows.float().norm(dim=1).tolist()
+        encoded = [os.fsencode(path) for path in paths]
+        self.norms += norms  # the table's columns grow one after the other: `commit` keeps the rows all have
+        self.paths += paths
+        self.encoded += encoded
+        self.sizes += [size for size, _ in stats]
+        self.mtimes_ns += [mtime_ns for _, mtime_ns in stats]
 
     def skip(self, path: str, stat: tuple, why: str) -> None:
         self.unreadable[path] = (*stat, why)
@@ -286,6 +287,9 @@ class IndexWriter:
     def commit(self) -> None:
         """Make everything added so far durable and count it: the embeddings first, then the table naming them."""
         started = time.monotonic()
+        rows = min(map(len, (self.norms, self.paths, self.encoded, self.sizes, self.mtimes_ns)))
+        for column in (self.norms, self.paths, self.encoded, self.sizes, self.mtimes_ns):
+            del column[rows:]  # a stop in the middle of `add` leaves some columns a batch longer: not counted
         if self.handle is not None:
             try:
                 self.handle.flush()

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import figures
 import train
 import video_io
 from clip_model import CLIPConfig
@@ -97,8 +98,8 @@ def small_config(small_setup, out_dir, **overrides):
 
 
 def read_log(out_dir):
-    with open(out_dir / "log.jsonl") as handle:
-        return [json.loads(line) for line in handle]
+    """The records of out_dir/log.jsonl."""
+    return figures.read_log(out_dir / "log.jsonl")
 
 
 SOT, EOT = 998, 999  # the tiny fixture CLIP's vocabulary of 1,000

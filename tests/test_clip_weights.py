@@ -244,6 +244,14 @@ def test_transformers_config_of_another_model(tmp_path, model_type):
         load(tmp_path)
 
 
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "[" * 100_000 + "]" * 100_000])
+def test_a_config_that_is_not_a_json_object_is_named(tmp_path, text):
+    shutil.copy(HF / "model.safetensors", tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(clip_weights.WeightsError, match="config.json"):
+        load(tmp_path)
+
+
 def test_transformers_unsupported_activation(tmp_path):
     shutil.copy(HF / "model.safetensors", tmp_path)
     config = json.loads((HF / "config.json").read_text())

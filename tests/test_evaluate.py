@@ -467,6 +467,16 @@ def test_end_to_end_and_checkpoint_reload(tiny_clip, tiny_world, tmp_path, monke
         assert image.width > 1000 and image.height > 500
 
 
+def test_another_frame_count_for_a_model_with_position_prompts_is_refused_up_front(tiny_clip, tiny_world, tmp_path):
+    model = VoP(tiny_clip, VoPConfig(num_frames=4, video_prompts="pos"))
+    checkpoints.save_checkpoint({
+        "config": {"data": "synthetic", "data_root": str(tiny_world)}, "vop_config": config_as_dict(model.config),
+        "run": {"backbone": str(FIXTURES_CLIP)}, "trainable": model.trainable_state_dict(), "optimizer": {},
+        "scaler": {}, "step": 3, "history": [], "replaced_videos": 0}, tmp_path / "last.pt")
+    with pytest.raises(cli.ConfigError, match="--num-frames 8: this model's video prompts are made for 4 frames"):
+        ev.main(["--checkpoint", str(tmp_path / "last.pt"), "--num-frames", "8", "--num-workers", "0"])
+
+
 def test_examples_figure_shows_ranks_scores_and_which_hits_are_correct(tiny_world, tmp_path):
     """Both directions; every hit with its rank and score; the query's own item framed green, and written at
     the end of its row with its rank when it is not in the top k; a video sharing the query's caption text is

@@ -18,6 +18,7 @@ import torch
 import checkpoints
 import cli
 import evaluate as ev
+import files
 import runs
 import train
 from clip_model import CLIP
@@ -428,10 +429,15 @@ with atomic_write({str(tmp_path / "last.pt")!r}) as handle:
     killed.communicate(timeout=120)
     assert killed.returncode == -signal.SIGKILL
     leftover, = tmp_path.glob("last.pt.*.tmp")
-    live = tmp_path / f"last.pt.{os.getpid()}.0123abcd.tmp"  # a live process's save in progress: kept
+    live = files.temporary_path(tmp_path / "last.pt")  # a live process's save in progress: kept
     live.write_bytes(b"being written")
+    elsewhere = tmp_path / f"last.pt.{'0' * 6}.{killed.pid}.0123abcd.tmp"  # another machine's, with the same PID
+    notes = tmp_path / "notes.tmp"  # not a temporary of ours: kept, however old
+    for kept in (elsewhere, notes):
+        kept.write_bytes(b"kept")
+    os.utime(notes, (time.time() - 7200, time.time() - 7200))
     with runs.Run(small_config(small_setup, tmp_path)):
-        assert not leftover.exists() and live.exists()
+        assert not leftover.exists() and live.exists() and elsewhere.exists() and notes.exists()
 
 
 # -- checkpoints of another version -----------------------------------------------------------------------

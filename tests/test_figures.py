@@ -28,6 +28,16 @@ def test_a_run_draws_its_curves_after_every_epoch(small_setup, tmp_path, monkeyp
         assert image.width > 1000 and image.height > 300
 
 
+def test_an_epoch_that_logged_nothing_yet_still_gets_its_curves(small_setup, tmp_path, capsys):
+    """With --log-every above an epoch's steps, the first epoch ends before log.jsonl exists: empty axes, and
+    the run goes on (a picture never stops a run)."""
+    train.train(small_config(small_setup, tmp_path, epochs=2, log_every=20))
+    assert "was not drawn" not in capsys.readouterr().out
+    assert len([r for r in figures.read_log(tmp_path / "log.jsonl") if "loss" in r]) == 1  # the last step only
+    with Image.open(tmp_path / "curves.png") as image:
+        assert image.width > 1000
+
+
 def test_curves_skip_a_line_cut_short_by_a_crash(tmp_path):
     records = [{"epoch": 1, "step": s, "loss": 2.0 / s, "lr": 1e-3} for s in range(1, 5)]
     records.append({"epoch": 1, "step": 4, "eval": {d: {"R@1": 10.0, "R@5": 40.0, "MnR": 5.0} for d in ("t2v", "v2t")}})

@@ -519,3 +519,39 @@ def test_the_readme_example_runs(trained, tmp_path, capsys):
     assert len(printed) == 5 and all(Path(line.split()[1]).is_file() for line in printed)
     assert len(namespace["nearest"]) == 5 and len(namespace["captions"]) == 2
     assert namespace["vectors"].shape == namespace["texts"].shape == (1, 32)
+
+
+# -- a video has one name; an index stays whole; a model's name stays a name -------------------------------
+
+def test_a_folder_named_another_way_adds_no_second_copy_of_its_videos(model, trained, tmp_path, monkeypatch):
+    clips = copy_clips(trained[1], tmp_path / "a" / "videos", 2)
+    (tmp_path / "b").mkdir()
+    videos = search.VideoSearch(model, tmp_path / "mine.index", num_workers=0, show_progress=False)
+    videos.update([tmp_path / "a" / "videos"])
+    monkeypatch.chdir(tmp_path / "b")
+    counts = videos.update([Path("..") / "a" / "videos"])  # the same folder, through ..
+    assert counts["new"] == 0 and counts["unchanged"] == 2 and counts["videos"] == 2
+    hits = videos.search_video(Path("..") / "a" / "videos" / clips[0].name, k=5)
+    assert [Path(path).name for path, _ in hits] == [clips[1].name]  # the query video itself is left out
+
+
+def test_a_stop_in_the_middle_of_adding_a_batch_leaves_an_index_that_opens(model, trained, tmp_path):
+    clips = copy_clips(trained[1], tmp_path / "videos", 3)
+    record = search.VideoSearch(model, tmp_path / "mine.index").model_record()
+    with video_index.IndexWriter(tmp_path / "mine.index", record, 32, "fp32") as writer:
+        stats = [(clip.stat().st_size, clip.stat().st_mtime_ns) for clip in clips]
+        writer.add([str(clips[0])], stats[:1], torch.nn.functional.normalize(torch.randn(1, 32), dim=1))
+        writer.norms.append(1.0)  # what a Ctrl-C between two columns of the next `add` leaves
+        writer.paths.append(str(clips[1]))
+        writer.commit()
+    index = video_index.VideoIndex(tmp_path / "mine.index")
+    assert len(index.embeddings) == 1 and index.video_path(0) == str(clips[0])
+
+
+def test_an_openai_model_name_is_recorded_as_a_name(monkeypatch, trained):
+    loaded, real_loader = [], evaluate.load_model_from_checkpoint
+    monkeypatch.setattr(evaluate, "load_model_from_checkpoint",
+                        lambda checkpoint, device, clip: (loaded.append(clip) or real_loader(checkpoint, device)))
+    model = search.load_model(trained[0], clip="ViT-B/32")
+    assert model.source["clip"] == "ViT-B/32" and loaded == ["ViT-B/32"]
+    assert search.load_model(trained[0], clip="weights.pt").source["clip"] == str(Path("weights.pt").absolute())

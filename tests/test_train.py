@@ -180,16 +180,25 @@ def test_train_under_torchrun_style_launch(small_setup, tmp_path):
     assert len(checkpoint["history"]) == 1 and "t2v" in checkpoint["history"][0]  # rank 0 evaluated
     losses = [record["loss"] for record in read_log(tmp_path / "run") if "loss" in record]
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
-    served = distributed.backend_devices(distributed.backend_for(torch.device("cuda")))
+    served = backend_devices(distributed.backend_for(torch.device("cuda")))
     for rank in range(2):
         seen = torch.load(f"{tmp_path / 'devices'}.{rank}")
         assert {"all_gather", "all_reduce"} <= {name for name, _ in seen}  # the loss and the gradient sum
         assert {device for _, device in seen} <= served, seen
 
 
+def backend_devices(backend: str) -> set[str]:
+    """The device types a torch.distributed backend string serves: "cpu:gloo,cuda:nccl" -> {"cpu", "cuda"},
+    "nccl" -> {"cuda"}, "gloo" -> {"cpu", "cuda"}."""
+    if ":" in backend:
+        return {part.split(":")[0] for part in backend.split(",")}
+    return {"nccl": {"cuda"}, "gloo": {"cpu", "cuda"}}[backend]
+
+
 def test_the_cuda_backend_serves_cpu_tensors_too():
-    assert distributed.backend_devices(distributed.backend_for(torch.device("cuda"))) == {"cpu", "cuda"}
-    assert distributed.backend_devices("nccl") == {"cuda"}  # what a CPU count would have met
+    backend = distributed.backend_for(torch.device("cuda"))
+    assert "cuda:nccl" in backend.split(",") and backend_devices(backend) == {"cpu", "cuda"}
+    assert backend_devices("nccl") == {"cuda"}  # what a CPU count would have met
 
 
 def test_bf16_autocast_on_cpu(small_setup, tmp_path):
