@@ -92,20 +92,42 @@ def _read_csv_rows(path: Path, required_columns, delimiter=",") -> list:
     # The csv module refuses fields over 128 KB; no field can be longer than the file (a long caption is cut
     # by the tokenizer). The limit is the module's only setting, so it is restored afterwards.
     limit = csv.field_size_limit(max(csv.field_size_limit(), _require_file(path, "annotation file").stat().st_size))
-    # utf-8-sig: a CSV saved by Excel starts with a byte-order mark, which must not become part of "video".
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        try:
-            header = reader.fieldnames or []
-            missing = [column for column in required_columns if column not in header]
-            if missing:
-                raise AnnotationError(f"{path}:1: missing column(s) {missing}; the header is {header}. "
-                                      f"Expected a header with {list(required_columns)}.")
-            return [(reader.line_num, row) for row in reader]
-        except csv.Error as error:
-            raise AnnotationError(f"{path}:{reader.line_num}: {error}; fix or delete this line") from None
-        finally:
-            csv.field_size_limit(limit)
+    try:
+        # utf-8-sig: a CSV saved by Excel starts with a byte-order mark, which must not become part of "video".
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, delimiter=delimiter)
+            try:
+                header = reader.fieldnames or []
+                missing = [column for column in required_columns if column not in header]
+                if missing:
+                    raise AnnotationError(f"{path}:1: missing column(s) {missing}; the header is {header}. "
+                                          f"Expected a header with {list(required_columns)}.")
+                return [(reader.line_num, row) for row in reader]
+            except csv.Error as error:
+                raise AnnotationError(f"{path}:{reader.line_num}: {error}; fix or delete this line") from None
+            except UnicodeDecodeError:
+                raise AnnotationError(f"{path}:{_first_line_not_utf8(path)}: not UTF-8 text; save the file as "
+                                      f"UTF-8") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _first_line_not_utf8(path: Path) -> int:
+    """The number of the first line of `path` that is not UTF-8 (the csv reader reads ahead of its line count)."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return raw[:error.start].count(b"\n") + 1
+    return 1
+
+
+def _read_json(path: Path):
+    """The JSON value in an annotation file; a file that is not JSON is an AnnotationError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise AnnotationError(f"{path} is not valid JSON ({error}); fix or download it again") from None
 
 
 def _video_index(video_dir: Path) -> dict:
@@ -151,8 +173,8 @@ def _msrvtt_entries(root: Path, split: str, train_csv: str, video_dir: Path):
                    for line, row in _read_csv_rows(test_csv, ["video_id", "sentence"])]
         return entries, _locator(video_dir, ".mp4"), test_csv
     data_json = _require_file(root / "MSRVTT_data.json", "MSR-VTT caption file")
-    with open(data_json, encoding="utf-8") as handle:
-        sentences = json.load(handle).get("sentences")
+    contents = _read_json(data_json)
+    sentences = contents.get("sentences") if isinstance(contents, dict) else None
     if not isinstance(sentences, list):
         raise AnnotationError(f"{data_json}: expected a top-level 'sentences' list (CLIP4Clip's MSRVTT_data.json)")
     captions_of = {}
@@ -174,8 +196,7 @@ def _msrvtt_entries(root: Path, split: str, train_csv: str, video_dir: Path):
 def _didemo_entries(root: Path, split: str, video_dir: Path):
     _check_split("didemo", split, {"train", "val", "test"})
     data_json = _require_file(root / f"{split}_data.json", "DiDeMo annotation file")
-    with open(data_json, encoding="utf-8") as handle:
-        moments = json.load(handle)
+    moments = _read_json(data_json)
     sentences_of = {}  # video id -> [(sentence, where)], in file order
     for number, moment in enumerate(moments):
         if "video" not in moment or "description" not in moment:
@@ -202,12 +223,10 @@ def _activitynet_entries(root: Path, split: str, video_dir: Path):
     # The paper tests on val_1 (CLIP4Clip's layout has no separate test annotations).
     captions_json = _require_file(root / ("train.json" if split == "train" else "val_1.json"),
                                   "ActivityNet Captions file")
-    with open(captions_json, encoding="utf-8") as handle:
-        videos = json.load(handle)
+    videos = _read_json(captions_json)
     ids_json = root / ("train_ids.json" if split == "train" else "val_ids.json")
     if ids_json.is_file():
-        with open(ids_json, encoding="utf-8") as handle:
-            video_order = [video_id for video_id in json.load(handle) if video_id in videos]
+        video_order = [video_id for video_id in _read_json(ids_json) if video_id in videos]
     else:
         video_order = list(videos)
     sentences_of = {}

@@ -117,16 +117,15 @@ def check_config(config) -> None:
 def flag_errors(**flag_of):
     """Turn a ValueError that names a field ('fn_layers: must be ...', from VoPConfig or VoP) into a ConfigError
     naming its flag ('--fn-layers: must be ...'); `flag_of` gives the flags of fields named otherwise
-    (video_prompts="prompts")."""
+    (video_prompts="prompts"). Any other ValueError is a bug, and keeps its traceback."""
     try:
         yield
     except ValueError as error:
-        text = str(error)
-        name, separator, rest = text.partition(":")
-        if separator and name.isidentifier():
-            name = flag_of.get(name, name)
-            raise ConfigError(f"--{name.replace('_', '-')}:{rest}") from None
-        raise ConfigError(text) from None
+        name, separator, rest = str(error).partition(":")
+        if not (separator and name.isidentifier()):
+            raise
+        name = flag_of.get(name, name)
+        raise ConfigError(f"--{name.replace('_', '-')}:{rest}") from None
 
 
 def resolve_device(name: str) -> torch.device:

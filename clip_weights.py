@@ -330,9 +330,8 @@ def read_state_dict(path: Path) -> dict:
 def shard_files(index_path: Path) -> list[Path]:
     """The shard files a *.index.json names (transformers' sharded weights), in name order."""
     try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        names = sorted(set(read_json(index_path)["weight_map"].values()))
+    except (KeyError, TypeError, AttributeError) as error:
         raise WeightsError(f"{index_path} is not a shard index with a weight_map: {error}") from error
     if not names or any(not isinstance(n, str) or Path(n).name != n or n.endswith(".json") for n in names):
         raise WeightsError(f"{index_path}: its weight_map must name shard files in its own folder, got {names[:5]}")
@@ -578,7 +577,7 @@ _TRANSFORMERS_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_
 
 def transformers_config(path: Path) -> dict:
     """CLIPConfig fields from a transformers CLIPModel config.json."""
-    config = _read_json(path)
+    config = read_json(path)
     model_type = config.get("model_type")
     if model_type in ("clip_vision_model", "clip_text_model"):
         raise WeightsError(f"{path}: model_type {model_type!r} is one tower only: VoP needs a full CLIPModel "
@@ -643,7 +642,7 @@ _OPEN_CLIP_FIXED = {
 
 def open_clip_config(path: Path) -> dict:
     """CLIPConfig fields from an open_clip_config.json (or a bare open_clip model config)."""
-    config = _read_json(path)
+    config = read_json(path)
     model = _checked(path, "model_cfg", config.get("model_cfg", config), "section")
     vision, text = model.get("vision_cfg"), model.get("text_cfg")
     if not isinstance(vision, dict) or not isinstance(text, dict) or "embed_dim" not in model:
@@ -724,7 +723,7 @@ def _check_heads(path: Path, heads_key: str, heads, width_key: str, width: int) 
                            f"{width} into equal parts")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: nested too deep

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from annotations import read_annotations
 from clip_model import CLIP_MEAN, CLIP_STD
-from video_io import VideoReadError, available_cpus, decode_frames, exit_when_process_ends
+from video_io import READ_ERRORS, VideoReadError, available_cpus, decode_frames, exit_when_process_ends
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -340,7 +340,7 @@ class VideoFiles(Dataset):
         try:
             video = video_transform(read_frames(path, self.num_frames, "uniform"), False, self.image_size)
             error = ""
-        except (VideoReadError, OSError, cv2.error) as failure:
+        except READ_ERRORS as failure:
             video = torch.zeros(self.num_frames, 3, self.image_size, self.image_size)
             error = str(failure).splitlines()[0] if str(failure).strip() else type(failure).__name__
             error = error if str(path) in error else f"{path}: {error}"
@@ -403,7 +403,7 @@ class EpochSampler(Sampler):
                                           seed=seed, drop_last=True)
         self.batch_size = batch_size
         self.num_batches = len(self.shuffle) // batch_size  # the last incomplete batch is dropped
-        self.keys = []
+        self.set_epoch(0)  # so that a loop without set_epoch still sees epoch 0, not nothing
 
     def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
         self.shuffle.set_epoch(epoch)

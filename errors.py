@@ -10,6 +10,10 @@ class UserError(Exception):
     """An error the user can fix by changing a flag or a file; its message names the thing and the fix."""
 
 
+class TrainingDiverged(UserError, FloatingPointError):
+    """A training step whose loss is not finite (NaN or infinite): the run stops before it changes a weight."""
+
+
 class Stopped(KeyboardInterrupt):
     """Ctrl-C, or SIGTERM from a job scheduler: the program stops cleanly, and its message says what was saved
     and how to continue (cli.run_command prints it as one line, and exits with 128 + `signal`)."""

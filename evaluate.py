@@ -398,8 +398,8 @@ def load_model_from_checkpoint(path, device="cpu", clip=None) -> tuple[VoP, dict
     """
     if Path(path).expanduser().is_dir():
         if clip is not None:
-            raise clip_weights.WeightsError(f"{path} is the authors' release, whose backbone is in its state dict: "
-                                            f"drop --clip")
+            raise clip_weights.WeightsError(f"{path} is a folder: the authors' release holds its own backbone (drop "
+                                            f"--clip); for a train.py run, pass its last.pt")
         return modelscope.load_folder(path, device)
     checkpoint = checkpoints.load_checkpoint(path)
     run = checkpoint["run"]
@@ -449,16 +449,18 @@ def main(argv=None) -> dict:
     if config.zero_shot == (config.checkpoint is not None):
         raise ConfigError("give either --checkpoint PATH or --zero-shot (with --clip), not both")
     device = resolve_device(config.device)
-    model, trained = None, {}  # trained: train.py's settings (the authors' release names no dataset)
-    if config.checkpoint and Path(config.checkpoint).expanduser().is_dir():  # the release holds its backbone
-        model, _ = load_model_from_checkpoint(config.checkpoint, device, config.clip)
-    elif config.checkpoint:  # read first: a bad file is named before any video is read or anything downloaded
+    model, trained = None, {}  # trained: train.py's settings (the authors' release folder names no dataset)
+    release = config.checkpoint is not None and Path(config.checkpoint).expanduser().is_dir()
+    if config.checkpoint and not release:
+        # read first: a bad file is named before any video is read or anything downloaded
         trained = checkpoints.load_checkpoint(config.checkpoint)["config"]
     name = config.data or trained.get("data")
     root = config.data_root or trained.get("data_root")
     if name is None or root is None:
         raise ConfigError(f"--data and --data-root are needed ({config.checkpoint} names no dataset)"
                           if config.checkpoint else "--zero-shot needs --data and --data-root")
+    if release:  # it holds its backbone: a damaged or incomplete folder is named before any video is read
+        model, _ = load_model_from_checkpoint(config.checkpoint, device, config.clip)
     store = FrameStore(config.frame_store) if config.frame_store else None
     # The annotations are read before the backbone, which may need a download: a wrong data root is found first.
     dataset = data.build_dataset(name, root, config.split, train=False, frame_store=store)
@@ -476,7 +478,7 @@ def main(argv=None) -> dict:
     print(f"{model_name} on {name} {config.split}: {len(dataset.captions)} captions, "
           f"{len(dataset.video_ids)} videos", file=sys.stderr)
     if store is not None:
-        store.build(dataset, config.num_workers)
+        store.build(dataset, config.num_workers, log=lambda line: print(line, file=sys.stderr))
     text_embeddings, video_embeddings = embed(model, dataset, config.batch_size, config.num_workers, device,
                                               resolve_precision(config.precision, device), show_progress=True)
     results = metrics_from_embeddings(text_embeddings, video_embeddings, dataset.caption_video_index, config.dsl,

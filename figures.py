@@ -35,9 +35,11 @@ def _fit(text: str, font, width: int) -> str:
     """`text`, cut with '...' to fit `width` pixels."""
     if font.getlength(text) <= width:
         return text
-    while text and font.getlength(text + "...") > width:
-        text = text[:-1]
-    return text + "..."
+    fits, too_long = 0, len(text)  # the longest start that fits with '...' lies in [fits, too_long)
+    while too_long - fits > 1:  # a bisection: a paragraph-long caption costs a few measures, not thousands
+        middle = (fits + too_long) // 2
+        fits, too_long = (middle, too_long) if font.getlength(text[:middle] + "...") <= width else (fits, middle)
+    return text[:fits] + "..."
 
 
 def _wrap(text: str, font, width: int, max_lines: int) -> list[str]:

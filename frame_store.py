@@ -47,7 +47,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import zlib
 from pathlib import Path
 
@@ -59,7 +58,8 @@ import torch.nn.functional as F
 import data
 from errors import UserError
 from files import WriteError, atomic_write, remove_leftover_temporaries
-from video_io import VideoReadError, decode_frames, map_in_processes
+from progress import Progress
+from video_io import READ_ERRORS, VideoReadError, decode_frames, map_in_processes
 
 FORMAT = 1
 MAGIC = b"VOPFRAMES1\n"
@@ -138,32 +138,25 @@ class FrameStore:
             damaged = f" ({states.count('damaged')} of them damaged entries, rebuilt)" if "damaged" in states else ""
             log(f"frame store {folder}: {len(mine) - len(todo)} of {len(mine)} videos stored; decoding "
                 f"{len(todo)}{damaged} with {num_workers if parallel else 1} process(es)")
-        start, last_report = time.time(), [time.time()]
-
-        def progress(done: int, total: int) -> None:
-            if time.time() - last_report[0] > 30 or done == total:
-                rate = done / max(time.time() - start, 1e-9)
-                log(f"frame store: {done}/{total} videos, {rate:.1f} videos/s, "
-                    f"{(total - done) / max(rate, 1e-9) / 60:.0f} min left")
-                last_report[0] = time.time()
+        progress = Progress("frame store", len(jobs), "videos", enabled=bool(jobs) and rank == 0)  # on stderr
 
         results = []
         try:
             # An empty folder: the first entries, built here, tell how much room the others need.
             while len(results) < min(len(jobs), 8) and _typical_entry_bytes(folder) is None:
                 results.append(_build_entry(jobs[len(results)]))
-                progress(len(results), len(jobs))
+                progress.update(len(results))
             self._check_room(folder, len(jobs) - len(results))
             done, rest = len(results), jobs[len(results):]
             if parallel and len(rest) >= 32:  # a video on which FFmpeg crashes kills its process: reported as failed
                 results += map_in_processes(_build_entry, rest, num_workers,
-                                            on_result=lambda count, _: progress(done + count, len(jobs)),
+                                            on_result=lambda count, _: progress.update(done + count),
                                             on_crash=lambda job: (job[2], f"{job[2]}: the decoder crashed on it"),
                                             initializer=_init_build_worker)
             else:
                 for job in rest:
                     results.append(_build_entry(job))
-                    progress(len(results), len(jobs))
+                    progress.update(len(results))
         except BaseException as error:  # a full disk (or Ctrl-C): stop now, leaving no partial entry behind
             remove_leftover_temporaries(folder)  # those of the workers stopped mid-write
             if not isinstance(error, WriteError):
@@ -171,6 +164,7 @@ class FrameStore:
             raise FrameStoreError(f"frame store {self.root}: {error}; the {len(jobs) - len(results)} videos still to "
                                   f"store need {_room_note(folder, len(jobs) - len(results))}: make room, or pass "
                                   f"another --frame-store") from None
+        progress.finish()
         failed = [(path, error) for path, error in results if error]
         size = self.size_bytes()
         log(f"frame store {self.root}: {len(mine) - len(failed)} videos of this dataset stored; {size / 1e9:.2f} GB "
@@ -443,6 +437,6 @@ def _build_entry(job) -> tuple:
             header, blobs = store._make_entry(kind, video_path, num_frames, image_size, key)
             store._write(entry, header, blobs)
         return video_path, ""
-    except (VideoReadError, OSError, cv2.error) as error:
+    except READ_ERRORS as error:
         message = str(error)
         return video_path, message if video_path in message else f"{video_path}: {message}"

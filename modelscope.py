@@ -115,9 +115,9 @@ def read_release(folder) -> Release:
     if not configuration.is_file():
         raise FileNotFoundError(f"{configuration} is missing: the release's folder holds it beside its state dict; "
                                 f"download the whole folder")
-    settings = clip_weights._read_json(configuration)
+    settings = clip_weights.read_json(configuration)
     model_type = settings["model"].get("type") if isinstance(settings.get("model"), dict) else None
-    if model_type is not None and model_type not in MODEL_FILES:
+    if model_type is not None and (not isinstance(model_type, str) or model_type not in MODEL_FILES):
         raise WeightsError(f"{configuration}: model type {model_type!r} is none of the release's "
                            f"{', '.join(MODEL_FILES)}")
     file_name = MODEL_FILES.get(model_type) or next(
@@ -154,6 +154,9 @@ def read_release(folder) -> Release:
                            f"which takes {sizes.image_resolution}-pixel images")
 
     prefix, suffix = (0, 0) if is_baseline else (hyper["tp_prefix_token_num"], hyper["tp_suffix_token_num"])
+    if prefix + suffix >= sizes.context_length:
+        raise WeightsError(f"{configuration}: {prefix} + {suffix} text prompts leave no room for a caption in the "
+                           f"backbone's {sizes.context_length} positions")
     expected = {} if is_baseline else {  # the shapes configuration.json gives the prompt tables
         TEXT_PROMPTS: torch.empty(sizes.transformer_layers, prefix + suffix, sizes.transformer_width),
         VISUAL_PROMPTS: torch.empty(sizes.vision_layers, 1, hyper["vp_token_num"], sizes.vision_width)}
@@ -184,9 +187,6 @@ def _hyperparameters(configuration: Path, settings: dict, is_baseline: bool) -> 
     if hyper["pooling_type"] != "avg":
         raise WeightsError(f"{configuration}: pooling_type {hyper['pooling_type']!r} is not the release's only "
                            f"one, 'avg' (the mean of the frames)")
-    if not is_baseline and hyper["tp_prefix_token_num"] + hyper["tp_suffix_token_num"] >= 77:
-        raise WeightsError(f"{configuration}: {hyper['tp_prefix_token_num']} + {hyper['tp_suffix_token_num']} text "
-                           f"prompts leave no room for a caption in CLIP's 77 positions")
     return {name: hyper[name] for name in names}
 
 

@@ -9,7 +9,8 @@ this module makes a real run safe, through one `Run` per call of `train`:
   an unreadable test video stops the run (out_dir/unreadable_test_videos.txt), before anything is downloaded;
 - `resume` continues a checkpoint, refusing another run's (naming each difference); `save` writes one
   atomically; `fill_frame_store` decodes each video once for --frame-store;
-- `log_step`, `log_results` and `finish` print progress and results and append them to out_dir/log.jsonl.
+- `log_step`, `count_replaced`, `draw_curves` and `finish` print progress and results, append them to
+  out_dir/log.jsonl and draw out_dir/curves.png.
 """
 import dataclasses
 import json
@@ -21,8 +22,8 @@ import data
 import distributed
 import video_io
 from cli import ConfigError
-from figures import draw_curves
-from files import WriteError, remove_leftover_temporaries
+from figures import draw_curves, read_log
+from files import WriteError, atomic_write, remove_leftover_temporaries
 from frame_store import FrameStore
 from progress import Progress, format_duration
 from vop import config_as_dict, parse_video_prompts
@@ -127,9 +128,14 @@ class Run:
                 + "\nResume with the flags it was made with, or start afresh (--overwrite, or another --out-dir)")
         model.load_trainable_state_dict(checkpoint["trainable"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["scaler"]:  # empty when saved without fp16's loss scaling (fp32, bf16, a CPU run)
+            scaler.load_state_dict(checkpoint["scaler"])
         self.replaced_videos = checkpoint["replaced_videos"]
-        self.start_step = self.saved_step = checkpoint["step"]
+        self.start_step = checkpoint["step"]
+        if Path(path).resolve() == self.checkpoint_path.resolve():  # else nothing is saved in out_dir yet
+            self.saved_step = self.start_step
+        if self.rank == 0:  # the steps logged after the checkpoint will be trained, and logged, again
+            forget_log_after(self.out_dir / "log.jsonl", self.start_step)
         total_steps = self.identity["steps_per_epoch"] * self.config.epochs
         if self.start_step >= total_steps:
             self.log(f"{path} is a finished run (step {self.start_step}/{total_steps}): nothing to train")
@@ -155,6 +161,14 @@ class Run:
             return "Nothing was saved yet."
         return (f"The last checkpoint, {self.checkpoint_path} (step {self.saved_step}/{total_steps}), is intact: run "
                 f"the same command with --resume auto to continue from it.")
+
+    def diverged_note(self, total_steps: int) -> str:
+        """How to go on after a loss that is not finite (the same command would meet it again)."""
+        if self.saved_step is None:
+            return "Nothing was saved yet: start again with a lower --lr, or --precision bf16 / fp32."
+        return (f"The last checkpoint, {self.checkpoint_path} (step {self.saved_step}/{total_steps}), is intact: "
+                f"continue from it with --resume auto --precision bf16 (or fp32), or start again with a lower --lr "
+                f"and --overwrite.")
 
     # -- logs -----------------------------------------------------------------------------------------------
 
@@ -241,6 +255,18 @@ def run_identity(config, clip, train_set, steps_per_epoch: int, base_lr: float, 
             "vop": config_as_dict(model_config)}
 
 
+def forget_log_after(path: Path, step: int) -> None:
+    """Keep only the records of log.jsonl up to `step` (a resumed run trains, and logs, the later ones again),
+    and none cut short by a crash (the next record would be appended to it)."""
+    if not path.is_file():
+        return
+    lines, records = path.read_text(encoding="utf-8").splitlines(keepends=True), read_log(path)
+    kept = [record for record in records if record.get("step", 0) <= step]
+    if len(kept) < len(lines) or (lines and not lines[-1].endswith("\n")):
+        with atomic_write(path, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in kept)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The videos of a run, each opened once before it starts
 
@@ -259,8 +285,8 @@ def check_videos(test_set, train_set, out_dir: Path, num_workers: int, rank: int
     if rank != 0:
         results = video_io.probe_videos(paths, num_workers=num_workers, cache_file=cache)
     unreadable = {path: result.error for path, result in results.items() if not result.ok}
-    if rank == 0:  # lists from an earlier start would now be wrong
-        for name in ("unreadable_test_videos.txt", "skipped_videos.txt"):
+    if rank == 0:  # lists from an earlier start would now be wrong (an evaluation-only run keeps the training list)
+        for name in ("unreadable_test_videos.txt",) + (("skipped_videos.txt",) if train_set is not None else ()):
             (out_dir / name).unlink(missing_ok=True)
 
     def listing(name: str, bad: list) -> Path:

@@ -52,7 +52,7 @@ from errors import Stopped, UserError
 from files import atomic_write
 from progress import Progress
 from video_index import IndexFileError, IndexWriter, VideoIndex, skipped_list
-from video_io import VideoReadError
+from video_io import READ_ERRORS, VideoReadError
 from vop import VoP, VoPConfig, config_as_dict
 
 ROWS_PER_CHUNK = 1 << 14  # index rows scored at once: 16 MB of float16 at E = 512, 32 MB as float32
@@ -69,7 +69,8 @@ class NoVideosError(UserError):
 def top_k(queries: torch.Tensor, embeddings: np.ndarray, k: int, device="cpu", norms: np.ndarray | None = None,
           live: np.ndarray | None = None, rows_per_chunk: int = ROWS_PER_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores (Q, k'), rows (Q, k')): for each query, the k rows of `embeddings` with the highest cosine, best
-    first (a tie goes to the lower row), k' = min(k, live rows). Exact: every row is scored.
+    first (level scores in row order), k' = min(k, live rows). Exact: every row is scored; which of several rows
+    level at the k-th place is kept is not fixed (torch.topk's choice).
 
     queries (Q, E) L2-normalised; embeddings (N, E) float16, memory-mapped: a chunk of rows is read, scored in
     float32 on `device` and merged with the best so far, so memory stays at one chunk whatever N. `norms` (N,):
@@ -118,9 +119,8 @@ class VideoSearch:
                  num_workers: int | None = None, show_progress: bool = True):
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.precision = ({None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-                          [resolve_precision(precision, self.device)])
-        self.autocast_dtype = PRECISIONS[self.precision]
+        self.autocast_dtype = resolve_precision(precision, self.device)  # None: fp32
+        self.precision = {dtype: name for name, dtype in PRECISIONS.items()}[self.autocast_dtype]
         self.batch_size, self.num_workers, self.show_progress = batch_size, num_workers, show_progress
         self.index_path = Path(index).expanduser().absolute() if index is not None else None
         self.fingerprint = model_fingerprint(model)
@@ -169,8 +169,7 @@ class VideoSearch:
     def open_index(self) -> VideoIndex:
         """The index, opened (memory-mapped) once and again only when its file has changed; another model's
         index is refused."""
-        if self.index_path is None:
-            raise ConfigError("no index was given: pass --index (VideoSearch(model, index=...))")
+        self._require_index()
         try:
             stat = self.index_path.stat()
             key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
@@ -203,6 +202,7 @@ class VideoSearch:
         return [(captions[i], float(scores[i])) for i in order.tolist()]
 
     def _search(self, queries: torch.Tensor, k: int, leave_out: str | None = None) -> list[list[tuple[str, float]]]:
+        """The k best hits of each query (Q, E), without the video `leave_out` (a real path)."""
         index = self.open_index()
         scores, rows = top_k(queries, index.embeddings, k + (leave_out is not None), self.device, index.norms,
                              index.live)
@@ -216,8 +216,7 @@ class VideoSearch:
         """Bring the index up to date with the videos under `folders`: embed the new and changed ones, drop the
         gone ones. Returns the counts {"new", "changed", "gone", "unchanged", "unreadable", "videos"}.
         Under torchrun every process calls this: each embeds its share, rank 0 writes the index."""
-        if self.index_path is None:
-            raise ConfigError("no index was given: pass --index (VideoSearch(model, index=...))")
+        self._require_index()
         rank, _ = distributed.rank_and_world_size()
         with contextlib.ExitStack() as stack:
             writer, todo, counts, error = None, None, None, None  # the writer lives on rank 0 only
@@ -248,17 +247,16 @@ class VideoSearch:
             except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (cli.run_command): keep what was embedded
                 if writer is not None:
                     writer.commit()
-                stopped = Stopped(f"{self.index_path} keeps the {done} videos embedded before the stop; run the "
-                                  f"same command again to embed the {len(todo) - done} left")
-                stopped.signal = getattr(stop, "signal", signal.SIGINT)
-                raise stopped from None
+                raise Stopped(f"{self.index_path} keeps the {done - failed} videos embedded before the stop; run "
+                              f"the same command again to embed the {len(todo) - done} left",
+                              getattr(stop, "signal", signal.SIGINT)) from None
             if writer is not None:
                 writer.finish()
                 counts["videos"] = sum(1 for size in writer.sizes if size >= 0)
             if todo:
                 progress.finish(f"{failed} unreadable" if failed else "")
             counts["unreadable"] += failed
-        return counts
+        return distributed.from_first_process(counts)  # rank 0's, which alone knows how many the index holds
 
     def _embedded_batches(self, paths: list[str]):
         """Yield (indices into `paths`, embeddings (B, E), errors [B]) for every batch of `paths`, error "" for a
@@ -276,7 +274,8 @@ class VideoSearch:
             yield from self._exchanged(batches, rounds)
 
     def _exchanged(self, batches, rounds: int):
-        """Each round, this process's next batch (or none) and every other process's, joined in path order."""
+        """Each round, this process's next batch (or none) and every other process's, joined in path order:
+        (indices, embeddings (B, E) of all processes' batches, errors)."""
         for _ in range(rounds):
             batch, embeddings = next(batches, (None, None))
             mine = ((batch["index"].tolist(), embeddings, list(batch["error"])) if batch is not None
@@ -287,6 +286,10 @@ class VideoSearch:
                 order = sorted(range(len(indices)), key=indices.__getitem__)
                 embeddings, errors = torch.cat([part[1] for part in parts]), [e for part in parts for e in part[2]]
                 yield [indices[i] for i in order], embeddings[order], [errors[i] for i in order]
+
+    def _require_index(self) -> None:
+        if self.index_path is None:
+            raise ConfigError("no index was given: pass --index (VideoSearch(model, index=...))")
 
     def _embedding_size(self) -> int:
         return self.model.clip.text_projection.shape[1]
@@ -379,8 +382,8 @@ def _describe(model: VoP) -> str:
 
 
 def find_videos(folders) -> dict:
-    """{real path (absolute, links resolved): (size, mtime_ns)} of every video under `folders`, recursively (symlinked folders are
-    followed, each folder once), by the suffixes the project reads (annotations.VIDEO_SUFFIXES, any case), in
+    """{real path (absolute, links resolved): (size, mtime_ns)} of every video under `folders`, recursively
+    (symlinked folders are followed, each folder once), by the suffixes the project reads (annotations.VIDEO_SUFFIXES, any case), in
     path order. A folder that does not exist, is empty or holds no videos is a NoVideosError naming it."""
     videos = {}
     for folder in folders:
@@ -439,7 +442,7 @@ def frame_strip(path, frames: int = 4) -> str:
     URIs, so the page can be mailed; a note instead if the video cannot be read."""
     try:
         decoded = data.read_frames(path, frames, "uniform")  # (frames, H, W, 3) uint8
-    except (VideoReadError, OSError) as error:
+    except READ_ERRORS as error:
         return f'<span class="strip">(cannot be read: {html.escape(str(error))})</span>'
     images = []
     for number, frame in enumerate(decoded, 1):
@@ -541,7 +544,8 @@ def query_main(config: QueryConfig) -> list[dict]:
     if config.captions and not config.video:
         raise ConfigError("--captions ranks captions for a video: give --video FILE too")
     if config.index is None and not (config.captions and (config.checkpoint or config.clip)):
-        raise ConfigError("--index: name the index to search (made by `search.py index`)")
+        raise ConfigError("give a model: --checkpoint or --clip (or --index, to use the model it recorded)"
+                          if config.captions else "--index: name the index to search (made by `search.py index`)")
     device = resolve_device(config.device)
     if config.checkpoint or config.clip:
         model = load_model(config.checkpoint, config.clip, device, config.num_frames, config.clip_activation)

@@ -143,7 +143,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 # A word longer than this (in UTF-8 bytes) is BPE-encoded only as far as the ids a caller needs reach; no word of
 # a real caption is this long. The BPE of a word's first L bytes keeps the whole word's tokens up to CUT_MARGIN
-# bytes before L (two of the longest tokens, 32 bytes; tests/test_tokenizer.py checks it on long random words).
+# bytes before L (twice the longest token, 32 bytes; an empirical margin: tests/test_tokenizer.py checks it on
+# long random words).
 LONG_WORD = 256
 CUT_MARGIN = 64
 
@@ -208,8 +209,8 @@ class SimpleTokenizer:
 
     def _first_ids_of_long_word(self, raw: bytes, needed: int) -> list[int]:
         """The first `needed` ids of a long word from the BPE of its start alone, since BPE's cost grows with the
-        square of a word's length (a 32,000-letter word: minutes). Merges reach only a few symbols across a cut,
-        so the tokens that end CUT_MARGIN bytes before it are the whole word's (tests/test_tokenizer.py checks
+        square of a word's length (a 32,000-letter word: minutes). In practice merges reach only a few symbols
+        across a cut, so the tokens that end CUT_MARGIN bytes before it are the whole word's (tests/test_tokenizer.py checks
         this against whole-word BPE); the start doubles until it holds `needed` of them."""
         length = LONG_WORD
         while length < len(raw):
@@ -235,7 +236,9 @@ def default_tokenizer() -> SimpleTokenizer:
 def tokenize(texts: str | list[str], context_length: int = 77, truncate: bool = True) -> torch.LongTensor:
     """(N, context_length) ids: [SOT] text [EOT], zero-padded. Too long: with `truncate`, cut the
     text's ids and keep EOT as the last token; otherwise raise RuntimeError. Only the ids that can be used are
-    computed, so a caption of a megabyte costs about what a sentence does."""
+    computed: BPE's work is bounded by the ids used (a megabyte of words: about 40 ms). Cleaning the text stays
+    linear in its length, except for entities nested in one another ("&amp;amp;amp;..."), which ftfy, and so
+    this, unescapes one level per pass."""
     tokenizer = default_tokenizer()
     texts = [texts] if isinstance(texts, str) else list(texts)
     rows = []

@@ -29,7 +29,7 @@ from cli import (PRECISIONS, at_least, between, check_config, flag_errors, great
                  resolve_device, resolve_precision, run_command)
 from clip_weights import load as load_clip
 from evaluate import evaluate, format_results
-from errors import Stopped
+from errors import Stopped, TrainingDiverged
 from files import WriteError
 from runs import Run, results_title, run_identity
 from vop import TUNE_MODES, VoP, VoPConfig, describe_parameters
@@ -128,7 +128,7 @@ def training_step(model: VoP, optimizer, scaler, batch: dict, lr: float, grad_cl
     loss = contrastive_loss(gather_with_grad(video_embeddings.float()), gather_with_grad(text_embeddings.float()),
                             model.logit_scale)
     if not torch.isfinite(loss):  # before backward: the weights stay as the last good step left them
-        raise FloatingPointError(f"the loss is {loss.item()}")
+        raise TrainingDiverged(f"the loss is {loss.item()}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -155,8 +155,9 @@ def train(config: TrainConfig) -> dict:
         # 2. The model: CLIP, frozen (the baselines tune a part of it), with VoP's prompts around it.
         torch.manual_seed(config.seed)  # the prompts' initialisation
         clip = load_clip(config.clip, device, activation=config.clip_activation)
-        with flag_errors(video_prompts="prompts"):
-            model = VoP(clip, model_config, grad_checkpointing=config.grad_checkpointing).to(device)
+        with flag_errors(video_prompts="prompts"):  # e.g. --fn-layers beyond this CLIP's depth
+            model = VoP(clip, model_config, grad_checkpointing=config.grad_checkpointing)
+        model = model.to(device)
         for dataset in (train_set, test_set):  # read before the backbone, which sets the input side
             if dataset is not None:
                 dataset.image_size = clip.visual.input_resolution
@@ -206,9 +207,8 @@ def train(config: TrainConfig) -> dict:
                           getattr(stop, "signal", signal.SIGINT)) from None
         except WriteError as error:  # a full disk: say what is still saved
             raise WriteError(f"{error}. {run.saved_note(total_steps)}") from None
-        except FloatingPointError as error:
-            raise FloatingPointError(f"{error} at step {step}: stopping. Try a lower --lr, or --precision bf16 / "
-                                     f"fp32. {run.saved_note(total_steps)}") from None
+        except TrainingDiverged as error:  # `step` steps went well; the next one did not
+            raise TrainingDiverged(f"{error} at step {step + 1}: stopping. {run.diverged_note(total_steps)}") from None
         finally:
             data.stop_workers(loader)
         if not history or history[-1]["epoch"] < config.epochs:  # resumed after its last evaluation failed

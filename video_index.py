@@ -28,6 +28,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import time
 from pathlib import Path
 
@@ -219,7 +220,7 @@ class IndexWriter:
     def _remove_other_embeddings_files(self) -> None:
         """Embeddings files no commit names: left by a kill while dead rows were being removed."""
         ours = re.compile(re.escape(self.path.name) + r"\.[0-9a-f]{8}\.f16")
-        for other in self.path.parent.glob(f"{self.path.name}.*.f16"):
+        for other in self.path.parent.iterdir():  # not glob: an index named v[1].index is not a pattern
             if other != self.embeddings_file and ours.fullmatch(other.name):
                 other.unlink(missing_ok=True)
 
@@ -358,13 +359,13 @@ class IndexWriter:
         if error.errno not in WRITE_ERRNOS:
             raise error
         raise WriteError(f"could not write {path}: {error.strerror}; {self.path} keeps what its last commit "
-                         f"holds: free some space and run the same command again") from None
+                         f"holds: free some space (or fix the permission) and run the same command again") from None
 
 
 def _stat(path: str) -> tuple | None:
-    """(size, mtime_ns) of a file, or None if it is gone (or no longer a file)."""
+    """(size, mtime_ns) of a file, or None if it is gone (or is now a folder)."""
     try:
-        stat = os.stat(path)
+        status = os.stat(path)
     except OSError:
         return None
-    return (stat.st_size, stat.st_mtime_ns) if not os.path.isdir(path) else None
+    return None if stat.S_ISDIR(status.st_mode) else (status.st_size, status.st_mtime_ns)

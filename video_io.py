@@ -44,6 +44,10 @@ class VideoReadError(UserError):
     """A video file that OpenCV cannot open or from which no frame decodes."""
 
 
+# What reading one video may raise that means "this video cannot be read" rather than a bug.
+READ_ERRORS = (VideoReadError, OSError, cv2.error)
+
+
 def _bgr_to_rgb(frame_bgr: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)  # (H, W, 3) uint8
 
@@ -275,7 +279,7 @@ def decode_frames(path, sample: Callable[[int], np.ndarray], strategy: str = "au
         wanted = sample(num_grabbed)
         frames, _, _ = _read_sequential(path, wanted, convert)
     if frames is None:
-        raise VideoReadError(f"{path}: no frame decodes (header says {layout.header_frames} frames); the file is "
+        raise VideoReadError(f"{path}: no frame decodes (it should hold {num_total} frames); the file is "
                              "corrupt. Re-encode it, or remove it from the annotations.")
     return frames
 
@@ -333,8 +337,8 @@ def probe_videos(paths, num_workers: int | None = None, cache_file=None, show_pr
     for path in paths:
         try:
             stat = os.stat(path)
-        except OSError:
-            results[path] = ProbeResult(0, f"{path}: cannot open video: the file does not exist")
+        except OSError as error:  # gone, a broken link, a folder that cannot be searched
+            results[path] = ProbeResult(0, f"{path}: cannot open video: {error.strerror or error}")
             continue
         keys[path] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         cached = _cached_probe(cache.get(str(path)), keys[path])

@@ -59,7 +59,7 @@ class VoPConfig:
         if self.tune not in TUNE_MODES:
             raise ValueError(f"tune: unknown mode {self.tune!r}; choose one of {', '.join(TUNE_MODES)}")
         if self.tune != "prompts" and self.video_prompts:
-            raise ValueError(f"video_prompts {','.join(self.video_prompts)} need tune 'prompts', not {self.tune!r}")
+            raise ValueError(f"video_prompts: {','.join(self.video_prompts)} need tune 'prompts', not {self.tune!r}")
         for name in ("num_frames", "num_text_prompts", "num_visual_prompts", "video_prompt_length", "fn_layers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (1 if name == "num_frames" else 0):
                 raise ValueError(f"{name}: must be an integer >= {1 if name == 'num_frames' else 0}, "

@@ -154,7 +154,7 @@ def index_speed(name: str, model: VoP, folder: Path, out: Path, workers: int) ->
     """videos/s of VideoSearch.update (worker start-up included), of decoding alone (one process, one thread:
     per CPU-second) and of encoding alone (a batch of 16 videos, 4 for ViT-B/32)."""
     videos = sorted(folder.glob("*.mp4"))
-    index = out / f"speed_{name.split()[0]}.index"
+    index = out / f"speed_{name.split()[0].replace('/', '-')}.index"  # ViT-B/32 -> speed_ViT-B-32.index
     for old in out.glob(f"{index.name}*"):
         old.unlink()
     searcher = search.VideoSearch(model, index, precision="fp32", batch_size=16, num_workers=workers,

@@ -3,6 +3,7 @@ import csv
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,13 @@ def small_config(small_setup, out_dir, **overrides):
                     batch_size=8, epochs=2, lr=5e-3, fn_layers=1, num_workers=0, out_dir=str(out_dir),
                     log_every=1, eval_each_epoch=False)
     return train.TrainConfig(**{**settings, **overrides})
+
+
+def free_port() -> int:
+    """A TCP port of this machine that nothing listens on, for a torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def read_log(out_dir):

@@ -148,6 +148,18 @@ def test_bad_annotations_get_messages_naming_file_and_line(tmp_path, tiny_video)
         data.build_dataset("csv", tmp_path / "empty.csv", "train")
 
 
+def test_annotation_files_that_are_not_utf8_or_not_json_are_named(tmp_path, tiny_video):
+    place_videos(tiny_video, tmp_path, ["one.mp4"])
+    (tmp_path / "latin1.csv").write_bytes("video,caption\none.mp4,fine\none.mp4,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(annotations.AnnotationError, match=r"latin1.csv:3: not UTF-8 text; save the file as UTF-8"):
+        data.build_dataset("csv", tmp_path / "latin1.csv", "train")
+    assert csv.field_size_limit() == 131072  # the csv module's limit is restored
+    root = msrvtt_root(tmp_path, tiny_video)
+    (root / "MSRVTT_data.json").write_text('{"sentences": [')  # cut short by a failed download
+    with pytest.raises(annotations.AnnotationError, match=r"MSRVTT_data.json is not valid JSON"):
+        data.build_dataset("msrvtt-9k", root, "train")
+
+
 def test_missing_videos_raise_by_default_and_are_skipped_with_one_warning(tmp_path, tiny_video):
     place_videos(tiny_video, tmp_path, ["one.mp4"])
     rows = [["one.mp4", "here"], ["gone.mp4", "absent"], ["lost.mp4", "absent too"], ["gone.mp4", "again"]]

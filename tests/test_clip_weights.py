@@ -215,6 +215,13 @@ def test_sharded_safetensors(tmp_path):
         load(tmp_path)
 
 
+@pytest.mark.parametrize("text", ["{not json", '{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}"])
+def test_a_shard_index_that_is_not_json_is_named(tmp_path, text):
+    (tmp_path / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(clip_weights.WeightsError, match="model.safetensors.index.json"):
+        clip_weights.shard_files(tmp_path / "model.safetensors.index.json")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Errors name the file and what is missing
 

@@ -215,6 +215,7 @@ def test_epoch_order_depends_on_seed_and_epoch_and_a_resumed_epoch_skips_its_don
         return order.keys
 
     assert keys(1) == keys(1) and keys(1) != keys(2) and keys(1, seed=1) != keys(1)
+    assert list(data.EpochSampler(10, batch_size=2)) == keys(0)  # before any set_epoch: epoch 0, not nothing
     assert sorted(item for _, item in keys(1)) == list(range(10)) and {epoch for epoch, _ in keys(1)} == {1}
     assert keys(1, first_batch=3) == keys(1)[6:]
     shares = keys(1, rank=0, world_size=2) + keys(1, rank=1, world_size=2)  # 2 processes, 2 whole batches each

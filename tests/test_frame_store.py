@@ -244,6 +244,7 @@ def test_an_entry_overwritten_in_place_is_never_used_but_rebuilt_and_reported(tm
     store = frame_store.FrameStore(tmp_path / "store")
     dataset = dataset_at(tmp_path, train=train, frame_store=store)
     store.build(dataset, num_workers=0, log=quiet)
+    capfd.readouterr()  # the build's progress line
     entry, = entries(tmp_path / "store")
     whole = entry.read_bytes()
     overwrite_in_place(entry, 300)  # inside the last image
@@ -258,6 +259,14 @@ def test_an_entry_overwritten_in_place_is_never_used_but_rebuilt_and_reported(tm
     assert str(entry) in warning and "video0.avi" in warning and "overwritten" in warning
     assert warning.count("\n") == 1  # reported once: the entry was rebuilt
     assert entry.read_bytes() == whole
+
+
+def test_the_build_shows_its_progress_on_stderr(tmp_path, index_clip, capsys):
+    make_videos(tmp_path, index_clip, 2)
+    store = frame_store.FrameStore(tmp_path / "store")
+    store.build(dataset_at(tmp_path, train=False), num_workers=0, log=quiet)
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[-1].startswith("frame store: 2/2 videos")  # stdout stays for results
 
 
 def test_an_entry_whose_images_have_another_size_is_rebuilt(tmp_path, index_clip, capfd):

@@ -133,6 +133,11 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_folder(small_setup, 
     assert not (tmp_path / "run").exists()
 
 
+def test_video_prompts_on_a_baseline_name_the_flags():
+    line = one_line_error(["train.py", "--prompts", "pos", "--tune", "full"])
+    assert "--prompts: pos need tune 'prompts', not 'full'" in line
+
+
 def test_the_eta_does_not_wrap_after_a_day():
     assert progress.format_duration(59) == "00:00:59"
     assert progress.format_duration(25 * 3600) == "1d 01:00:00"

@@ -275,6 +275,12 @@ def run_evaluate(arguments) -> int:
 
 # -- refused folders ----------------------------------------------------------------------------------------
 
+def test_a_release_without_a_dataset_is_told_so_before_its_model_is_read(monkeypatch):
+    monkeypatch.setattr(ev, "load_model_from_checkpoint", lambda *args: pytest.fail("the model was read first"))
+    with pytest.raises(cli.ConfigError, match="--data and --data-root are needed"):
+        ev.main(["--checkpoint", str(FOLDER)])
+
+
 def test_missing_files_are_named(tmp_path, capsys):
     folder = tmp_path / "release"
     folder.mkdir()
@@ -321,6 +327,13 @@ def configured(tmp_path, **hyperparam) -> Path:
 def test_configuration_that_does_not_fit_is_refused(tmp_path, hyperparam, refusal):
     with pytest.raises(clip_weights.WeightsError, match=refusal):
         ev.load_model_from_checkpoint(configured(tmp_path, **hyperparam))
+
+
+def test_a_model_type_that_is_not_a_name_is_refused(tmp_path):
+    folder = configured(tmp_path)
+    edit_configuration(folder, model_type=["vop-retrieval-model"])
+    with pytest.raises(clip_weights.WeightsError, match=r"configuration.json: model type \['vop-retrieval-model'\]"):
+        ev.load_model_from_checkpoint(folder)
 
 
 @pytest.mark.parametrize("change, refusal", [

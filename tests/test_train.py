@@ -2,7 +2,6 @@
 import dataclasses
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,8 @@ import evaluate
 import runs
 import train
 from clip_model import CLIP
-from helpers import SMALL_CLIP, read_log, small_config
+from errors import UserError
+from helpers import SMALL_CLIP, free_port, read_log, small_config
 from vop import VoP, VoPConfig
 
 def test_contrastive_loss_by_hand():
@@ -71,12 +71,6 @@ def _distributed_worker(rank, world_size, port, clip_state, frames, tokens, out_
     torch.distributed.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
     torch.manual_seed(0)
@@ -85,7 +79,7 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
     tokens = VoP(clip, VoPConfig(num_frames=3)).tokenize(["a red circle moves left", "a blue square moves up",
                                                "a green triangle moves right", "a yellow circle moves down"])
     out_path = tmp_path / "result"
-    mp.spawn(_distributed_worker, args=(2, _free_port(), clip.state_dict(), frames, tokens, str(out_path)),
+    mp.spawn(_distributed_worker, args=(2, free_port(), clip.state_dict(), frames, tokens, str(out_path)),
              nprocs=2, join=True)
 
     torch.manual_seed(1)
@@ -124,7 +118,7 @@ def test_evaluation_is_shared_between_processes(small_setup, tmp_path):
     clip_path, world = small_setup
     clip_state = torch.load(clip_path, weights_only=True)
     # 3 processes: the 8 captions and 8 videos do not split evenly, so shares of different lengths are joined.
-    mp.spawn(_embedding_worker, args=(3, _free_port(), clip_state, world, str(tmp_path / "embeddings")), nprocs=3,
+    mp.spawn(_embedding_worker, args=(3, free_port(), clip_state, world, str(tmp_path / "embeddings")), nprocs=3,
              join=True)
     clip = CLIP(SMALL_CLIP)
     clip.load_state_dict(clip_state)
@@ -174,7 +168,7 @@ def test_train_under_torchrun_style_launch(small_setup, tmp_path):
     passed a CPU count to all_reduce crashed at the end of its first epoch), so every device type the
     collectives see here must be one that the backend chosen for a CUDA run serves."""
     config = small_config(small_setup, tmp_path / "run", epochs=1, eval_each_epoch=True)
-    mp.spawn(_torchrun_worker, args=(2, _free_port(), config, str(tmp_path / "devices")), nprocs=2, join=True)
+    mp.spawn(_torchrun_worker, args=(2, free_port(), config, str(tmp_path / "devices")), nprocs=2, join=True)
     checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert checkpoint["step"] == 32 // 8  # steps count global batches: each process saw 4 of its own
     assert len(checkpoint["history"]) == 1 and "t2v" in checkpoint["history"][0]  # rank 0 evaluated
@@ -258,6 +252,71 @@ def test_resume_continues_exactly(small_setup, tmp_path, monkeypatch):
     assert losses_resumed == pytest.approx(losses_straight, rel=1e-5)
 
 
+def stop_at_call(monkeypatch, call: int):
+    """Make the `call`-th training loss raise KeyboardInterrupt (what Ctrl-C does mid-step)."""
+    real_loss, calls = train.contrastive_loss, []
+
+    def stop(*args):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(train, "contrastive_loss", stop)
+    return lambda: monkeypatch.setattr(train, "contrastive_loss", real_loss)
+
+
+def test_a_resumed_run_logs_each_step_once(small_setup, tmp_path, monkeypatch):
+    """Saved only at epoch ends: a stop at step 7 logged steps 5 and 6 after the checkpoint of step 4; resuming
+    trains them again, and the log holds each step once (the curves do not run backwards)."""
+    config = small_config(small_setup, tmp_path)
+    undo = stop_at_call(monkeypatch, 7)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(config)
+    undo()
+    assert [r["step"] for r in read_log(tmp_path) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    train.train(dataclasses.replace(config, resume="auto"))
+    assert [r["step"] for r in read_log(tmp_path) if "loss" in r] == list(range(1, 9))
+
+
+def test_a_cpu_run_continues_with_fp16_loss_scaling(small_setup, tmp_path, monkeypatch):
+    """A checkpoint saved without loss scaling (fp32: its scaler state is empty) resumes under fp16's scaler."""
+    config = small_config(small_setup, tmp_path, precision="fp32")
+    undo = stop_at_call(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(config)
+    undo()
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["scaler"] == {}
+    loaded = []
+    monkeypatch.setattr(torch.amp.GradScaler, "load_state_dict", lambda self, state: loaded.append(state))
+    monkeypatch.setattr(train, "training_step", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # stopped at its first step: what matters is that it got there
+        train.train(dataclasses.replace(config, resume="auto", precision="fp16"))
+    assert loaded == []  # an empty state is not loaded into an enabled scaler (torch refuses it)
+
+
+def test_a_stop_before_the_first_save_of_a_run_resumed_from_elsewhere_says_nothing_is_saved_here(
+        small_setup, tmp_path, monkeypatch):
+    first = small_config(small_setup, tmp_path / "first")
+    undo = stop_at_call(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(first)  # leaves first/last.pt at step 4
+    undo()
+    undo = stop_at_call(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt, match="Nothing was saved yet"):  # second/last.pt does not exist
+        train.train(dataclasses.replace(first, out_dir=str(tmp_path / "second"), resume=str(tmp_path / "first" /
+                                                                                            "last.pt")))
+    undo()
+
+
+def test_an_evaluation_only_run_keeps_the_list_of_skipped_training_videos(small_setup, tmp_path):
+    (tmp_path / "skipped_videos.txt").write_text("bad.mp4\tcannot open\n")  # the trained run's list
+    (tmp_path / "unreadable_test_videos.txt").write_text("gone.mp4\tcannot open\n")
+    train.train(small_config(small_setup, tmp_path, epochs=0))
+    assert (tmp_path / "skipped_videos.txt").read_text() == "bad.mp4\tcannot open\n"
+    assert not (tmp_path / "unreadable_test_videos.txt").exists()  # every test video reads now
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_setup, tmp_path, monkeypatch):
     config = small_config(small_setup, tmp_path, save_every=1)
     real_loss, calls = train.contrastive_loss, []
@@ -267,8 +326,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_setup, t
         return real_loss(*args) * (float("nan") if len(calls) == 3 else 1.0)
 
     monkeypatch.setattr(train, "contrastive_loss", nan_at_step_3)
-    with pytest.raises(FloatingPointError, match="at step 2"):
+    with pytest.raises(FloatingPointError, match="at step 3") as stopped:  # steps 1 and 2 went well
         train.train(config)
+    assert isinstance(stopped.value, UserError)  # one line, no traceback: a setting to change, not a bug
+    assert "--resume auto --precision bf16" in str(stopped.value) and "lower --lr" in str(stopped.value)
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
     assert checkpoint["step"] == 2
     assert all(torch.isfinite(t).all() for t in checkpoint["trainable"].values())
