@@ -140,7 +140,8 @@ def _video_index(video_dir: Path) -> dict:
     found, seen = {}, set()
     for folder, subfolders, files in os.walk(video_dir, followlinks=True):
         try:
-            identity = os.stat(folder).st_dev, os.stat(folder).st_ino
+            status = os.stat(folder)
+            identity = status.st_dev, status.st_ino
         except OSError:  # vanished meanwhile
             identity = None
         if identity is None or identity in seen:  # or reached again through a link: already searched

@@ -4,7 +4,8 @@ The model only, as openai/CLIP's model.py: reading weight files (OpenAI's releas
 building a CLIP from them is clip_weights.py's job (`clip_weights.load("ViT-B/32")`). Parameter names are
 exactly the keys of OpenAI's release files (`visual.conv1.weight`, `transformer.resblocks.0.attn.in_proj_weight`,
 `text_projection`, ...), so a released state dict loads with `strict=True` and gives the numbers of OpenAI's
-reference code. Only ViT backbones exist here.
+reference code. Only ViT backbones exist here. Beside the model, two small things the other modules share:
+CLIP's pixel mean and std, and `state_dict_mismatch`, the one check of names and shapes every loader uses.
 
 The towers expose their stages, so that VoP (vop.py) can run its own loop over the residual blocks and insert
 prompt tokens between them without a forked copy of the forward pass:

@@ -69,7 +69,7 @@ WEIGHTS_FILES = ("open_clip_model.safetensors", "model.safetensors", "open_clip_
 class Weights:
     """One CLIP's tensors under OpenAI's names, and where they came from."""
     state_dict: dict  # OpenAI's parameter names -> tensors (as stored: fp16 stays fp16 until build_model)
-    format: str  # "openai-release" | "state-dict" | "transformers" | "open_clip"
+    format: str  # "openai-release" | "state-dict" | "transformers" | "open_clip" | "modelscope" (modelscope.py)
     name: str  # the model name, or the absolute path that was asked for (a file or a folder)
     path: Path  # the weights file read (the shard index, for sharded weights)
     sha256: str  # of the weights file (of all shards in name order, for sharded weights)
@@ -96,20 +96,20 @@ def config_from_state_dict(state_dict: dict, **given) -> CLIPConfig:
     sd = state_dict
     if "visual.layer1.0.conv1.weight" in sd or "visual.attnpool.positional_embedding" in sd:
         raise WeightsError("this is a ResNet CLIP (it has visual.layer1 / visual.attnpool); only ViT backbones are "
-                         "supported: use ViT-B/32, ViT-B/16, ViT-L/14 or ViT-L/14@336px")
+                           "supported: use ViT-B/32, ViT-B/16, ViT-L/14 or ViT-L/14@336px")
     if sd and all(name.startswith("visual.") for name in sd):
         raise WeightsError("these weights hold an image tower only (every name starts with visual.): VoP needs "
-                         "CLIP's text tower too")
+                           "CLIP's text tower too")
     missing = [k for k in _REQUIRED_FOR_SIZES if k not in sd]
     if missing:
         raise WeightsError(f"not a CLIP ViT state dict: missing {missing} (found {len(sd)} keys, e.g. "
-                         f"{list(sd)[:5]})")
+                           f"{list(sd)[:5]})")
     vision_width, _, patch_size, _ = sd["visual.conv1.weight"].shape
     num_patches = sd["visual.positional_embedding"].shape[0] - 1
     grid = math.isqrt(num_patches)
     if grid * grid != num_patches:
         raise WeightsError(f"visual.positional_embedding holds {num_patches} patch positions, not a square grid: "
-                         f"only square images are supported")
+                           f"only square images are supported")
     transformer_width = sd["ln_final.weight"].shape[0]
 
     def count_layers(prefix: str) -> int:
@@ -168,7 +168,7 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
     The model's `source` says what was loaded, in plain str values that rebuild the same backbone:
         {"clip": the model name, or the absolute path asked for (a file or a folder),
          "path": the absolute path of the weights file read (of the shard index, for sharded weights),
-         "format": "openai-release" | "state-dict" | "transformers" | "open_clip",
+         "format": "openai-release" | "state-dict" | "transformers" | "open_clip" | "modelscope",
          "activation": "quick_gelu" | "gelu",
          "sha256": the weights file's SHA-256 (of all shards in name order, for sharded weights)}
         same = load(s["clip"], activation=s["activation"], sha256=s["sha256"])
@@ -179,13 +179,13 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
     weights = read_weights(name_or_path, download_root)
     if sha256 is not None and sha256 != weights.sha256:
         raise WeightsError(f"{weights.path}: SHA-256 {weights.sha256} is not the {sha256} expected (recorded when "
-                         f"the checkpoint was trained): these are other weights")
+                           f"the checkpoint was trained): these are other weights")
     config = dict(weights.config)
     if activation is not None:
         if config.get("activation", activation) != activation:
             raise WeightsError(f"{weights.path}: activation {activation!r} was asked for, but "
-                             f"{weights.config_path or 'OpenAI'} says {config['activation']!r}; drop the "
-                             f"activation (it is only for weights that carry no config)")
+                               f"{weights.config_path or 'OpenAI'} says {config['activation']!r}; drop the "
+                               f"activation (it is only for weights that carry no config)")
         config["activation"] = activation
     try:
         model = build_model(weights.state_dict, **config)
@@ -219,7 +219,7 @@ def read_weights(name_or_path: str | os.PathLike, download_root: str | os.PathLi
         for tower, prefix in (("text", "text_model."), ("image", "vision_model.")):
             if not any(name.startswith(prefix) for name in tensors):
                 raise WeightsError(f"{path} has no {tower} tower (no {prefix}* tensors): VoP needs a full CLIPModel, "
-                                 f"with both towers")
+                                   f"with both towers")
         if not weights.config_path.is_file():
             raise FileNotFoundError(f"{path} holds transformers CLIP weights, but {weights.config_path} is missing: "
                                     f"it gives the head counts and activation; put the model's config.json there")
@@ -299,7 +299,7 @@ def file_kind(path: Path) -> str:
     if path.name.endswith(".index.json"):
         return "shard-index"
     raise WeightsError(f"{path} is not a weights file this code reads: neither a torch.save / TorchScript zip, a "
-                     f"pickle, a .safetensors file nor a shard index (it starts with {head[:8]!r})")
+                       f"pickle, a .safetensors file nor a shard index (it starts with {head[:8]!r})")
 
 
 def read_state_dict(path: Path) -> dict:
@@ -490,7 +490,7 @@ def read_torchscript(path: Path) -> dict:
             root = _TensorUnpickler(archive, prefix).load()
     except Exception as error:  # anything unexpected in a crafted or damaged file: one message naming it
         raise WeightsError(f"{path} was refused as a TorchScript archive: {error}. Its tensors are read as data "
-                         f"only (never with torch.jit, which would run its code)") from error
+                           f"only (never with torch.jit, which would run its code)") from error
     if not isinstance(root, ArchiveObject):
         raise WeightsError(f"{path}: its data.pkl holds a {type(root).__name__}, not a TorchScript module")
     tensors = {}
@@ -581,16 +581,16 @@ def transformers_config(path: Path) -> dict:
     model_type = config.get("model_type")
     if model_type in ("clip_vision_model", "clip_text_model"):
         raise WeightsError(f"{path}: model_type {model_type!r} is one tower only: VoP needs a full CLIPModel "
-                         f"(model_type 'clip') with both")
+                           f"(model_type 'clip') with both")
     if model_type != "clip":
         raise WeightsError(f"{path}: model_type {model_type!r} is not transformers' CLIP (model_type 'clip'); only "
-                         f"CLIP's ViT architecture is supported")
+                           f"CLIP's ViT architecture is supported")
     text, vision = (_transformers_tower(path, config, tower, defaults)
                     for tower, defaults in (("text", _TRANSFORMERS_TEXT), ("vision", _TRANSFORMERS_VISION)))
     activations = {text["hidden_act"], vision["hidden_act"]}
     if len(activations) != 1 or not activations <= {"quick_gelu", "gelu"}:
         raise WeightsError(f"{path}: hidden_act {text['hidden_act']!r} (text) / {vision['hidden_act']!r} (vision) is "
-                         f"not supported: both towers must use 'quick_gelu' or both 'gelu'")
+                           f"not supported: both towers must use 'quick_gelu' or both 'gelu'")
     if text["layer_norm_eps"] != 1e-5 or vision["layer_norm_eps"] != 1e-5:
         raise WeightsError(f"{path}: layer_norm_eps other than 1e-5 is not supported")
     return dict(embed_dim=_checked(path, "projection_dim", config.get("projection_dim", 512), "count"),
@@ -608,8 +608,8 @@ def _transformers_tower(path: Path, config: dict, tower: str, defaults: dict) ->
     name = f"{tower}_config_dict" if config.get(f"{tower}_config_dict") and not config.get(f"{tower}_config") else \
         f"{tower}_config"  # older transformers versions wrote the _dict names
     settings = {**defaults, **_checked(path, name, config.get(name) or {}, "section")}
-    for key, kind in ((key, "count") for key, value in defaults.items() if isinstance(value, int)):
-        _checked(path, f"{name}.{key}", settings[key], kind)
+    for key in [key for key, value in defaults.items() if isinstance(value, int)]:
+        _checked(path, f"{name}.{key}", settings[key], "count")
     _checked(path, f"{name}.hidden_act", settings["hidden_act"], "name")
     _checked(path, f"{name}.layer_norm_eps", settings["layer_norm_eps"], "number")
     _check_heads(path, f"{name}.num_attention_heads", settings["num_attention_heads"], f"{name}.hidden_size",
@@ -649,12 +649,12 @@ def open_clip_config(path: Path) -> dict:
         raise WeightsError(f"{path} lacks embed_dim, vision_cfg or text_cfg: not an open_clip image-text model")
     if isinstance(vision.get("layers"), (list, tuple)):
         raise WeightsError(f"{path}: vision_cfg.layers {vision['layers']} describes a ResNet image tower; only ViT "
-                         f"backbones are supported")
+                           f"backbones are supported")
     for part, settings in (("model_cfg", model), ("vision_cfg", vision), ("text_cfg", text)):
         for key, allowed in _OPEN_CLIP_FIXED[part].items():
             if settings.get(key, allowed[0]) not in allowed:
                 raise WeightsError(f"{path}: {part}.{key} = {settings[key]!r} is an architecture this CLIP does not "
-                                 f"implement (it computes {key} = {allowed[0]!r})")
+                                   f"implement (it computes {key} = {allowed[0]!r})")
     preprocess = _checked(path, "preprocess_cfg", config.get("preprocess_cfg") or {}, "section")
     for key, openai in (("mean", CLIP_MEAN), ("std", CLIP_STD)):
         values = preprocess.get(key, openai)

@@ -30,7 +30,7 @@ import runs
 import train
 from cli import build_parser, resolve_device, run_command
 from figures import draw_comparison
-from files import atomic_write
+from files import atomic_write, read_torch_file, temporary_path
 from video_io import write_video
 from vop import VoP, VoPConfig
 
@@ -226,7 +226,7 @@ def pretrained_tiny_clip(world: Path, root: Path, overrides: dict) -> Path:
     config = train.TrainConfig(clip=str(initial), data_root=str(world), out_dir=str(out_dir), overwrite=True,
                                **{**PRETRAIN, **{k: v for k, v in overrides.items() if k in ("device", "precision")}})
     train.train(config)
-    trainable = torch.load(out_dir / "last.pt", weights_only=True)["trainable"]
+    trainable = read_torch_file(out_dir / "last.pt")["trainable"]
     state_dict = {name.removeprefix("clip."): tensor for name, tensor in trainable.items()}
     state_dict["logit_scale"] = torch.tensor(4.6052)  # frozen during training, as it stays for VoP
     with atomic_write(path) as handle:
@@ -238,8 +238,7 @@ def link_tiny_clip(path: Path) -> Path:
     """DEMO_ROOT/tiny_clip.pt, a link to the tiny CLIP the demo uses: a stable name to pass as --clip when
     training the tiny CLIP on one's own videos."""
     link = path.parent / "tiny_clip.pt"
-    temporary = path.parent / f"tiny_clip.pt.{os.getpid()}.link"
-    temporary.unlink(missing_ok=True)
+    temporary = temporary_path(link)
     temporary.symlink_to(path.name)
     os.replace(temporary, link)  # atomic: another demo never sees the link missing
     return link

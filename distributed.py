@@ -75,8 +75,8 @@ def gather_objects(value) -> list:
 
 
 def join_shares(mine: torch.Tensor, total: int) -> torch.Tensor:
-    """Process r computed rows r, r + W, r + 2W, ... of `total` rows (its share, (rows of r, ...)): every
-    process gets all rows, in order. A process whose share is empty (fewer rows than processes) may pass a
+    """mine (rows of this process, ...) -> (total, ...): process r computed rows r, r + W, r + 2W, ... of
+    `total` rows, and every process gets all rows, in order. A process whose share is empty (fewer rows than processes) may pass a
     tensor of any shape with no rows."""
     if not is_distributed():
         return mine

@@ -353,7 +353,7 @@ def video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: torch.
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. A model on a test set, a checkpoint's model, the qualitative figure
+# 4. A model on a test set, a checkpoint's model
 
 
 def metrics_from_embeddings(text_embeddings, video_embeddings, caption_video_index, dsl: bool = False,

@@ -63,8 +63,8 @@ def _to_pixels(video: torch.Tensor) -> np.ndarray:
 
 
 def protocol_rank(scores: torch.Tensor, correct: int) -> float:
-    """The rank evaluate.py counts for `correct` among `scores` (C,): 1 + the items above it + half the items
-    exactly level with it (random tie-breaking)."""
+    """The rank of `correct` among `scores` (C,) under random tie-breaking, counted as evaluate.py counts it:
+    1 + the items above it + half the items exactly level with it."""
     greater = int((scores > scores[correct]).sum())
     tied = int((scores == scores[correct]).sum()) - 1
     return greater + 1 + tied / 2

@@ -22,6 +22,8 @@ How training with the store differs from decoding every visit:
    million frame combinations, so its 100 visits practically never repeat one (and the crop differs anyway).
 2. The candidates went through JPEG once (PSNR 41 dB on testsrc2 clips; mean error under 1 level of 255).
 3. Frames larger than sqrt(2) * R on their shorter side are resized once before the random crop.
+4. A video shorter than F frames stores its F evenly spread frames as every candidate, so each visit sees the
+   same frames (decoding draws, for each segment, any frame it overlaps).
 The crop, flip and every random draw are as without the store, from (seed, epoch, item) alone.
 
 On disk: DIR/<kind>-<settings>/<sha1 of "path|size|mtime_ns">.frames, the settings including the version of

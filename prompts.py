@@ -81,7 +81,7 @@ class FunctionPrompts(nn.Module):
     def __init__(self, num_video_layers: int, num_frames: int, num_tokens: int, width: int):
         super().__init__()
         self.num_tokens = num_tokens
-        self.tokens = prompt_table(num_video_layers, num_tokens, width)  # (layers above K, P, D)
+        self.tokens = prompt_table(num_video_layers, num_tokens, width)  # (vision layers - K: layers K.., P, D)
         # Zero start: the video-wide layers begin from exactly the per-frame features CLIP would see.
         self.frame_position = nn.Parameter(torch.zeros(num_frames, width))  # (F, D)
 

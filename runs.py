@@ -16,6 +16,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
 
 import checkpoints
 import data
@@ -44,6 +45,11 @@ class Run:
         self.start_step, self.saved_step, self.wrote = 0, None, False
         self.clock = Progress("training", total=0, unit="samples", enabled=False)  # rate and ETA of log_step
 
+    @property
+    def trains(self) -> bool:
+        """Whether this run trains (not zero-shot CLIP, not --epochs 0, which only evaluate)."""
+        return self.config.tune != "zero-shot" and self.config.epochs > 0
+
     def log(self, message: str) -> None:
         if self.rank == 0:
             print(message, flush=True)
@@ -58,8 +64,8 @@ class Run:
             try:
                 self.folder = checkpoints.RunFolder(self.out_dir).__enter__()
                 remove_leftover_temporaries(self.out_dir)  # of a save that a kill interrupted
-                trains = self.config.tune != "zero-shot" and self.config.epochs > 0
-                problem = self.folder.settle_earlier_run(self.config.resume, self.config.overwrite, trains, self.log)
+                problem = self.folder.settle_earlier_run(self.config.resume, self.config.overwrite, self.trains,
+                                                         self.log)
             except Exception as error:  # whatever it is, the other processes must not wait for rank 0 for ever
                 problem, failure = str(error) or type(error).__name__, error
         problem = distributed.from_first_process(problem)
@@ -91,8 +97,7 @@ class Run:
         if config.test_split == config.train_split:
             self.log(f"note: evaluating on the training split {config.train_split!r}: the results describe "
                      f"training rows, not held-out ones")
-        trains = config.tune != "zero-shot" and config.epochs > 0
-        train_set = build(config.train_split, train=True) if trains else None
+        train_set = build(config.train_split, train=True) if self.trains else None
         train_set = check_videos(test_set, train_set, self.out_dir, self.num_workers, self.rank, self.log)
         if train_set is not None and len(train_set) < config.batch_size:
             raise ConfigError(f"{config.data} {config.train_split} has {len(train_set)} items, fewer than one batch "
@@ -190,17 +195,20 @@ class Run:
             except OSError as error:  # no space, no permission: one line, not a traceback
                 raise WriteError(f"could not write {path}: {error.strerror or error}") from None
 
-    def log_step(self, epoch: int, step: int, total_steps: int, loss, lr: float, grad_norm) -> None:
-        """Every --log-every steps: a progress line and a log.jsonl record (samples/s from the first step's end)."""
+    def log_step(self, epoch: int, step: int, total_steps: int, loss: torch.Tensor, lr: float,
+                 grad_norm: torch.Tensor) -> None:
+        """Every --log-every steps: a progress line and a log.jsonl record (samples/s from the first step's end).
+        `loss` and `grad_norm` are 0-dim tensors, read (a device sync) only on the steps that are logged."""
         self.clock.total = total_steps * self.config.batch_size
         rate, left = self.clock.measure(step * self.config.batch_size)
         if step % self.config.log_every and step != total_steps:
             return
+        loss, grad_norm = loss.item(), grad_norm.item()
         speed = f"  {rate:.1f} samples/s  ETA {format_duration(left)}" if rate else ""
-        self.log(f"epoch {epoch + 1}/{self.config.epochs}  step {step}/{total_steps}  loss {loss.item():.4f}  "
+        self.log(f"epoch {epoch + 1}/{self.config.epochs}  step {step}/{total_steps}  loss {loss:.4f}  "
                  f"lr {lr:.2e}{speed}")
-        self.write_log({"epoch": epoch + 1, "step": step, "total_steps": total_steps, "loss": loss.item(), "lr": lr,
-                        "grad_norm": grad_norm.item(), "samples_per_second": rate})
+        self.write_log({"epoch": epoch + 1, "step": step, "total_steps": total_steps, "loss": loss, "lr": lr,
+                        "grad_norm": grad_norm, "samples_per_second": rate})
 
     def count_replaced(self, epoch: int, step: int, replaced: list) -> None:
         """Videos that failed to decode this epoch, each replaced by another item: counted over all processes."""

@@ -9,8 +9,8 @@ loader, then loops over `training_step`: symmetric InfoNCE over the global batch
 on the trainable tensors only (`make_optimizer`), cosine decay after a linear warm-up (`get_lr`), gradient
 clipping, fp16 autocast + GradScaler on CUDA (bf16 on request). After each epoch the checkpoint
 (out_dir/last.pt: the trainable tensors, optimizer and scaler state, step, results) is written, atomically,
-*before* evaluating, so a failed evaluation never costs the epoch; `--resume auto` continues exactly where it
-stopped. What `train` calls on `run` (runs.py: the output folder and its lock, the data and video checks,
+*before* evaluating, so a failed evaluation never costs the epoch; `--resume auto` continues from the last
+checkpoint, to the numbers of a run that never stopped. What `train` calls on `run` (runs.py: the output folder and its lock, the data and video checks,
 checkpoints and the resume checks, logs) is machinery: skip it on a first reading.
 """
 import math
@@ -90,7 +90,8 @@ class TrainConfig:
 
 
 def contrastive_loss(video_embeddings, text_embeddings, logit_scale):
-    """Symmetric InfoNCE: text i belongs to video i. Embeddings (B, E), L2-normalised."""
+    """Symmetric InfoNCE: text i belongs to video i. Embeddings (B, E), L2-normalised; logit_scale () is CLIP's
+    log inverse temperature (frozen: log 100 in the released weights)."""
     logits = logit_scale.exp() * text_embeddings @ video_embeddings.t()  # (B texts, B videos)
     target = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
@@ -127,7 +128,7 @@ def training_step(model: VoP, optimizer, scaler, batch: dict, lr: float, grad_cl
     # Every process scores its own rows against the whole global batch (see gather_with_grad).
     loss = contrastive_loss(gather_with_grad(video_embeddings.float()), gather_with_grad(text_embeddings.float()),
                             model.logit_scale)
-    if not torch.isfinite(loss):  # before backward: the weights stay as the last good step left them
+    if not torch.isfinite(loss):  # one sync per step, before backward: the weights keep the last good step
         raise TrainingDiverged(f"the loss is {loss.item()}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
@@ -158,14 +159,14 @@ def train(config: TrainConfig) -> dict:
         with flag_errors(video_prompts="prompts"):  # e.g. --fn-layers beyond this CLIP's depth
             model = VoP(clip, model_config, grad_checkpointing=config.grad_checkpointing)
         model = model.to(device)
-        for dataset in (train_set, test_set):  # read before the backbone, which sets the input side
+        for dataset in (train_set, test_set):  # read before CLIP loaded; its input side sets their frame size
             if dataset is not None:
                 dataset.image_size = clip.visual.input_resolution
         run.log(f"model: VoP {model.describe()} on {config.clip}; {describe_parameters(model)}")
         if train_set is None:  # --tune zero-shot or --epochs 0: nothing to train
             results = evaluate(model, test_set, config.eval_batch_size, run.num_workers, device, amp_dtype)
-            run.log(format_results(results, results_title(config, "zero-shot" if config.tune == "zero-shot" else
-                                                              "untrained", test_set)))
+            when = "zero-shot" if config.tune == "zero-shot" else "untrained"
+            run.log(format_results(results, results_title(config, when, test_set)))
             return {**results, "trainable": 0}
         # 3. The optimiser and the schedule.
         base_lr = config.lr if config.lr is not None else DEFAULT_LR[config.tune]
@@ -239,8 +240,8 @@ def evaluate_epoch(model: VoP, test_set, epoch: int, step: int, run: Run, device
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All processes' rows (W*B, E), so the loss contrasts every pair of the global batch. Gradients flow back
-    through this process's own rows only; the other rows are constants here."""
+    """x (B, E) -> all processes' rows (W*B, E), so the loss contrasts every pair of the global batch. Gradients
+    flow back through this process's own rows only; the other rows are constants here."""
     if not distributed.is_distributed():
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]

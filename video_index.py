@@ -123,6 +123,11 @@ class VideoIndex:
         start = int(self.path_ends[row - 1]) if row else 0
         return os.fsdecode(self.path_bytes[start:int(self.path_ends[row])].tobytes())
 
+    def encoded_paths(self) -> list[bytes]:
+        """Every row's path as the bytes the file system gave (os.fsencode), in row order."""
+        ends = self.path_ends.tolist()
+        return [self.path_bytes[start:end].tobytes() for start, end in zip([0] + ends[:-1], ends)]
+
     def check_model(self, fingerprint: str, fix: str) -> None:
         """Refuse a model whose fingerprint is not the one that made this index, in one line ending in `fix`."""
         if self.header["fingerprint"] != fingerprint:
@@ -192,8 +197,7 @@ class IndexWriter:
                 self.notes.append(f"note: {self.path} was embedded with --precision {index.header['precision']}, "
                                   f"these videos with {self.precision} (embeddings differ by about 1e-3)")
             self.embeddings_file = self.path.parent / index.header["embeddings_file"]
-            ends = index.path_ends.tolist()
-            self.encoded = [index.path_bytes[start:end].tobytes() for start, end in zip([0] + ends[:-1], ends)]
+            self.encoded = index.encoded_paths()
             self.paths = [os.fsdecode(encoded) for encoded in self.encoded]
             self.sizes, self.mtimes_ns = index.sizes.tolist(), index.mtimes_ns.tolist()
             self.norms = index.norms.tolist()

@@ -52,12 +52,12 @@ def _bgr_to_rgb(frame_bgr: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2RGB)  # (H, W, 3) uint8
 
 
-def _read_image_as_video(path: Path, num_frames: int) -> np.ndarray:
-    """A still image is a one-frame video: repeat it `num_frames` times. Returns (F, H, W, 3) uint8 RGB."""
+def _read_image(path: Path) -> np.ndarray:
+    """A still image, which the readers treat as a one-frame video: (H, W, 3) uint8 RGB."""
     image_bgr = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_COLOR) if path.is_file() else None
     if image_bgr is None:
         raise VideoReadError(f"{path}: cannot read this image (missing or corrupt); check the file")
-    return np.repeat(_bgr_to_rgb(image_bgr)[None], num_frames, axis=0)
+    return _bgr_to_rgb(image_bgr)
 
 
 def _why_unopenable(path: Path) -> str:
@@ -256,7 +256,7 @@ def decode_frames(path, sample: Callable[[int], np.ndarray], strategy: str = "au
     if strategy not in ("auto", "sequential", "seek"):
         raise ValueError(f"decode_frames: strategy must be 'auto', 'sequential' or 'seek', got {strategy!r}")
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        image = _read_image_as_video(path, 1)[0]  # (H, W, 3)
+        image = _read_image(path)  # (H, W, 3)
         return np.repeat((image if transform is None else transform(image))[None], len(sample(1)), axis=0)
     convert = _bgr_to_rgb if transform is None else (lambda frame_bgr: transform(_bgr_to_rgb(frame_bgr)))
 
@@ -302,7 +302,7 @@ def probe_video(path) -> ProbeResult:
     path = Path(path)
     try:
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            _read_image_as_video(path, 1)
+            _read_image(path)
             return ProbeResult(1)
         capture = _open_capture(path)
         frames = max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)

@@ -10,7 +10,7 @@ frame by VoP^F. Layers are numbered from 0, as the code indexes them: a tower of
 
 The token sequences (one row per sequence; `|` separates the parts):
 
-    text, every layer             [SOS] | P text prompts | caption tokens ... [EOT] ... padding    (B, 1 + P + L-1, D)
+    text, every layer             [SOS] | P text prompts | caption tokens ... [EOT] ... padding    (B, P + L, D)
     frame, every layer (VoP)      [CLS] | P visual prompts | N patch tokens                        (B*F, 1 + P + N, D)
         P = 8 shared tokens; with `pos` and/or `ctx`: 4 shared | 4 position | 4 generated (4 = video_prompt_length)
     frame, layers 0..K-1 (fn)     as above
@@ -176,9 +176,9 @@ class VoP(nn.Module):
         """Caption tokens that fit next to the prompts in CLIP's 77 positions (77 - P)."""
         return self.clip.context_length - self.text_prompts.num_tokens
 
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, E), L2-normalised
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, 77 - P) -> (B, E), L2-normalised
         clip, blocks = self.clip, self.clip.transformer.resblocks
-        tokens = self._cut_padding(tokens)  # (B, L)
+        tokens = self._cut_padding(tokens)  # (B, L), L = the batch's last [EOT] + 1 <= 77 - P
         B, P = len(tokens), self.text_prompts.num_tokens
         x = clip.token_embedding(tokens)  # (B, L, D)
         # Layer 0: the prompts enter after [SOS], *before* the positional embedding: 77 positions in all.
@@ -265,7 +265,7 @@ class VoP(nn.Module):
 
     def _cut_padding(self, tokens: torch.Tensor) -> torch.Tensor:
         """Cut the padding after the batch's last [EOT]: under the causal mask nothing after a caption's
-        [EOT] reaches its read-out, so this changes no number, and captions (~10 tokens) no longer pay for
+        [EOT] reaches its read-out, so this changes no number, and captions (~10 tokens) do not pay for
         77 positions. Refuse captions that do not fit beside the prompts."""
         budget = self.text_context_length
         length = int(tokens.argmax(dim=-1).max()) + 1  # [EOT] has the largest id

@@ -34,6 +34,7 @@ from common import REPO, argument_parser, machine_line, timed_median  # noqa: E4
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import clip_model  # noqa: E402
+import annotations  # noqa: E402
 import clip_weights  # noqa: E402
 import data  # noqa: E402
 import search  # noqa: E402
@@ -61,8 +62,9 @@ def write_synthetic_index(path: Path, rows: int) -> float:
         writer.finish()
         commit = time.perf_counter()
         writer.commit()
-        print(f"one commit of the {rows:,}-video table (what each batch of an update pays, at most "
-              f"{100 * video_index.COMMIT_COST:.0f}% of the time): {time.perf_counter() - commit:.2f} s")
+        print(f"one commit of the {rows:,}-video table (an update commits after a batch only when the time since "
+              f"its last commit makes this at most {100 * video_index.COMMIT_COST:.0f}% of it): "
+              f"{time.perf_counter() - commit:.2f} s")
     return time.perf_counter() - started
 
 
@@ -211,8 +213,8 @@ def index_speeds(out: Path, args) -> None:
 
 def precisions(checkpoint: Path, out: Path) -> None:
     world = DEMO_ROOT / "world"
-    captions = sorted({caption for _, caption in
-                       (line.split(",", 1) for line in (world / "test.csv").read_text().splitlines()[1:])})
+    captions = sorted(set(annotations.read_annotations("synthetic", world, "test").captions))
+    num_clips = len(list((world / "test").glob("*.mp4")))
     model = search.load_model(checkpoint)
     top5, timing = {}, {}
     for precision in ("fp32", "bf16"):
@@ -226,13 +228,13 @@ def precisions(checkpoint: Path, out: Path) -> None:
         searcher.search_text(captions[:2], k=5)  # warm-up: the tokenizer's cache, the index's pages
         started = time.perf_counter()
         top5[precision] = searcher.search_text(captions, k=5)
-        timing[precision] = (160 / indexing, len(captions) / (time.perf_counter() - started))
+        timing[precision] = (num_clips / indexing, len(captions) / (time.perf_counter() - started))
     same_list = np.mean([[p for p, _ in a] == [p for p, _ in b] for a, b in zip(top5["fp32"], top5["bf16"])])
     same_set = np.mean([{p for p, _ in a} == {p for p, _ in b} for a, b in zip(top5["fp32"], top5["bf16"])])
     same_first = np.mean([a[0][0] == b[0][0] for a, b in zip(top5["fp32"], top5["bf16"])])
     score_difference = max(abs(sa - sb) for a, b in zip(top5["fp32"], top5["bf16"]) for (_, sa), (_, sb) in zip(a, b))
-    print(f"demo world ({checkpoint}), {len(captions)} distinct test captions over the 160 test clips, index and "
-          f"query each in its precision: top-5 unchanged (same videos, same order) {100 * same_list:.0f}%, same "
+    print(f"demo world ({checkpoint}), {len(captions)} distinct test captions over the {num_clips} test clips, index "
+          f"and query each in its precision: top-5 unchanged (same videos, same order) {100 * same_list:.0f}%, same "
           f"five videos {100 * same_set:.0f}%, same top-1 {100 * same_first:.0f}%; largest score difference "
           f"{score_difference:.4f}")
     for precision, (videos, queries) in timing.items():

@@ -473,7 +473,7 @@ def test_named_model_is_checked_against_its_sha256(tmp_path, monkeypatch):
 def test_open_clip_heads_are_width_floor_divided_by_head_width(tmp_path):
     """open_clip makes width // head_width heads (floor), whether or not head_width divides the width."""
     model = load(open_clip_copy(tmp_path, lambda cfg: cfg["vision_cfg"].update(head_width=24)))
-    assert model.config.vision_heads == 64 // 24 == 2  # 24 does not divide 64: refused before
+    assert model.config.vision_heads == 64 // 24 == 2  # 24 does not divide 64: the floor, as open_clip takes it
 
 
 def transformers_copy(tmp_path, edit):

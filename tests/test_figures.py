@@ -1,6 +1,7 @@
 """figures.py: training curves after every epoch, the demo's comparison, and a clear note without matplotlib.
 (The examples figure is tested in test_evaluate.py.)"""
 import builtins
+import importlib.util
 import json
 
 import pytest
@@ -10,9 +11,12 @@ import figures
 import train
 from helpers import small_config
 
-pytest.importorskip("matplotlib", reason="the figures are optional: .ci/run installs matplotlib to test them")
+# The pictures are optional: .ci/run installs matplotlib to test them; the note without it is tested everywhere.
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                      reason="matplotlib is not installed")
 
 
+@needs_matplotlib
 def test_a_run_draws_its_curves_after_every_epoch(small_setup, tmp_path, monkeypatch):
     drawn = []
     real = figures.draw_curves
@@ -28,6 +32,7 @@ def test_a_run_draws_its_curves_after_every_epoch(small_setup, tmp_path, monkeyp
         assert image.width > 1000 and image.height > 300
 
 
+@needs_matplotlib
 def test_an_epoch_that_logged_nothing_yet_still_gets_its_curves(small_setup, tmp_path, capsys):
     """With --log-every above an epoch's steps, the first epoch ends before log.jsonl exists: empty axes, and
     the run goes on (a picture never stops a run)."""
@@ -38,6 +43,7 @@ def test_an_epoch_that_logged_nothing_yet_still_gets_its_curves(small_setup, tmp
         assert image.width > 1000
 
 
+@needs_matplotlib
 def test_curves_skip_a_line_cut_short_by_a_crash(tmp_path):
     records = [{"epoch": 1, "step": s, "loss": 2.0 / s, "lr": 1e-3} for s in range(1, 5)]
     records.append({"epoch": 1, "step": 4, "eval": {d: {"R@1": 10.0, "R@5": 40.0, "MnR": 5.0} for d in ("t2v", "v2t")}})
@@ -47,6 +53,7 @@ def test_curves_skip_a_line_cut_short_by_a_crash(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
+@needs_matplotlib
 def test_the_demo_comparison_figure(tmp_path):
     rows = [{"name": "zero-shot CLIP", "t2v R@1": 2.5, "reversal pairs": 48.1},
             {"name": "VoP pos", "t2v R@1": 18.8, "reversal pairs": 77.5}]

@@ -290,7 +290,7 @@ def test_a_build_counts_the_damaged_entries_it_rebuilds(tmp_path, index_clip):
     store.build(dataset, num_workers=0, log=quiet)
     first, second, _ = entries(tmp_path / "store")
     first.write_bytes(first.read_bytes()[:-10])  # cut short
-    second.write_bytes(b"VOPFRAMES1\n" + bytes(8) + b"[]")  # a header that is no entry's
+    second.write_bytes(b"VOPFRAMES1\n" + bytes(8) + b"[]")  # a header of length 0: not JSON
     lines = []
     summary = store.build(dataset, num_workers=0, log=lines.append)
     assert summary["damaged"] == 2 and summary["built"] == 2 and "2 of them damaged" in lines[0]

@@ -1,4 +1,5 @@
-"""tokenizer.py against golden outputs of OpenAI's reference CLIP tokenizer (ftfy + regex)."""
+"""tokenizer.py against golden outputs of OpenAI's reference CLIP tokenizer (ftfy + regex), and the bound on a long
+caption's work (the start of a long word against whole-word BPE)."""
 import json
 import random
 from pathlib import Path
@@ -133,10 +134,10 @@ def test_the_work_of_a_long_caption_is_bounded(tok, monkeypatch):
     one_word = random_word("abcdefghijklmnopqrstuvwxyz", 1_000_000, 0)
     row = tokenize(one_word)[0].tolist()
     assert row[0] == 49406 and row[-1] == 49407 and 0 not in row  # 75 ids of the word
-    assert sum(seen) <= 16 * tokenizer.LONG_WORD
+    assert 0 < sum(seen) <= 16 * tokenizer.LONG_WORD  # 0 would mean the patch was not reached
     seen.clear()
     words = " ".join(random_word("abcdefghijklmnopqrstuvwxyz", 6, seed) for seed in range(17_000))
     assert len(words) > 100_000
     row = tokenize(words)[0].tolist()
-    assert len(seen) <= 76  # the words after the 76 ids a caption can use are never encoded
+    assert 0 < len(seen) <= 76  # the words after the 76 ids a caption can use are never encoded
     assert row[1:-1] == tok.encode(" ".join(words.split()[:80]))[:75]

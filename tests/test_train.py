@@ -164,8 +164,8 @@ def test_train_under_torchrun_style_launch(small_setup, tmp_path):
     """train.train with RANK/WORLD_SIZE set, as torchrun launches it: 2 CPU processes, gloo, global batch 8.
 
     On a GPU machine the process group must serve every tensor a collective is handed: the gradients and
-    embeddings live on the GPU, a count may live on the CPU. NCCL alone refuses CPU tensors (a run that
-    passed a CPU count to all_reduce crashed at the end of its first epoch), so every device type the
+    embeddings live on the GPU, a count may live on the CPU. NCCL alone refuses CPU tensors (a CPU count
+    handed to all_reduce would stop the run at the end of its first epoch), so every device type the
     collectives see here must be one that the backend chosen for a CUDA run serves."""
     config = small_config(small_setup, tmp_path / "run", epochs=1, eval_each_epoch=True)
     mp.spawn(_torchrun_worker, args=(2, free_port(), config, str(tmp_path / "devices")), nprocs=2, join=True)
@@ -341,7 +341,7 @@ def test_resuming_with_another_prompt_configuration_is_refused(small_setup, tmp_
         train.train(small_config(small_setup, tmp_path, epochs=1, prompts="fn", resume="auto"))
 
 
-# -- the bugs a careful reader found ----------------------------------------------------------------------
+# -- the output folder, weight decay, the recorded backbone -----------------------------------------------
 
 def test_the_default_out_dir_does_not_depend_on_the_order_the_prompts_were_typed():
     runs_of = [runs.default_out_dir(train.TrainConfig(prompts=prompts)) for prompts in ("fn,pos", "pos,fn", " pos , fn")]
