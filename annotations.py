@@ -137,22 +137,30 @@ def _video_index(video_dir: Path) -> dict:
     if not video_dir.is_dir():
         raise FileNotFoundError(f"{video_dir}: video folder not found. Pass video_dir=... or see the README's "
                                 "dataset folder trees.")
-    found, seen = {}, set()
-    for folder, subfolders, files in os.walk(video_dir, followlinks=True):
-        try:
-            status = os.stat(folder)
-            identity = status.st_dev, status.st_ino
-        except OSError:  # vanished meanwhile
-            identity = None
-        if identity is None or identity in seen:  # or reached again through a link: already searched
-            subfolders[:] = []
-            continue
-        seen.add(identity)
+    found = {}
+    for folder, files in walk_folders(video_dir):
         for file_name in files:
             stem, suffix = os.path.splitext(file_name)
             if suffix.lower() in VIDEO_SUFFIXES:
-                found.setdefault(stem, Path(folder) / file_name)
+                found.setdefault(stem, Path(folder) / file_name)  # two of one name: the first in path order
     return found
+
+
+def walk_folders(root, onerror=None):
+    """(folder, its file names) for `root` and every folder under it, in name order, into symlinked folders
+    too, each folder once (a link to a folder above would otherwise loop). `onerror`: as os.walk's."""
+    seen = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True, onerror=onerror):
+        try:
+            status = os.stat(folder)
+        except OSError:  # vanished meanwhile
+            status = None
+        if status is None or (status.st_dev, status.st_ino) in seen:  # or reached again through a link
+            subfolders[:] = []
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        subfolders.sort()
+        yield folder, sorted(files)
 
 
 def _locator(video_dir: Path, default_suffix: str):

@@ -119,17 +119,17 @@ def _short(value) -> str:
 
 # -- resuming ---------------------------------------------------------------------------------------------
 
-# What identifies a run; resume refuses a difference in any of them. Everything else (device, workers,
-# precision, logging, evaluation batch) may change between the interrupted run and its continuation.
-RUN_IDENTITY = ("backbone_sha256", "activation", "data", "data_root", "train_split", "test_split", "train_items",
-                "batch_size", "num_frames", "epochs", "steps_per_epoch", "lr", "weight_decay", "warmup",
-                "grad_clip", "seed", "one_caption_per_video", "horizontal_flip", "frame_store", "vop")
+# A run's identity (runs.run_identity) records these too, but they may change: the same weights (the same
+# SHA-256) moved elsewhere or saved in another format are the same backbone. Everything outside the identity
+# (device, workers, precision, logging, evaluation batch) may change between a stopped run and its continuation.
+RECORDED_ONLY = ("backbone", "backbone_format")
 
 
 def resume_problems(saved: dict, current: dict) -> list[str]:
     """Each difference between the saved run's identity and the current one, as 'name: saved X, now Y'."""
+    keys = [*current, *(key for key in saved if key not in current)]
     return [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}"
-            for key in RUN_IDENTITY if saved.get(key) != current.get(key)]
+            for key in keys if key not in RECORDED_ONLY and saved.get(key) != current.get(key)]
 
 
 # -- the run's folder -------------------------------------------------------------------------------------

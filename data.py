@@ -355,8 +355,8 @@ def build_dataset(name: str, root, split: str, num_frames: int = 12, image_size:
     `train` defaults to split == "train": random frame per segment + random crop/flip; otherwise segment
     middles + center crop. The synthetic world's augmentation is off by default, because a flip would swap
     "left" and "right" in its captions; `hflip=False` keeps the other augmentation and leaves out the flip
-    (train.py --no-flip) for other captions that name directions. `frame_store`: a frame_store.FrameStore, or None to decode every
-    visit. `len()` needs no decoding.
+    (train.py --no-flip) for other captions that name directions. `frame_store`: a frame_store.FrameStore, or None
+    to decode every visit. `len()` needs no decoding.
     """
     annotations = read_annotations(name, root, split, video_dir, skip_missing)
     train = (split == "train") if train is None else train

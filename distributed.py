@@ -75,9 +75,9 @@ def gather_objects(value) -> list:
 
 
 def join_shares(mine: torch.Tensor, total: int) -> torch.Tensor:
-    """mine (rows of this process, ...) -> (total, ...): process r computed rows r, r + W, r + 2W, ... of
-    `total` rows, and every process gets all rows, in order. A process whose share is empty (fewer rows than processes) may pass a
-    tensor of any shape with no rows."""
+    """mine (rows of this process, ...) -> (total, ...): process r computed rows r, r + W, r + 2W, ... of `total`
+    rows, and every process gets all rows, in order. A process whose share is empty (fewer rows than processes) may
+    pass a tensor of any shape with no rows."""
     if not is_distributed():
         return mine
     world_size = dist.get_world_size()

@@ -46,7 +46,7 @@ import clip_weights
 import data
 import distributed
 import evaluate
-from annotations import VIDEO_SUFFIXES
+from annotations import VIDEO_SUFFIXES, walk_folders
 from cli import PRECISIONS, ConfigError, at_least, option, parse_config, resolve_device, resolve_precision, run_command
 from errors import Stopped, UserError
 from files import atomic_write
@@ -383,30 +383,25 @@ def _describe(model: VoP) -> str:
 
 def find_videos(folders) -> dict:
     """{real path (absolute, links resolved): (size, mtime_ns)} of every video under `folders`, recursively
-    (symlinked folders are followed, each folder once), by the suffixes the project reads (annotations.VIDEO_SUFFIXES, any case), in
-    path order. A folder that does not exist, is empty or holds no videos is a NoVideosError naming it."""
+    (annotations.walk_folders: symlinked folders are followed, each folder once), by the suffixes the project reads
+    (annotations.VIDEO_SUFFIXES, any case), in path order. A folder that does not exist, is empty or holds no
+    videos is a NoVideosError naming it."""
     videos = {}
     for folder in folders:
         root = Path(folder).expanduser().resolve()  # one name per video, however the folder was named
         if not root.is_dir():
             raise NoVideosError(f"{folder} is not a folder: pass folders of videos" if root.exists() else
                                 f"{folder} does not exist: pass folders of videos")
-        files, found, unlisted, seen = 0, 0, [], set()
-        for parent, folder_names, file_names in os.walk(root, followlinks=True, onerror=unlisted.append):
-            stat = os.stat(parent)
-            if (stat.st_dev, stat.st_ino) in seen:  # a symlink back up the tree: once is enough
-                folder_names.clear()
-                continue
-            seen.add((stat.st_dev, stat.st_ino))
-            folder_names.sort()
-            for name in sorted(file_names):
+        files, found, unlisted = 0, 0, []
+        for parent, file_names in walk_folders(root, onerror=unlisted.append):
+            for name in file_names:
                 files += 1
                 if os.path.splitext(name)[1].lower() in VIDEO_SUFFIXES:
                     found += 1
                     path = os.path.realpath(os.path.join(parent, name))
                     try:
-                        stat = os.stat(path)
-                        videos[path] = (stat.st_size, stat.st_mtime_ns)
+                        status = os.stat(path)
+                        videos[path] = (status.st_size, status.st_mtime_ns)
                     except OSError:  # a broken symlink: listed as unreadable when it fails to decode
                         videos[path] = (-1, -1)
         if unlisted:

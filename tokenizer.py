@@ -210,8 +210,9 @@ class SimpleTokenizer:
     def _first_ids_of_long_word(self, raw: bytes, needed: int) -> list[int]:
         """The first `needed` ids of a long word from the BPE of its start alone, since BPE's cost grows with the
         square of a word's length (a 32,000-letter word: minutes). In practice merges reach only a few symbols
-        across a cut, so the tokens that end CUT_MARGIN bytes before it are the whole word's (tests/test_tokenizer.py checks
-        this against whole-word BPE); the start doubles until it holds `needed` of them."""
+        across a cut, so the tokens that end CUT_MARGIN bytes before it are the whole word's
+        (tests/test_tokenizer.py checks this against whole-word BPE); the start doubles until it holds `needed` of
+        them."""
         length = LONG_WORD
         while length < len(raw):
             symbols = self.bpe("".join(self.byte_encoder[b] for b in raw[:length]), whole=False)
