@@ -536,7 +536,8 @@ TRANSFORMERS_BLOCK_TO_OPENAI = {"self_attn.": "attn.", "layer_norm1.": "ln_1.", 
                                 "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj."}
 
 
-def _replace_prefix(name: str, table: dict) -> str:
+def replace_prefix(name: str, table: dict) -> str:
+    """`name` with the first prefix of `table` that it starts with replaced by that prefix's value."""
     for old, new in table.items():
         if name.startswith(old):
             return new + name[len(old):]
@@ -550,11 +551,11 @@ def transformers_to_openai(state_dict: dict) -> dict:
     for name, tensor in state_dict.items():
         if name.endswith("position_ids"):  # a constant arange that older transformers versions saved
             continue
-        name = _replace_prefix(name, TRANSFORMERS_TO_OPENAI)
+        name = replace_prefix(name, TRANSFORMERS_TO_OPENAI)
         tower, found, rest = name.partition("resblocks.")
         if found:
             layer, _, inner = rest.partition(".")
-            name = f"{tower}resblocks.{layer}.{_replace_prefix(inner, TRANSFORMERS_BLOCK_TO_OPENAI)}"
+            name = f"{tower}resblocks.{layer}.{replace_prefix(inner, TRANSFORMERS_BLOCK_TO_OPENAI)}"
         renamed[name] = tensor
     for name in [n for n in renamed if ".attn.q_proj." in n]:
         block, kind = name.split(".attn.q_proj.")  # kind: weight or bias

@@ -133,8 +133,7 @@ def read_release(folder) -> Release:
     backbone = {name.removeprefix("clip."): tensor for name, tensor in tensors.items() if name.startswith("clip.")}
     others = {name: tensor for name, tensor in tensors.items() if not name.startswith("clip.")}
     for name in [name for name in others if name.startswith(tuple(ALIASES))]:
-        alias = next(alias for alias in ALIASES if name.startswith(alias))
-        target = ALIASES[alias] + name[len(alias):]
+        target = clip_weights.replace_prefix(name, ALIASES)
         if not (target in backbone and torch.equal(others.pop(name), backbone[target])):
             raise WeightsError(f"{path}: {name} is not a copy of clip.{target}, as it is in the release: the file is "
                                f"damaged or not the release's")

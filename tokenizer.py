@@ -201,7 +201,7 @@ class SimpleTokenizer:
             if max_ids is not None and len(raw) > LONG_WORD:
                 ids.extend(self._first_ids_of_long_word(raw, max_ids - len(ids)))
                 continue
-            word = "".join(self.byte_encoder[b] for b in raw)
+            word = self._as_symbols(raw)
             if word not in self.cache:
                 self.cache[word] = tuple(self.encoder[symbol] for symbol in self.bpe(word))
             ids.extend(self.cache[word])
@@ -215,13 +215,17 @@ class SimpleTokenizer:
         them."""
         length = LONG_WORD
         while length < len(raw):
-            symbols = self.bpe("".join(self.byte_encoder[b] for b in raw[:length]), whole=False)
+            symbols = self.bpe(self._as_symbols(raw[:length]), whole=False)
             ends = itertools.accumulate(len(symbol) for symbol in symbols)  # one character per byte
             kept = [self.encoder[symbol] for symbol, end in zip(symbols, ends) if end <= length - CUT_MARGIN]
             if len(kept) >= needed:
                 return kept[:needed]
             length *= 2
-        return [self.encoder[symbol] for symbol in self.bpe("".join(self.byte_encoder[b] for b in raw))][:needed]
+        return [self.encoder[symbol] for symbol in self.bpe(self._as_symbols(raw))][:needed]
+
+    def _as_symbols(self, raw: bytes) -> str:
+        """UTF-8 bytes as the printable characters BPE works on, one per byte (bytes_to_unicode)."""
+        return "".join(self.byte_encoder[b] for b in raw)
 
     def decode(self, ids) -> str:
         text = "".join(self.decoder[int(i)] for i in ids)

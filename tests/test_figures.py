@@ -58,8 +58,10 @@ def test_the_demo_comparison_figure(tmp_path):
     rows = [{"name": "zero-shot CLIP", "t2v R@1": 2.5, "reversal pairs": 48.1},
             {"name": "VoP pos", "t2v R@1": 18.8, "reversal pairs": 77.5}]
     assert figures.draw_comparison(rows, tmp_path / "comparison.png", "demo")
-    with Image.open(tmp_path / "comparison.png") as image:
-        assert image.width >= 700
+    rows[1]["t2v R@1"] = 60.0  # another number: another picture (the bars are drawn from the rows)
+    assert figures.draw_comparison(rows, tmp_path / "other.png", "demo")
+    with Image.open(tmp_path / "comparison.png") as image, Image.open(tmp_path / "other.png") as other:
+        assert image.width >= 700 and image.size == other.size and image.tobytes() != other.tobytes()
 
 
 def test_without_matplotlib_the_run_says_so_once_and_goes_on(tmp_path, monkeypatch, capsys):
