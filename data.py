@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from annotations import read_annotations
+from formats.annotations import read_annotations
 from clip_model import CLIP_MEAN, CLIP_STD
-from video_io import READ_ERRORS, VideoReadError, available_cpus, decode_frames, exit_when_process_ends
+from formats.video_io import READ_ERRORS, VideoReadError, available_cpus, decode_frames, exit_when_process_ends
 
 
 # ----------------------------------------------------------------------------------------------------------

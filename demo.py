@@ -23,15 +23,15 @@ import numpy as np
 import torch
 
 import clip_model
-import clip_weights
+from formats import clip_weights
 import data
 import evaluate
-import runs
+from machinery import runs
 import train
-from cli import build_parser, resolve_device, run_command
-from figures import draw_comparison
-from files import atomic_write, read_torch_file, temporary_path
-from video_io import write_video
+from utils.cli import build_parser, resolve_device, run_command
+from machinery.figures import draw_comparison
+from utils.files import atomic_write, read_torch_file, temporary_path
+from formats.video_io import write_video
 from vop import VoP, VoPConfig
 
 

@@ -35,17 +35,17 @@ from pathlib import Path
 
 import torch
 
-import checkpoints
-import clip_weights
+from machinery import checkpoints
+from formats import clip_weights
 import data
-import distributed
-import modelscope
-from annotations import DATASET_NAMES
-from cli import (PRECISIONS, ConfigError, at_least, greater_than, option, parse_config, resolve_device,
+from utils import distributed
+from formats import modelscope
+from formats.annotations import DATASET_NAMES
+from utils.cli import (PRECISIONS, ConfigError, at_least, greater_than, option, parse_config, resolve_device,
                  resolve_precision, run_command)
-from figures import draw_examples
-from frame_store import FrameStore
-from progress import Progress
+from machinery.figures import draw_examples
+from machinery.frame_store import FrameStore
+from utils.progress import Progress
 from vop import VoP, VoPConfig
 
 RECALL_AT = (1, 5, 10)

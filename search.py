@@ -42,17 +42,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-import clip_weights
+from formats import clip_weights
 import data
-import distributed
+from utils import distributed
 import evaluate
-from annotations import VIDEO_SUFFIXES, walk_folders
-from cli import PRECISIONS, ConfigError, at_least, option, parse_config, resolve_device, resolve_precision, run_command
-from errors import Stopped, UserError
-from files import atomic_write
-from progress import Progress
-from video_index import IndexFileError, IndexWriter, VideoIndex, skipped_list
-from video_io import READ_ERRORS, VideoReadError
+from formats.annotations import VIDEO_SUFFIXES, walk_folders
+from utils.cli import PRECISIONS, ConfigError, at_least, option, parse_config, resolve_device, resolve_precision, run_command
+from utils.errors import Stopped, UserError
+from utils.files import atomic_write
+from utils.progress import Progress
+from formats.video_index import IndexFileError, IndexWriter, VideoIndex, skipped_list
+from formats.video_io import READ_ERRORS, VideoReadError
 from vop import VoP, VoPConfig, config_as_dict
 
 ROWS_PER_CHUNK = 1 << 14  # index rows scored at once: 16 MB of float16 at E = 512, 32 MB as float32

@@ -24,15 +24,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-import distributed
-from annotations import DATASET_NAMES
-from cli import (PRECISIONS, at_least, between, check_config, flag_errors, greater_than, option, parse_config,
+from utils import distributed
+from formats.annotations import DATASET_NAMES
+from utils.cli import (PRECISIONS, at_least, between, check_config, flag_errors, greater_than, option, parse_config,
                  resolve_device, resolve_precision, run_command)
-from clip_weights import load as load_clip
+from formats.clip_weights import load as load_clip
 from evaluate import evaluate, format_results
-from errors import Stopped, TrainingDiverged
-from files import WriteError
-from runs import Run, results_title, run_identity
+from utils.errors import Stopped, TrainingDiverged
+from utils.files import WriteError
+from machinery.runs import Run, results_title, run_identity
 from vop import TUNE_MODES, VoP, VoPConfig, describe_parameters
 
 # The paper searched the learning rate per method in [1e-6, 1e-2] without giving the values; these are ours.

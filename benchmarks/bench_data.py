@@ -29,8 +29,8 @@ from common import argument_parser, cpu_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import frame_store  # noqa: E402
-import video_io  # noqa: E402
+from machinery import frame_store  # noqa: E402
+from formats import video_io  # noqa: E402
 
 MSRVTT_TRAIN_VIDEOS, MSRVTT_TEST_VIDEOS = 9000, 1000  # the 9k split and the 1k-A test
 

@@ -34,11 +34,11 @@ from common import REPO, argument_parser, machine_line, timed_median  # noqa: E4
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import clip_model  # noqa: E402
-import annotations  # noqa: E402
-import clip_weights  # noqa: E402
+from formats import annotations  # noqa: E402
+from formats import clip_weights  # noqa: E402
 import data  # noqa: E402
 import search  # noqa: E402
-import video_index  # noqa: E402
+from formats import video_index  # noqa: E402
 from vop import VoP, VoPConfig  # noqa: E402
 
 EMBEDDING_SIZE = 512

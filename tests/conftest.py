@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the modules live flat in the repo root
 
 from clip_model import CLIP, CLIPConfig  # noqa: E402
-from clip_weights import load  # noqa: E402
+from formats.clip_weights import load  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import figures
+from machinery import figures
 import train
-import video_io
+from formats import video_io
 from clip_model import CLIPConfig
 
 

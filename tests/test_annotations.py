@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import annotations
+from formats import annotations
 import data
 from helpers import msrvtt_root, place_videos, write_csv, write_tiny_video
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import clip_model
-import clip_weights
+from formats import clip_weights
 from clip_model import CLIPConfig
-from clip_weights import build_model, load
+from formats.clip_weights import build_model, load
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RELEASE_FILE = FIXTURES / "tiny_clip_openai_jit.pt"

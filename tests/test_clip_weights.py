@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import clip_weights
-from clip_weights import build_model, load
+from formats import clip_weights
+from formats.clip_weights import build_model, load
 from vop import VoP, VoPConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -8,7 +8,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 import data
-import video_io
+from formats import video_io
 from helpers import msrvtt_root, place_videos, write_csv, write_tiny_video
 
 # --- sampler ----------------------------------------------------------------------------------------------

@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
-import cli
+from machinery import checkpoints
+from utils import cli
 import data
 import demo
 import evaluate as ev
-import figures
+from machinery import figures
 from helpers import fake_tokenize
 from vop import VoP, VoPConfig, config_as_dict
 

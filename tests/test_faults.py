@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoints
-import cli
+from machinery import checkpoints
+from utils import cli
 import evaluate as ev
-import files
-import runs
+from utils import files
+from machinery import runs
 import train
 from clip_model import CLIP
-from errors import UserError
-from frame_store import FrameStoreError
+from utils.errors import UserError
+from machinery.frame_store import FrameStoreError
 from helpers import SMALL_CLIP, message_lines, read_log, small_config, start_python
 from vop import VoPConfig, config_as_dict
 
@@ -360,7 +360,8 @@ def test_sigterm_ends_a_process_pool_at_once(tmp_path):
     stopped = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
 sys.path.insert(0, {str(REPO)!r})
-import cli, video_io
+from utils import cli
+from formats import video_io
 if __name__ == "__main__":
     cli.run_command(lambda argv: video_io.map_in_processes(time.sleep, [5] * 8, 2, on_crash=print), [], "pool")
 """], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -385,8 +386,8 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(tmp_
     saving = start_python(f"""
 import resource
 import torch
-import checkpoints
-from files import WriteError
+from machinery import checkpoints
+from utils.files import WriteError
 path = {str(tmp_path / "last.pt")!r}
 checkpoints.save_checkpoint({{"step": 1, "trainable": {{"x": torch.zeros(10)}}}}, path)
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
@@ -420,7 +421,7 @@ def test_train_py_on_a_full_disk_stops_in_one_line_naming_the_checkpoint(small_s
 def test_a_save_killed_midway_leaves_a_temporary_that_the_next_start_removes(small_setup, tmp_path):
     killed = start_python(f"""
 import os, signal
-from files import atomic_write
+from utils.files import atomic_write
 with atomic_write({str(tmp_path / "last.pt")!r}) as handle:
     handle.write(b"half a checkpoint")
     handle.flush()

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-import figures
+from machinery import figures
 import train
 from helpers import small_config
 
@@ -25,7 +25,7 @@ def test_a_run_draws_its_curves_after_every_epoch(small_setup, tmp_path, monkeyp
         drawn.append(sum(1 for line in open(log_path) if '"eval"' in line))  # evaluations logged so far
         return real(log_path, path)
 
-    monkeypatch.setattr("runs.draw_curves", recording)
+    monkeypatch.setattr("machinery.runs.draw_curves", recording)
     train.train(small_config(small_setup, tmp_path, epochs=2, eval_each_epoch=True))
     assert drawn == [1, 2]  # once per epoch, each time with that epoch's evaluation
     with Image.open(tmp_path / "curves.png") as image:

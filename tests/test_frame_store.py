@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import data
-import frame_store
-import video_io
+from machinery import frame_store
+from formats import video_io
 from helpers import decoded_indices, index_video_frames, place_videos, start_python, write_csv
 
 NUM_FRAMES_IN_FILE = 40
@@ -139,7 +139,8 @@ def test_a_build_killed_midway_leaves_a_store_the_next_build_completes(tmp_path,
     # after the temporary file is written, before it is renamed into place.
     crash = start_python(f"""
 import os
-import data, frame_store
+import data
+from machinery import frame_store
 renames = []
 def crash_on_third(source, target):
     renames.append(target)
@@ -172,7 +173,8 @@ def test_two_processes_building_the_same_store_at_once_do_not_corrupt_it(tmp_pat
     # Both processes wait for the same moment, then build the same 6 training and 6 evaluation entries.
     code = f"""
 import os, time
-import data, frame_store
+import data
+from machinery import frame_store
 while not os.path.exists({str(tmp_path / "go")!r}):
     time.sleep(0.01)
 store = frame_store.FrameStore({str(tmp_path / "store")!r})
@@ -328,7 +330,8 @@ def test_a_full_disk_stops_the_build_in_one_line_leaving_no_partial_file(tmp_pat
     make_videos(tmp_path, index_clip, 5)
     building = start_python(f"""
 import resource
-import data, frame_store
+import data
+from machinery import frame_store
 decoded = []
 real = frame_store.decode_frames
 frame_store.decode_frames = lambda *args, **kwargs: decoded.append(args[0]) or real(*args, **kwargs)

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import annotations
-import checkpoints
+from formats import annotations
+from machinery import checkpoints
 import data
-import files
-import progress
+from utils import files
+from utils import progress
 import train
-import video_io
+from formats import video_io
 from helpers import message_lines, small_config, write_csv, write_tiny_video
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cli
-import clip_weights
+from utils import cli
+from formats import clip_weights
 import data
 import evaluate as ev
-import modelscope
-import video_io
+from formats import modelscope
+from formats import video_io
 from helpers import EOT, SOT, fake_tokenize, write_csv
 from vop import VoP, VoPConfig
 

@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
+from utils import cli
 import data
 import evaluate
 import search
 import train
-import video_index
+from formats import video_index
 from helpers import free_port, small_config, start_python
 
 REPO = Path(__file__).resolve().parents[1]

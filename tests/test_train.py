@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import checkpoints
+from machinery import checkpoints
 import data
-import distributed
+from utils import distributed
 import evaluate
-import runs
+from machinery import runs
 import train
 from clip_model import CLIP
-from errors import UserError
+from utils.errors import UserError
 from helpers import SMALL_CLIP, free_port, read_log, small_config
 from vop import VoP, VoPConfig
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import data
-import video_io
+from formats import video_io
 from helpers import decoded_indices, index_video_frames
 
 NUM_FRAMES_IN_FILE = 40

@@ -58,10 +58,10 @@ import torch
 import torch.nn.functional as F
 
 import data
-from errors import UserError
-from files import WriteError, atomic_write, remove_leftover_temporaries
-from progress import Progress
-from video_io import READ_ERRORS, VideoReadError, decode_frames, map_in_processes
+from utils.errors import UserError
+from utils.files import WriteError, atomic_write, remove_leftover_temporaries
+from utils.progress import Progress
+from formats.video_io import READ_ERRORS, VideoReadError, decode_frames, map_in_processes
 
 FORMAT = 1
 MAGIC = b"VOPFRAMES1\n"

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import UserError
-from files import WRITE_ERRNOS, WriteError, atomic_write, remove_leftover_temporaries
+from utils.errors import UserError
+from utils.files import WRITE_ERRNOS, WriteError, atomic_write, remove_leftover_temporaries
 
 FORMAT = 1
 COMMIT_COST = 0.05  # commit when the time since the last commit is 1 / COMMIT_COST times what that commit took

@@ -20,7 +20,7 @@ from dataclasses import field
 
 import torch
 
-from errors import Stopped, UserError
+from utils.errors import Stopped, UserError
 
 
 class ConfigError(UserError):

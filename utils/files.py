@@ -20,7 +20,7 @@ import socket
 import time
 from pathlib import Path
 
-from errors import UserError
+from utils.errors import UserError
 
 HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]  # which machine wrote a temporary
 TEMPORARY = re.compile(r"\.([0-9a-f]{6})\.(\d+)\.[0-9a-f]{8}\.tmp$")  # <name>.<host>.<pid>.<random>.tmp

@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 
 from clip_model import CLIP, CLIP_MEAN, CLIP_STD, CLIPConfig, state_dict_mismatch
-from errors import UserError
-from files import atomic_write, read_torch_file
+from utils.errors import UserError
+from utils.files import atomic_write, read_torch_file
 
 
 class WeightsError(UserError):

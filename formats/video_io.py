@@ -27,9 +27,9 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from errors import UserError
-from files import atomic_write, process_exists, process_start
-from progress import Progress
+from utils.errors import UserError
+from utils.files import atomic_write, process_exists, process_start
+from utils.progress import Progress
 
 # A broken file makes FFmpeg and OpenCV print a screen of warnings before our one line that names it; quiet them
 # unless the user asked for them (OPENCV_FFMPEG_LOGLEVEL, OPENCV_LOG_LEVEL). Read when FFmpeg first opens a file.

@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from errors import UserError
+from utils.errors import UserError
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".wmv", ".flv")
 DATASET_NAMES = ("msrvtt-9k", "msrvtt-7k", "didemo", "activitynet", "lsmdc", "msvd", "csv", "synthetic")

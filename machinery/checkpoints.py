@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from errors import UserError
-from files import atomic_write, process_exists, process_start, read_torch_file
+from utils.errors import UserError
+from utils.files import atomic_write, process_exists, process_start, read_torch_file
 from vop import VoPConfig
 
 FORMAT = 2  # the checkpoint layout below; another number is refused

@@ -42,9 +42,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import clip_weights
+from formats import clip_weights
 from clip_model import CLIP, state_dict_mismatch
-from clip_weights import WeightsError
+from formats.clip_weights import WeightsError
 from vop import VoP, VoPConfig, config_as_dict, insert_prompts, replace_prompts
 
 CONFIGURATION = "configuration.json"

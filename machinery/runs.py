@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-import checkpoints
+from machinery import checkpoints
 import data
-import distributed
-import video_io
-from cli import ConfigError
-from figures import draw_curves, read_log
-from files import WriteError, atomic_write, remove_leftover_temporaries
-from frame_store import FrameStore
-from progress import Progress, format_duration
+from utils import distributed
+from formats import video_io
+from utils.cli import ConfigError
+from machinery.figures import draw_curves, read_log
+from utils.files import WriteError, atomic_write, remove_leftover_temporaries
+from machinery.frame_store import FrameStore
+from utils.progress import Progress, format_duration
 from vop import config_as_dict, parse_video_prompts
 
 
