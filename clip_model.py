@@ -1,11 +1,11 @@
 """CLIP (ViT image tower + text Transformer) in plain PyTorch, with OpenAI's parameter names.
 
-The model only, as openai/CLIP's model.py: reading weight files (OpenAI's releases and the other formats) and
-building a CLIP from them is clip_weights.py's job (`clip_weights.load("ViT-B/32")`). Parameter names are
-exactly the keys of OpenAI's release files (`visual.conv1.weight`, `transformer.resblocks.0.attn.in_proj_weight`,
-`text_projection`, ...), so a released state dict loads with `strict=True` and gives the numbers of OpenAI's
-reference code. Only ViT backbones exist here. Beside the model, two small things the other modules share:
-CLIP's pixel mean and std, and `state_dict_mismatch`, the one check of names and shapes every loader uses.
+The model, and at the end `build_model` (a CLIP sized by a state dict's shapes, as openai/CLIP's model.py
+builds one) and `load("ViT-B/32")` (a model name, or a weights file or folder). Reading the weight files
+themselves (OpenAI's releases and the other formats, safely) is formats/clip_weights.py's job. Parameter names
+are exactly the keys of OpenAI's release files (`visual.conv1.weight`,
+`transformer.resblocks.0.attn.in_proj_weight`, `text_projection`, ...), so a released state dict loads with
+`strict=True` and gives the numbers of OpenAI's reference code. Only ViT backbones exist here.
 
 The towers expose their stages, so that VoP (vop.py) can run its own loop over the residual blocks and insert
 prompt tokens between them without a forked copy of the forward pass:
@@ -16,6 +16,7 @@ prompt tokens between them without a forked copy of the forward pass:
 Shapes (the project's legend): B images or captions, S sequence length, D tower width, E joint embedding size,
 R image side. Sequences are batch-first.
 """
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -23,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The input CLIP expects: images normalised with the mean and std of OpenAI's training data (clip/clip.py).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from formats.clip_weights import (RELEASE_EXTRAS, WeightsError, config_from_state_dict, read_weights,
+                                  state_dict_mismatch)
 
 
 @dataclass
@@ -218,15 +218,62 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-def state_dict_mismatch(expected: dict, given: dict) -> str:
-    """'' if `given` has exactly the names and shapes of `expected` (name -> tensor), else what differs:
-    the missing and unexpected names and the wrong shapes, each list cut at 10."""
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    wrong_shape = [f"{name} {tuple(given[name].shape)} instead of {tuple(tensor.shape)}"
-                   for name, tensor in expected.items() if name in given and given[name].shape != tensor.shape]
+# ---------------------------------------------------------------------------------------------------------
+# Building a CLIP from weights: infer the sizes from the tensors, load strictly (OpenAI's build_model)
+# ---------------------------------------------------------------------------------------------------------
 
-    def show(names):
-        return ", ".join(names[:10]) + (f" ... ({len(names)} in all)" if len(names) > 10 else "")
-    return "; ".join(f"{what}: {show(names)}" for what, names in
-                     (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong_shape)) if names)
+def build_model(state_dict: dict, **config) -> CLIP:
+    """A float32 CLIP in eval mode whose weights are exactly `state_dict` (OpenAI's names).
+
+    Sizes are inferred from the tensors; `config` gives the CLIPConfig fields they cannot tell, e.g.
+    `activation="gelu"`, `vision_heads=16` (see config_from_state_dict). Loading is strict: a missing,
+    unexpected or misshapen tensor is an error listing them, never a half-loaded model.
+    """
+    state_dict = {k: v for k, v in state_dict.items() if k not in RELEASE_EXTRAS}
+    model = CLIP(CLIPConfig(**config_from_state_dict(state_dict, **config)))
+    mismatch = state_dict_mismatch(model.state_dict(), state_dict)
+    if mismatch:
+        raise WeightsError(f"the state dict does not match the CLIP architecture inferred from it: {mismatch}")
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+    return model.eval()
+
+
+def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
+         download_root: str | os.PathLike | None = None, activation: str | None = None,
+         sha256: str | None = None) -> CLIP:
+    """A CLIP in eval mode with float32 weights on `device`.
+
+    `name_or_path`: one of OpenAI's model names (downloaded once, SHA-256 checked), or a weights file or folder
+    in any format formats/clip_weights.py reads (OpenAI's release, a state dict, transformers, open_clip); no
+    file runs code. `activation` ("quick_gelu" or "gelu") is for weights without a config (a state dict); a config that
+    names another activation is an error. `sha256`, if given, must be the weights' digest.
+
+    The model's `source` says what was loaded, in plain str values that rebuild the same backbone:
+        {"clip": the model name, or the absolute path asked for (a file or a folder),
+         "path": the absolute path of the weights file read (of the shard index, for sharded weights),
+         "format": "openai-release" | "state-dict" | "transformers" | "open_clip" | "modelscope",
+         "activation": "quick_gelu" | "gelu",
+         "sha256": the weights file's SHA-256 (of all shards in name order, for sharded weights)}
+        same = load(s["clip"], activation=s["activation"], sha256=s["sha256"])
+
+    Weights stay float32 on every device: mixed precision comes from `torch.autocast`, never from casting the
+    model, so that it can be trained safely.
+    """
+    weights = read_weights(name_or_path, download_root)
+    if sha256 is not None and sha256 != weights.sha256:
+        raise WeightsError(f"{weights.path}: SHA-256 {weights.sha256} is not the {sha256} expected (recorded when "
+                           f"the checkpoint was trained): these are other weights")
+    config = dict(weights.config)
+    if activation is not None:
+        if config.get("activation", activation) != activation:
+            raise WeightsError(f"{weights.path}: activation {activation!r} was asked for, but "
+                               f"{weights.config_path or 'OpenAI'} says {config['activation']!r}; drop the "
+                               f"activation (it is only for weights that carry no config)")
+        config["activation"] = activation
+    try:
+        model = build_model(weights.state_dict, **config)
+    except WeightsError as error:
+        raise WeightsError(f"{weights.path}: {error}") from None
+    model.source = {"clip": weights.name, "path": str(weights.path), "format": weights.format,
+                    "activation": model.config.activation, "sha256": weights.sha256}
+    return model.to(device)

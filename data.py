@@ -33,8 +33,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from formats.annotations import read_annotations
-from clip_model import CLIP_MEAN, CLIP_STD
-from formats.video_io import READ_ERRORS, VideoReadError, available_cpus, decode_frames, exit_when_process_ends
+from formats.clip_weights import CLIP_MEAN, CLIP_STD
+from formats.video_io import (READ_ERRORS, VideoReadError, decode_frames, default_num_workers,
+                              exit_when_process_ends)
+from machinery.frame_store import FrameRule
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -95,6 +97,20 @@ def read_frames(path, num_frames: int, mode: str = "uniform", rng=None, strategy
     an unreadable file."""
     return decode_frames(path, lambda num_total: sample_frame_indices(num_total, num_frames, mode, rng), strategy,
                          transform)
+
+
+def training_candidates(num_total: int, num_frames: int, candidates: int) -> np.ndarray:
+    """(F, C) frame indices, the frames a frame store keeps for training (skip on a first reading): for each of
+    the F segments training draws from (`segment_edges`), the middles of its C sub-segments, cut as the
+    segments are cut. With fewer frames than F, each row repeats the frame `sample_frame_indices` takes for
+    that segment."""
+    if num_total < num_frames:
+        return np.repeat(sample_frame_indices(num_total, num_frames)[:, None], candidates, axis=1)
+    edges = segment_edges(num_total, num_frames)  # (F + 1,)
+    lengths = edges[1:] - edges[:-1]  # (F,) >= 1
+    sub_edges = edges[:-1, None] + (np.linspace(0, 1, candidates + 1)[None, :] * lengths[:, None]).astype(np.int64)
+    starts, stops = sub_edges[:, :-1], sub_edges[:, 1:]  # (F, C) each; a sub-segment may be empty in a short one
+    return (starts + np.maximum(stops - 1, starts)) // 2
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -180,6 +196,17 @@ def video_transform(frames: np.ndarray, train: bool, image_size: int = 224, rng=
     if hflip and rng.random() < 0.5:
         video = video.flip(-1)
     return normalize(video)
+
+
+def evaluation_frames(path, num_frames: int, image_size: int) -> np.ndarray:
+    """(F, R, R, 3) uint8 RGB: the evaluation frames after CLIP's resize + center crop, each resized as it is
+    decoded, so a large video is never held whole."""
+    return read_frames(path, num_frames, "uniform",
+                       transform=lambda frame: resize_center_crop(frame[None], image_size)[0])
+
+
+# What a frame store (machinery/frame_store.py) keeps follows these rules.
+FRAME_RULE = FrameRule(SAMPLER_VERSION, evaluation_frames, training_candidates)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -370,13 +397,6 @@ def build_dataset(name: str, root, split: str, num_frames: int = 12, image_size:
 
 # ----------------------------------------------------------------------------------------------------------
 # 4. Loading in parallel (skip on a first reading)
-
-def default_num_workers(processes_per_machine: int = 1) -> int:
-    """DataLoader workers per training process: this process's share of the CPUs it may use (as DataLoader
-    counts them, so the default never draws its "too many workers" warning), and at least 1, so that the main
-    process never decodes. Under torchrun pass the processes per machine (LOCAL_WORLD_SIZE)."""
-    return max(1, available_cpus() // max(1, processes_per_machine))
-
 
 def worker_init_fn(worker_id: int, main_process: int | None = None) -> None:
     """DataLoader worker setup: one OpenCV thread per worker, so that workers do not fight over the cores

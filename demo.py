@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 import clip_model
-from formats import clip_weights
 import data
 import evaluate
 from machinery import runs
@@ -267,7 +266,7 @@ def run(overrides: dict, evaluate_before: bool = True) -> dict:
               "reversal pairs: 'moves left' and 'moves right' are the same frames in opposite order, so a model "
               "that ignores frame order scores 50% on the pairs.")
         before = train.train(dataclasses.replace(tuned, tune="zero-shot", prompts=""))
-        zero_shot = VoP(clip_weights.load(clip_path, device), VoPConfig(tune="zero-shot", num_frames=tuned.num_frames))
+        zero_shot = VoP(clip_model.load(clip_path, device), VoPConfig(tune="zero-shot", num_frames=tuned.num_frames))
         before["pairs"] = score_reversal_pairs(zero_shot.to(device), world, device)
         if tuned.tune == "zero-shot":
             return before

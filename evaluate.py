@@ -36,17 +36,17 @@ from pathlib import Path
 import torch
 
 from machinery import checkpoints
+import clip_model
 from formats import clip_weights
 import data
 from utils import distributed
-from formats import modelscope
 from formats.annotations import DATASET_NAMES
 from utils.cli import (PRECISIONS, ConfigError, at_least, greater_than, option, parse_config, resolve_device,
                  resolve_precision, run_command)
 from machinery.figures import draw_examples
 from machinery.frame_store import FrameStore
 from utils.progress import Progress
-from vop import VoP, VoPConfig
+from vop import VoP, VoPConfig, load_release
 
 RECALL_AT = (1, 5, 10)
 SCORES_PER_CHUNK = 2**24  # default chunk: about 16M scores (64 MB in float32) whatever the number of candidates
@@ -390,7 +390,7 @@ def format_results(results: dict, title: str) -> str:
 
 def load_model_from_checkpoint(path, device="cpu", clip=None) -> tuple[VoP, dict]:
     """(VoP in eval mode on `device`, the checkpoint dict) from a file written by train.py, or from the authors'
-    released model folder (modelscope.py: configuration.json + VoP_msrvtt9k.pth or VoPSE_msrvtt9k.pth).
+    released model folder (formats/modelscope.py: configuration.json + VoP_msrvtt9k.pth or VoPSE_msrvtt9k.pth).
 
     The backbone is the one the checkpoint records (its name or path, activation and SHA-256); `clip`
     points at the same weights somewhere else, and weights with another SHA-256 are refused. A release
@@ -400,12 +400,12 @@ def load_model_from_checkpoint(path, device="cpu", clip=None) -> tuple[VoP, dict
         if clip is not None:
             raise clip_weights.WeightsError(f"{path} is a folder: the authors' release holds its own backbone (drop "
                                             f"--clip); for a train.py run, pass its last.pt")
-        return modelscope.load_folder(path, device)
-    checkpoint = checkpoints.load_checkpoint(path)
+        return load_release(path, device)
+    checkpoint = checkpoints.load_checkpoint(path, VoPConfig)
     run = checkpoint["run"]
-    backbone = clip_weights.load(clip or run["backbone"], device, activation=run.get("activation"),
-                                 sha256=run.get("backbone_sha256"))
-    model = VoP(backbone, checkpoints.vop_config_of(checkpoint, path)).to(device)
+    backbone = clip_model.load(clip or run["backbone"], device, activation=run.get("activation"),
+                               sha256=run.get("backbone_sha256"))
+    model = VoP(backbone, VoPConfig(**checkpoint["vop_config"])).to(device)
     try:
         model.load_trainable_state_dict(checkpoint["trainable"])
     except ValueError as error:
@@ -453,7 +453,7 @@ def main(argv=None) -> dict:
     release = config.checkpoint is not None and Path(config.checkpoint).expanduser().is_dir()
     if config.checkpoint and not release:
         # read first: a bad file is named before any video is read or anything downloaded
-        trained = checkpoints.load_checkpoint(config.checkpoint)["config"]
+        trained = checkpoints.load_checkpoint(config.checkpoint, VoPConfig)["config"]
     name = config.data or trained.get("data")
     root = config.data_root or trained.get("data_root")
     if name is None or root is None:
@@ -461,11 +461,11 @@ def main(argv=None) -> dict:
                           if config.checkpoint else "--zero-shot needs --data and --data-root")
     if release:  # it holds its backbone: a damaged or incomplete folder is named before any video is read
         model, _ = load_model_from_checkpoint(config.checkpoint, device, config.clip)
-    store = FrameStore(config.frame_store) if config.frame_store else None
+    store = FrameStore(config.frame_store, data.FRAME_RULE) if config.frame_store else None
     # The annotations are read before the backbone, which may need a download: a wrong data root is found first.
     dataset = data.build_dataset(name, root, config.split, train=False, frame_store=store)
     if config.zero_shot:
-        clip = clip_weights.load(config.clip or "ViT-B/32", device, activation=config.clip_activation)
+        clip = clip_model.load(config.clip or "ViT-B/32", device, activation=config.clip_activation)
         model = VoP(clip, VoPConfig(tune="zero-shot", num_frames=config.num_frames or 12)).to(device).eval()
     elif model is None:
         model, _ = load_model_from_checkpoint(config.checkpoint, device, config.clip)

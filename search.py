@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import clip_model
 from formats import clip_weights
 import data
 from utils import distributed
@@ -53,7 +54,7 @@ from utils.files import atomic_write
 from utils.progress import Progress
 from formats.video_index import IndexFileError, IndexWriter, VideoIndex, skipped_list
 from formats.video_io import READ_ERRORS, VideoReadError
-from vop import VoP, VoPConfig, config_as_dict
+from vop import VoP, VoPConfig
 
 ROWS_PER_CHUNK = 1 << 14  # index rows scored at once: 16 MB of float16 at E = 512, 32 MB as float32
 
@@ -320,7 +321,7 @@ def load_model(checkpoint=None, clip=None, device="cpu", num_frames: int = 12,
                clip_activation: str | None = None) -> VoP:
     """A model to search with, in eval mode on `device`: a train.py checkpoint (what
     evaluate.load_model_from_checkpoint reads; `clip` then says where its backbone now lies), or, without a
-    checkpoint, zero-shot CLIP from `clip` (any name or path clip_weights.load reads) with `num_frames` frames.
+    checkpoint, zero-shot CLIP from `clip` (any name or path clip_model.load reads) with `num_frames` frames.
     `model.source` records how to load it again (an index keeps it, so `query` needs no --checkpoint)."""
     if checkpoint is None and clip is None:
         raise ConfigError("give a model: --checkpoint (a train.py checkpoint) or --clip (zero-shot CLIP)")
@@ -330,7 +331,7 @@ def load_model(checkpoint=None, clip=None, device="cpu", num_frames: int = 12,
                         "clip": clip if not clip or clip in clip_weights.OPENAI_MODELS else
                         str(Path(clip).expanduser().absolute())}
     else:
-        backbone = clip_weights.load(clip, device, activation=clip_activation)
+        backbone = clip_model.load(clip, device, activation=clip_activation)
         model = VoP(backbone, VoPConfig(tune="zero-shot", num_frames=num_frames)).to(device).eval()
         model.source = {"clip": backbone.source["clip"], "activation": backbone.source["activation"],
                         "num_frames": num_frames}
@@ -347,7 +348,7 @@ def load_recorded_model(source: dict, device="cpu") -> VoP:
 
 def model_fingerprint(model: VoP) -> str:
     """SHA-256 of what decides a model's embeddings: its backbone's weights (the weights file's SHA-256 that
-    clip_weights.load recorded, else the backbone's tensors themselves), every trainable tensor (name, dtype,
+    clip_model.load recorded, else the backbone's tensors themselves), every trainable tensor (name, dtype,
     shape, bytes, in name order), its VoPConfig and CLIP config (activation included), frames and input side.
     Two models that compute different embeddings never share a fingerprint; where the files lie plays no part."""
     digest = hashlib.sha256()
@@ -357,7 +358,7 @@ def model_fingerprint(model: VoP) -> str:
     else:
         _hash_tensors(digest, model.clip.state_dict())
     _hash_tensors(digest, model.trainable_state_dict())
-    settings = {"model": type(model).__qualname__, "vop": config_as_dict(model.config),
+    settings = {"model": type(model).__qualname__, "vop": model.config.as_dict(),
                 "clip": asdict(model.clip.config), "num_frames": model.num_frames,
                 "image_size": model.clip.visual.input_resolution}
     digest.update(json.dumps(settings, sort_keys=True).encode())

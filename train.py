@@ -28,10 +28,11 @@ from utils import distributed
 from formats.annotations import DATASET_NAMES
 from utils.cli import (PRECISIONS, at_least, between, check_config, flag_errors, greater_than, option, parse_config,
                  resolve_device, resolve_precision, run_command)
-from formats.clip_weights import load as load_clip
+from clip_model import load as load_clip
 from evaluate import evaluate, format_results
 from utils.errors import Stopped, TrainingDiverged
 from utils.files import WriteError
+from machinery.frame_store import FrameStore
 from machinery.runs import Run, results_title, run_identity
 from vop import TUNE_MODES, VoP, VoPConfig, describe_parameters
 
@@ -151,19 +152,27 @@ def train(config: TrainConfig) -> dict:
                                  video_prompt_length=config.video_prompt_length, fn_layers=config.fn_layers)
     rank, world_size, device = distributed.setup(resolve_device(config.device))  # (0, 1, device) without torchrun
     amp_dtype = resolve_precision(config.precision, device)  # None: float32
-    with Run(config, rank, world_size) as run:  # holds out_dir (runs.py) until the run ends, however it ends
-        # 1. The data: (video, caption) pairs; every video is probed once and unreadable ones are left out.
-        train_set, test_set = run.read_data()
-        # 2. The model: CLIP, frozen (the baselines tune a part of it), with VoP's prompts around it.
+    with Run(config, model_config.video_prompts, rank, world_size) as run:  # holds out_dir until the run ends
+        # 1. The model: CLIP, frozen (the baselines tune a part of it), with VoP's prompts around it.
         torch.manual_seed(config.seed)  # the prompts' initialisation
         clip = load_clip(config.clip, device, activation=config.clip_activation)
         with flag_errors(video_prompts="prompts"):  # e.g. --fn-layers beyond this CLIP's depth
             model = VoP(clip, model_config, grad_checkpointing=config.grad_checkpointing)
         model = model.to(device)
-        for dataset in (train_set, test_set):  # read before CLIP loaded; its input side sets their frame size
-            if dataset is not None:
-                dataset.image_size = clip.visual.input_resolution
         run.log(f"model: VoP {model.describe()} on {config.clip}; {describe_parameters(model)}")
+        # 2. The data: (video, caption) pairs, frames of CLIP's input size; unreadable videos are left out.
+        store = FrameStore(config.frame_store, data.FRAME_RULE) if config.frame_store else None
+
+        def dataset(split: str, train: bool) -> data.VideoTextDataset:
+            return data.build_dataset(config.data, config.data_root, split, num_frames=config.num_frames,
+                                      image_size=clip.visual.input_resolution, train=train,
+                                      skip_missing=config.skip_missing, seed=config.seed,
+                                      one_caption_per_video=config.one_caption_per_video and train,
+                                      hflip=config.flip, frame_store=store)
+
+        test_set = dataset(config.test_split, train=False)
+        train_set = dataset(config.train_split, train=True) if run.trains else None
+        train_set = run.check_videos(test_set, train_set)  # every video opened once, before the first step
         if train_set is None:  # --tune zero-shot or --epochs 0: nothing to train
             results = evaluate(model, test_set, config.eval_batch_size, run.num_workers, device, amp_dtype)
             when = "zero-shot" if config.tune == "zero-shot" else "untrained"
@@ -179,7 +188,7 @@ def train(config: TrainConfig) -> dict:
         identity = run_identity(config, clip, train_set, steps_per_epoch, base_lr, model_config)  # what resume checks
         step, history = run.resume(model, optimizer, scaler, identity)
         # 5. The batches: each process loads its share of each global batch, decoded by parallel workers.
-        run.fill_frame_store(train_set, test_set)  # --frame-store: decode each video once, now
+        run.fill_frame_store(store, train_set, test_set)  # --frame-store: decode each video once, now
         local_batch = config.batch_size // world_size
         order = data.EpochSampler(len(train_set), local_batch, rank, world_size, seed=config.seed)
         loader = data.make_loader(train_set, local_batch, run.num_workers, sampler=order, drop_last=True,

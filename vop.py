@@ -29,13 +29,16 @@ still tells positions apart); from layer 1 on, the [CLS] tokens carry each frame
 paper's description, kept as it is (tests/test_vop.py pins it).
 """
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clip_model import CLIP, state_dict_mismatch
+from clip_model import CLIP, build_model
+from formats import clip_weights, modelscope
+from formats.clip_weights import WeightsError, state_dict_mismatch
 from prompts import ContextPrompts, FunctionPrompts, PositionPrompts, TextPrompts, VisualPrompts
 from tokenizer import tokenize
 
@@ -71,6 +74,10 @@ class VoPConfig:
     @property
     def has_prompts(self) -> bool:
         return self.tune == "prompts"
+
+    def as_dict(self) -> dict:
+        """The config as plain values (lists, ints, strings), as checkpoints store it."""
+        return {**asdict(self), "video_prompts": list(self.video_prompts)}
 
 
 def parse_video_prompts(video_prompts) -> tuple[str, ...]:
@@ -313,11 +320,6 @@ class VoP(nn.Module):
             f" K={config.fn_layers}" if "fn" in config.video_prompts else "")
 
 
-def config_as_dict(config: VoPConfig) -> dict:
-    """The config as plain values (lists, ints, strings), as checkpoints store it."""
-    return {**asdict(config), "video_prompts": list(config.video_prompts)}
-
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in model.parameters())
@@ -336,3 +338,103 @@ def describe_parameters(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
     return (f"{trainable / 1e6:.2f}M trainable ({trainable:,}), {100 * trainable / total:.3f}% of all "
             f"{total / 1e6:.2f}M parameters")
+
+# ----------------------------------------------------------------------------------------------------------
+# The authors' released VoP, a compatibility mode (skip on a first reading). Their release splits each text
+# layer's prompts between the start and the end of the caption (formats/modelscope.py describes the folder and
+# the layout); it gives its published numbers only when run that way.
+
+
+def load_release(folder, device="cpu") -> tuple[VoP, dict]:
+    """The authors' released VoP (a ModelScope folder, formats/modelscope.py reads it) as this project's model:
+    (the model in eval mode on `device`, a description in the shape of a checkpoint dict).
+
+    `model.clip.source` says format "modelscope", the folder as "clip" and the SHA-256 of the state dict read;
+    `model.trainable_state_dict()` holds the prompts (for a baseline, the tensors it trained)."""
+    release = modelscope.read_release(folder)
+    weights = release.weights
+    try:
+        clip = build_model(weights.state_dict, **weights.config)
+    except WeightsError as error:
+        raise WeightsError(f"{weights.path}: {error}") from None
+    clip.source = {"clip": weights.name, "path": str(weights.path), "format": weights.format,
+                   "activation": clip.config.activation, "sha256": weights.sha256}
+    if release.is_baseline:
+        model = VoP(clip, VoPConfig(tune=baseline_tune(clip, Path(weights.name) / modelscope.BACKBONE_FILE),
+                                    num_frames=release.num_frames))
+    else:
+        prompt_counts = dict(num_text_prompts=release.prompts["text_prompts.tokens"].shape[1],
+                             num_visual_prompts=release.prompts["visual_prompts.tokens"].shape[1])
+        config = VoPConfig(num_frames=release.num_frames, **prompt_counts)
+        model = (ReleaseTextLayout(clip, config, release.num_suffix_prompts) if release.num_suffix_prompts
+                 else VoP(clip, config))
+        model.load_trainable_state_dict(release.prompts)
+    checkpoint = {"format": "modelscope", "config": {}, "vop_config": model.config.as_dict(),
+                  "run": {"backbone": weights.name, "backbone_sha256": weights.sha256, "activation": "quick_gelu"},
+                  "trainable": model.trainable_state_dict(), "num_suffix_prompts": release.num_suffix_prompts}
+    return model.to(device).eval(), checkpoint
+
+
+
+
+def baseline_tune(clip: CLIP, original_path: Path) -> str:
+    """Which of the paper's baselines (vop.TUNE_MODES) trained this backbone: the smallest mode whose trainable
+    tensors include every tensor that differs from OpenAI's CLIP beside it. Without that file: "full".
+    The logit scale is left out: it scales every score alike, and VoP keeps it frozen."""
+    if not original_path.is_file():
+        return "full"
+    original = clip_weights.read_state_dict(original_path)
+    changed = {name for name, tensor in clip.state_dict().items() if name != "logit_scale"
+               and not (name in original and torch.equal(original[name].float(), tensor))}
+    for tune in ("zero-shot", "proj", "bias", "partial"):
+        trainable = VoP(clip, VoPConfig(tune=tune)).trainable_state_dict()  # sets the flags of `clip` only
+        if changed <= set(name.removeprefix("clip.") for name in trainable):
+            return tune
+    return "full"
+
+
+class ReleaseTextLayout(VoP):
+    """VoP with the release's text layout, a compatibility mode (formats/modelscope.py says why): of each text layer's
+    P prompts, the first P - suffix go after [SOS] as in the paper, the last `suffix` just before the last of
+    the 77 positions, and the sentence is read at argmax(ids) + P. Captions are 77 - P ids, as VoP's."""
+
+    def __init__(self, clip: CLIP, config: VoPConfig, num_suffix_prompts: int):
+        super().__init__(clip, config)
+        if not 0 <= num_suffix_prompts <= self.text_prompts.num_tokens:
+            raise ValueError(f"num_suffix_prompts: {num_suffix_prompts} is not between 0 and the "
+                             f"{self.text_prompts.num_tokens} text prompts")
+        self.num_suffix_prompts = num_suffix_prompts
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, 77 - P) -> (B, E), L2-normalised
+        clip, blocks = self.clip, self.clip.transformer.resblocks
+        width = self.text_context_length
+        if tokens.shape[1] != width:  # the suffix's place depends on the full width: pad as the release does
+            tokens = self._cut_padding(tokens)  # refuses captions longer than 77 - P
+            tokens = F.pad(tokens, (0, width - tokens.shape[1]))  # (B, 77 - P), zero padding
+        B, P, S = len(tokens), self.text_prompts.num_tokens, self.num_suffix_prompts
+        suffix_at = clip.context_length - 1 - S  # where the suffix prompts start
+        read_at = tokens.argmax(dim=-1) + P  # (B,) the release's read-out: argmax(ids) + prefix + suffix
+        # Under the causal mask nothing after the batch's last read-out reaches a read-out: run up to it only.
+        length = int(read_at.max()) + 1
+
+        def prefix_and_suffix(layer: int):  # -> (B, P - S, D), (B, S, D)
+            layer_prompts = self.text_prompts(layer).expand(B, -1, -1)
+            return layer_prompts[:, :P - S], layer_prompts[:, P - S:]
+
+        # Layer 0: both parts enter before the positional embedding, as the paper's prefix does.
+        prefix, suffix = prefix_and_suffix(0)
+        x = insert_prompts(clip.token_embedding(tokens), prefix, after=1)  # (B, 77 - S, D)
+        x = insert_prompts(x, suffix, after=suffix_at)  # (B, 77, D)
+        x = (x + clip.positional_embedding.to(x.dtype))[:, :length]  # (B, length, D)
+        x = self._run_block(blocks[0], x, causal=True)
+        # Layers 1, 2, ...: each part's places take that layer's prompts (those of the suffix inside `length`).
+        for layer in range(1, len(blocks)):
+            prefix, suffix = prefix_and_suffix(layer)
+            x = replace_prompts(x, prefix, after=1)
+            x = replace_prompts(x, suffix[:, :max(0, length - suffix_at)], after=suffix_at)
+            x = self._run_block(blocks[layer], x, causal=True)
+        return F.normalize(clip.text_head(x, read_at), dim=-1)
+
+    def describe(self) -> str:
+        P, S = self.text_prompts.num_tokens, self.num_suffix_prompts
+        return f"{super().describe()} text layout=release ({P - S} prefix + {S} suffix prompts)"

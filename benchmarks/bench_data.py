@@ -125,7 +125,7 @@ def visits(kind: str, paths: list, out: Path) -> dict:
     """Per-core rates of training and evaluation visits, with and without the store; building it; its bytes."""
     store_root = out / f"store_{kind.split()[0].replace('.', '')}"
     shutil.rmtree(store_root, ignore_errors=True)
-    store = frame_store.FrameStore(store_root)
+    store = frame_store.FrameStore(store_root, data.FRAME_RULE)
 
     def dataset(train: bool, with_store: bool):
         return data.VideoTextDataset("bench", [p.stem for p in paths], paths, [f"clip {p.stem}" for p in paths],

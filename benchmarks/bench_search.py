@@ -204,7 +204,7 @@ def index_speeds(out: Path, args) -> None:
     print("| model | videos | `index` end to end, all cores | decode + preprocess, per CPU-second | encode only, "
           "all cores |\n|---|---:|---:|---:|---:|")
     demo_checkpoint(out)  # the demo's tiny CLIP: 32 px, 4 + 4 layers, width 128
-    tiny_clip = clip_weights.load(DEMO_ROOT / "tiny_clip.pt").config
+    tiny_clip = clip_model.load(DEMO_ROOT / "tiny_clip.pt").config
     index_speed("tiny CLIP (the demo's, 32 px)", model_of(tiny_clip), folders[args.copies], out, workers)
     index_speed("ViT-B/32 (224 px)", model_of(clip_model.CLIPConfig()), folders[1], out, workers)
 

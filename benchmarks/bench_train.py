@@ -73,7 +73,7 @@ def write_dataset(out: Path, clips: list, test_share: int = 8) -> Path:
 
 def model_only_rate(clip_path: Path) -> float:
     """Videos/s of train.py's step (forward, InfoNCE, backward, AdamW) on random frames: the model alone."""
-    model = VoP(clip_weights.load(clip_path), VoPConfig("", num_frames=NUM_FRAMES)).train()
+    model = VoP(clip_model.load(clip_path), VoPConfig("", num_frames=NUM_FRAMES)).train()
     trainer = Trainer(model, torch.device("cpu"), fp16=False)
     frames = torch.randn(BATCH_SIZE, NUM_FRAMES, 3, 224, 224)  # (B, F, 3, R, R)
     captions = random_captions(BATCH_SIZE)

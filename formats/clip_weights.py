@@ -1,9 +1,9 @@
-"""Loading CLIP: weights in the formats people hold, read without running code from any file, and the model built
-from them. Skip on a first reading, after `load` (clip_model.py is the model; this module fills it).
+"""CLIP weights in the formats people hold, read without running code from any file. Skip on a first reading:
+`clip_model.load(name_or_path)` is the entry point, and this module serves it.
 
-`load(name_or_path)` is the entry point: `read_weights` returns the tensors under OpenAI's parameter names
-(clip_model.py's), plus what the file's config says that the tensors cannot (head counts, activation), and
-`build_model` infers every size from the tensors, as OpenAI's build_model does, and loads them strictly.
+`read_weights` returns the tensors under OpenAI's parameter names (clip_model.py's), plus what the file's config
+says that the tensors cannot (head counts, activation); clip_model.build_model infers every size from the
+tensors, as OpenAI's build_model does, and loads them strictly.
 
     format          what it is                                                  heads, activation from
     openai-release  OpenAI's release: a name such as "ViT-B/32" (downloaded     OpenAI's rules: width // 64
@@ -16,7 +16,7 @@ from them. Skip on a first reading, after `load` (clip_model.py is the model; th
     open_clip       open_clip_model.safetensors or open_clip_pytorch_model.bin  open_clip_config.json: heads,
                     with open_clip_config.json next to it, or their folder      head_width, quick_gelu (else GELU)
 
-The authors' released VoP (a ModelScope folder) holds its backbone inside its state dict: modelscope.py reads it
+The authors' released VoP (a ModelScope folder) holds its backbone inside its state dict: formats/modelscope.py reads it
 (evaluate.py --checkpoint FOLDER), building on this module.
 
 No file runs code. A torch.save'd file is read by `torch.load(weights_only=True)`, which unpickles tensors and
@@ -42,9 +42,14 @@ from pathlib import Path
 
 import torch
 
-from clip_model import CLIP, CLIP_MEAN, CLIP_STD, CLIPConfig, state_dict_mismatch
 from utils.errors import UserError
 from utils.files import atomic_write, read_torch_file
+
+
+# The input OpenAI's CLIP weights expect: images normalised with the mean and std of OpenAI's training data
+# (clip/clip.py). data.py normalises frames with them.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class WeightsError(UserError):
@@ -78,17 +83,18 @@ class Weights:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A CLIP from a name or a path: read the weights, infer the sizes, load strictly
+# What the tensors say: the architecture's sizes, and whether a state dict fits a model
 # ---------------------------------------------------------------------------------------------------------
 
 # Entries OpenAI's release files carry besides the weights.
-_RELEASE_EXTRAS = ("input_resolution", "context_length", "vocab_size")
+RELEASE_EXTRAS = ("input_resolution", "context_length", "vocab_size")
 _REQUIRED_FOR_SIZES = ("visual.conv1.weight", "visual.positional_embedding", "text_projection",
                        "positional_embedding", "token_embedding.weight", "ln_final.weight")
 
 
-def config_from_state_dict(state_dict: dict, **given) -> CLIPConfig:
-    """Every size of the architecture from the tensors' shapes, as OpenAI's build_model does.
+def config_from_state_dict(state_dict: dict, **given) -> dict:
+    """clip_model.CLIPConfig's fields: every size of the architecture from the tensors' shapes, as OpenAI's
+    build_model does.
 
     `given` holds CLIPConfig fields from a config file: head counts and the activation, which the tensors cannot
     tell (without them: OpenAI's width // 64 heads and QuickGELU), and sizes, which must agree with the tensors.
@@ -136,64 +142,21 @@ def config_from_state_dict(state_dict: dict, **given) -> CLIPConfig:
     if disagree:
         raise WeightsError(f"the config does not match the weights: {', '.join(disagree)}")
     openai_rule = dict(vision_heads=vision_width // 64, transformer_heads=transformer_width // 64)
-    return CLIPConfig(**{**openai_rule, **given, **sizes})
+    return {**openai_rule, **given, **sizes}
 
 
-def build_model(state_dict: dict, **config) -> CLIP:
-    """A float32 CLIP in eval mode whose weights are exactly `state_dict` (OpenAI's names).
+def state_dict_mismatch(expected: dict, given: dict) -> str:
+    """'' if `given` has exactly the names and shapes of `expected` (name -> tensor), else what differs:
+    the missing and unexpected names and the wrong shapes, each list cut at 10."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong_shape = [f"{name} {tuple(given[name].shape)} instead of {tuple(tensor.shape)}"
+                   for name, tensor in expected.items() if name in given and given[name].shape != tensor.shape]
 
-    Sizes are inferred from the tensors; `config` gives the CLIPConfig fields they cannot tell, e.g.
-    `activation="gelu"`, `vision_heads=16` (see config_from_state_dict). Loading is strict: a missing,
-    unexpected or misshapen tensor is an error listing them, never a half-loaded model.
-    """
-    state_dict = {k: v for k, v in state_dict.items() if k not in _RELEASE_EXTRAS}
-    model = CLIP(config_from_state_dict(state_dict, **config))
-    mismatch = state_dict_mismatch(model.state_dict(), state_dict)
-    if mismatch:
-        raise WeightsError(f"the state dict does not match the CLIP architecture inferred from it: {mismatch}")
-    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
-    return model.eval()
-
-
-def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
-         download_root: str | os.PathLike | None = None, activation: str | None = None,
-         sha256: str | None = None) -> CLIP:
-    """A CLIP in eval mode with float32 weights on `device`.
-
-    `name_or_path`: one of OpenAI's model names (downloaded once, SHA-256 checked), or a weights file or folder
-    in any format clip_weights.py reads (OpenAI's release, a state dict, transformers, open_clip); no file runs
-    code. `activation` ("quick_gelu" or "gelu") is for weights without a config (a state dict); a config that
-    names another activation is an error. `sha256`, if given, must be the weights' digest.
-
-    The model's `source` says what was loaded, in plain str values that rebuild the same backbone:
-        {"clip": the model name, or the absolute path asked for (a file or a folder),
-         "path": the absolute path of the weights file read (of the shard index, for sharded weights),
-         "format": "openai-release" | "state-dict" | "transformers" | "open_clip" | "modelscope",
-         "activation": "quick_gelu" | "gelu",
-         "sha256": the weights file's SHA-256 (of all shards in name order, for sharded weights)}
-        same = load(s["clip"], activation=s["activation"], sha256=s["sha256"])
-
-    Weights stay float32 on every device: mixed precision comes from `torch.autocast`, never from casting the
-    model, so that it can be trained safely.
-    """
-    weights = read_weights(name_or_path, download_root)
-    if sha256 is not None and sha256 != weights.sha256:
-        raise WeightsError(f"{weights.path}: SHA-256 {weights.sha256} is not the {sha256} expected (recorded when "
-                           f"the checkpoint was trained): these are other weights")
-    config = dict(weights.config)
-    if activation is not None:
-        if config.get("activation", activation) != activation:
-            raise WeightsError(f"{weights.path}: activation {activation!r} was asked for, but "
-                               f"{weights.config_path or 'OpenAI'} says {config['activation']!r}; drop the "
-                               f"activation (it is only for weights that carry no config)")
-        config["activation"] = activation
-    try:
-        model = build_model(weights.state_dict, **config)
-    except WeightsError as error:
-        raise WeightsError(f"{weights.path}: {error}") from None
-    model.source = {"clip": weights.name, "path": str(weights.path), "format": weights.format,
-                    "activation": model.config.activation, "sha256": weights.sha256}
-    return model.to(device)
+    def show(names):
+        return ", ".join(names[:10]) + (f" ... ({len(names)} in all)" if len(names) > 10 else "")
+    return "; ".join(f"{what}: {show(names)}" for what, names in
+                     (("missing", missing), ("unexpected", unexpected), ("wrong shapes", wrong_shape)) if names)
 
 
 def read_weights(name_or_path: str | os.PathLike, download_root: str | os.PathLike | None = None) -> Weights:

@@ -16,10 +16,10 @@ the paper's baselines beside it (`..._vop_bias`, `..._vop_proj`, `..._vop_partia
     ViT-B-32.pt          OpenAI's CLIP, which the release builds before loading the state dict over it; here
                          only a fallback for a state dict without clip.*, and what tells which baseline it is
 
-`load_folder(folder)` builds this project's model from it: a `VoP` whose prompts are the release's, renamed
-(`text_prompts.tokens`, `visual_prompts.tokens`), or for the baselines a plain-CLIP `VoP` whose trainable
-tensors are those the baseline trained. `read_release(folder)` reads and checks everything without building;
-its `weights` are the folder's CLIP under OpenAI's names (format "modelscope"). Files are read with
+`read_release(folder)` reads and checks everything; its `weights` are the folder's CLIP under OpenAI's names
+(format "modelscope"), its `prompts` the release's, renamed (`text_prompts.tokens`, `visual_prompts.tokens`).
+`vop.load_release(folder)` builds this project's model from it: a `VoP` with those prompts, or for the
+baselines a plain-CLIP `VoP` whose trainable tensors are those the baseline trained. Files are read with
 clip_weights' readers: no file runs code.
 
 The text layout. The paper (Sec. 3.2) and vop.py put each text layer's P prompts right after [SOS] and read the
@@ -28,7 +28,7 @@ sentence at [EOT]. The release splits them: `prefix` prompts after [SOS] and `su
 argmax(ids) + prefix + suffix. With suffix > 0 that is not [EOT] but the position `suffix` places after it
 (padding, or one of the suffix prompts for the longest captions), which sees the whole caption through the
 causal mask. The released VoP was trained with 4 + 4, so it gives its numbers only when run this way:
-`ReleaseTextLayout` below is that layout, a compatibility mode kept out of vop.py. With suffix 0 the two
+`vop.ReleaseTextLayout` is that layout, a compatibility mode at the end of vop.py. With suffix 0 the two
 layouts are the same and a plain `VoP` is built. The visual side is the paper's (8 prompts after [CLS], every
 layer, through ln_pre at layer 0), and so is the pooling up to scale: the release averages the unit frame
 embeddings without normalising the mean, VoP.encode_video normalises it, which changes no cosine.
@@ -40,12 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from formats import clip_weights
-from clip_model import CLIP, state_dict_mismatch
-from formats.clip_weights import WeightsError
-from vop import VoP, VoPConfig, config_as_dict, insert_prompts, replace_prompts
+from formats.clip_weights import WeightsError, state_dict_mismatch
 
 CONFIGURATION = "configuration.json"
 BACKBONE_FILE = "ViT-B-32.pt"
@@ -72,35 +69,6 @@ def is_release_folder(path) -> bool:
     configuration.json alone does not make one: every ModelScope folder has it."""
     path = Path(path)
     return path.is_dir() and any((path / name).is_file() for name in MODEL_FILES.values())
-
-
-def load_folder(folder, device="cpu") -> tuple[VoP, dict]:
-    """(the release's model in eval mode on `device`, a description in the shape of a checkpoint dict).
-
-    `model.clip.source` says format "modelscope", the folder as "clip" and the SHA-256 of the state dict read;
-    `model.trainable_state_dict()` holds the prompts (for a baseline, the tensors it trained)."""
-    release = read_release(folder)
-    weights = release.weights
-    try:
-        clip = clip_weights.build_model(weights.state_dict, **weights.config)
-    except WeightsError as error:
-        raise WeightsError(f"{weights.path}: {error}") from None
-    clip.source = {"clip": weights.name, "path": str(weights.path), "format": weights.format,
-                   "activation": clip.config.activation, "sha256": weights.sha256}
-    if release.is_baseline:
-        model = VoP(clip, VoPConfig(tune=baseline_tune(clip, Path(weights.name) / BACKBONE_FILE),
-                                    num_frames=release.num_frames))
-    else:
-        prompt_counts = dict(num_text_prompts=release.prompts["text_prompts.tokens"].shape[1],
-                             num_visual_prompts=release.prompts["visual_prompts.tokens"].shape[1])
-        config = VoPConfig(num_frames=release.num_frames, **prompt_counts)
-        model = (ReleaseTextLayout(clip, config, release.num_suffix_prompts) if release.num_suffix_prompts
-                 else VoP(clip, config))
-        model.load_trainable_state_dict(release.prompts)
-    checkpoint = {"format": "modelscope", "config": {}, "vop_config": config_as_dict(model.config),
-                  "run": {"backbone": weights.name, "backbone_sha256": weights.sha256, "activation": "quick_gelu"},
-                  "trainable": model.trainable_state_dict(), "num_suffix_prompts": release.num_suffix_prompts}
-    return model.to(device).eval(), checkpoint
 
 
 def read_release(folder) -> Release:
@@ -148,17 +116,17 @@ def read_release(folder) -> Release:
         sizes = clip_weights.config_from_state_dict(backbone)
     except WeightsError as error:
         raise WeightsError(f"{path}: {error}") from None
-    if hyper["input_res"] != sizes.image_resolution:
+    if hyper["input_res"] != sizes["image_resolution"]:
         raise WeightsError(f"{configuration}: input_res {hyper['input_res']} does not fit the backbone in {path}, "
-                           f"which takes {sizes.image_resolution}-pixel images")
+                           f"which takes {sizes['image_resolution']}-pixel images")
 
     prefix, suffix = (0, 0) if is_baseline else (hyper["tp_prefix_token_num"], hyper["tp_suffix_token_num"])
-    if prefix + suffix >= sizes.context_length:
+    if prefix + suffix >= sizes["context_length"]:
         raise WeightsError(f"{configuration}: {prefix} + {suffix} text prompts leave no room for a caption in the "
-                           f"backbone's {sizes.context_length} positions")
+                           f"backbone's {sizes['context_length']} positions")
     expected = {} if is_baseline else {  # the shapes configuration.json gives the prompt tables
-        TEXT_PROMPTS: torch.empty(sizes.transformer_layers, prefix + suffix, sizes.transformer_width),
-        VISUAL_PROMPTS: torch.empty(sizes.vision_layers, 1, hyper["vp_token_num"], sizes.vision_width)}
+        TEXT_PROMPTS: torch.empty(sizes["transformer_layers"], prefix + suffix, sizes["transformer_width"]),
+        VISUAL_PROMPTS: torch.empty(sizes["vision_layers"], 1, hyper["vp_token_num"], sizes["vision_width"])}
     mismatch = state_dict_mismatch(expected, others)
     if mismatch:
         raise WeightsError(f"{path} does not fit {configuration} ({_describe(hyper, is_baseline)}): {mismatch}")
@@ -194,66 +162,3 @@ def _describe(hyper: dict, is_baseline: bool) -> str:
         return "a baseline: CLIP's tensors only"
     return (f"{hyper['vp_token_num']} visual prompts and {hyper['tp_prefix_token_num']} + "
             f"{hyper['tp_suffix_token_num']} text prompts per layer")
-
-
-def baseline_tune(clip: CLIP, original_path: Path) -> str:
-    """Which of the paper's baselines (vop.TUNE_MODES) trained this backbone: the smallest mode whose trainable
-    tensors include every tensor that differs from OpenAI's CLIP beside it. Without that file: "full".
-    The logit scale is left out: it scales every score alike, and VoP keeps it frozen."""
-    if not original_path.is_file():
-        return "full"
-    original = clip_weights.read_state_dict(original_path)
-    changed = {name for name, tensor in clip.state_dict().items() if name != "logit_scale"
-               and not (name in original and torch.equal(original[name].float(), tensor))}
-    for tune in ("zero-shot", "proj", "bias", "partial"):
-        trainable = VoP(clip, VoPConfig(tune=tune)).trainable_state_dict()  # sets the flags of `clip` only
-        if changed <= set(name.removeprefix("clip.") for name in trainable):
-            return tune
-    return "full"
-
-
-class ReleaseTextLayout(VoP):
-    """VoP with the release's text layout, a compatibility mode (see the module docstring): of each text layer's
-    P prompts, the first P - suffix go after [SOS] as in the paper, the last `suffix` just before the last of
-    the 77 positions, and the sentence is read at argmax(ids) + P. Captions are 77 - P ids, as VoP's."""
-
-    def __init__(self, clip: CLIP, config: VoPConfig, num_suffix_prompts: int):
-        super().__init__(clip, config)
-        if not 0 <= num_suffix_prompts <= self.text_prompts.num_tokens:
-            raise ValueError(f"num_suffix_prompts: {num_suffix_prompts} is not between 0 and the "
-                             f"{self.text_prompts.num_tokens} text prompts")
-        self.num_suffix_prompts = num_suffix_prompts
-
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, 77 - P) -> (B, E), L2-normalised
-        clip, blocks = self.clip, self.clip.transformer.resblocks
-        width = self.text_context_length
-        if tokens.shape[1] != width:  # the suffix's place depends on the full width: pad as the release does
-            tokens = self._cut_padding(tokens)  # refuses captions longer than 77 - P
-            tokens = F.pad(tokens, (0, width - tokens.shape[1]))  # (B, 77 - P), zero padding
-        B, P, S = len(tokens), self.text_prompts.num_tokens, self.num_suffix_prompts
-        suffix_at = clip.context_length - 1 - S  # where the suffix prompts start
-        read_at = tokens.argmax(dim=-1) + P  # (B,) the release's read-out: argmax(ids) + prefix + suffix
-        # Under the causal mask nothing after the batch's last read-out reaches a read-out: run up to it only.
-        length = int(read_at.max()) + 1
-
-        def prefix_and_suffix(layer: int):  # -> (B, P - S, D), (B, S, D)
-            layer_prompts = self.text_prompts(layer).expand(B, -1, -1)
-            return layer_prompts[:, :P - S], layer_prompts[:, P - S:]
-
-        # Layer 0: both parts enter before the positional embedding, as the paper's prefix does.
-        prefix, suffix = prefix_and_suffix(0)
-        x = insert_prompts(clip.token_embedding(tokens), prefix, after=1)  # (B, 77 - S, D)
-        x = insert_prompts(x, suffix, after=suffix_at)  # (B, 77, D)
-        x = (x + clip.positional_embedding.to(x.dtype))[:, :length]  # (B, length, D)
-        x = self._run_block(blocks[0], x, causal=True)
-        # Layers 1, 2, ...: each part's places take that layer's prompts (those of the suffix inside `length`).
-        for layer in range(1, len(blocks)):
-            prefix, suffix = prefix_and_suffix(layer)
-            x = replace_prompts(x, prefix, after=1)
-            x = replace_prompts(x, suffix[:, :max(0, length - suffix_at)], after=suffix_at)
-            x = self._run_block(blocks[layer], x, causal=True)
-        return F.normalize(clip.text_head(x, read_at), dim=-1)
-
-    def describe(self) -> str:
-        P, S = self.text_prompts.num_tokens, self.num_suffix_prompts
-        return f"{super().describe()} text layout=release ({P - S} prefix + {S} suffix prompts)"

@@ -433,6 +433,13 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def default_num_workers(processes_per_machine: int = 1) -> int:
+    """DataLoader workers per training process: this process's share of the CPUs it may use (as DataLoader
+    counts them, so the default never draws its "too many workers" warning), and at least 1, so that the main
+    process never decodes. Under torchrun pass the processes per machine (LOCAL_WORLD_SIZE)."""
+    return max(1, available_cpus() // max(1, processes_per_machine))
+
+
 def exit_when_process_ends(pid: int, interval: float = 1.0) -> None:
     """In a worker process: end it within `interval` seconds of process `pid` (the main process) ending.
 

@@ -25,7 +25,6 @@ import torch
 
 from utils.errors import UserError
 from utils.files import atomic_write, process_exists, process_start, read_torch_file
-from vop import VoPConfig
 
 FORMAT = 2  # the checkpoint layout below; another number is refused
 RUN_EVIDENCE = ("last.pt", "log.jsonl")  # a folder holding either holds a run that trained
@@ -73,8 +72,9 @@ def save_checkpoint(checkpoint: dict, path) -> None:
         torch.save({"format": FORMAT, **checkpoint}, handle)
 
 
-def load_checkpoint(path) -> dict:
-    """A checkpoint written by train.py, every field checked; a CheckpointError naming the file otherwise."""
+def load_checkpoint(path, config_class) -> dict:
+    """A checkpoint written by train.py, every field checked, its vop_config against `config_class` (vop.VoPConfig);
+    a CheckpointError naming the file otherwise."""
     checkpoint = read_tensor_file(path)
     if not isinstance(checkpoint, dict) or not ({"trainable", "vop_config"} & set(checkpoint)):
         found = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
@@ -88,7 +88,7 @@ def load_checkpoint(path) -> dict:
             raise CheckpointError(f"{path} lacks {name!r} ({what}): the file is damaged or not train.py's")
         if not valid(checkpoint[name]):
             raise CheckpointError(f"{path}: {name!r} must be {what}, got {_short(checkpoint[name])}")
-    vop_config_of(checkpoint, path)  # refuses a configuration of other fields
+    check_model_config(checkpoint, config_class, path)
     return checkpoint
 
 
@@ -96,18 +96,19 @@ def read_tensor_file(path) -> object:
     return read_torch_file(path, CheckpointError, "checkpoint")
 
 
-def vop_config_of(checkpoint: dict, path="the checkpoint") -> VoPConfig:
-    """The model's configuration, exactly as saved: every field present, no other, each valid."""
+def check_model_config(checkpoint: dict, config_class, path="the checkpoint") -> None:
+    """The model's configuration as saved must fit `config_class` (vop.VoPConfig): every field present, no other,
+    each valid."""
     saved = checkpoint["vop_config"]
-    fields = {field.name for field in dataclasses.fields(VoPConfig)}
+    fields = {field.name for field in dataclasses.fields(config_class)}
     if set(saved) != fields:
         missing, unknown = sorted(fields - set(saved)), sorted(set(saved) - fields)
         differences = ([f"lacks {', '.join(missing)}"] if missing else []) + (
-            [f"has {', '.join(unknown)}, which VoPConfig does not know"] if unknown else [])
+            [f"has {', '.join(unknown)}, which this code's model config does not know"] if unknown else [])
         raise CheckpointError(f"{path}: its vop_config {' and '.join(differences)}: it was written by another "
                               f"version of this code")
     try:
-        return VoPConfig(**saved)
+        config_class(**saved)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: its vop_config is not valid: {error}") from None
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from clip_model import CLIP_MEAN, CLIP_STD
+from formats.clip_weights import CLIP_MEAN, CLIP_STD
 
 CORRECT = (30, 160, 60)  # the item the query was written for
 ALSO_CORRECT = (150, 215, 120)  # another item with the same caption text: also right

@@ -50,6 +50,7 @@ import shutil
 import sys
 import tempfile
 import zlib
+from typing import Callable, NamedTuple
 from pathlib import Path
 
 import cv2
@@ -57,15 +58,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data
 from utils.errors import UserError
 from utils.files import WriteError, atomic_write, remove_leftover_temporaries
 from utils.progress import Progress
-from formats.video_io import READ_ERRORS, VideoReadError, decode_frames, map_in_processes
+from formats.video_io import READ_ERRORS, VideoReadError, decode_frames, default_num_workers, map_in_processes
 
 FORMAT = 1
 MAGIC = b"VOPFRAMES1\n"
 TRAINING_SIDE_PER_INPUT_SIDE = math.sqrt(2)  # stored shorter side, at most, in units of R (see above)
+
+
+class FrameRule(NamedTuple):
+    """Which frames a store keeps: data.py's sampling (data.FRAME_RULE). The store follows the rule, never
+    picks frames of its own."""
+    version: int  # of the sampling rule: entries made under another version are rebuilt, never reused
+    evaluation_frames: Callable  # (video path, F, R) -> (F, R, R, 3) uint8: what evaluation decodes
+    training_candidates: Callable  # (frames in the video, F, C) -> (F, C) frame indices, C per segment
 
 
 class FrameStoreError(UserError):
@@ -79,19 +87,19 @@ class DamagedEntry(Exception):
 class FrameStore:
     """A folder of per-video entries; the DataLoader workers of any number of runs may share it.
 
-        store = FrameStore("frames/")
+        store = FrameStore("frames/", data.FRAME_RULE)
         dataset = data.build_dataset(..., frame_store=store)
         store.build(dataset, num_workers=8)   # optional: otherwise each video is stored on its first visit
     """
 
-    def __init__(self, root, candidates: int = 4, jpeg_quality: int = 90):
+    def __init__(self, root, rule: FrameRule, candidates: int = 4, jpeg_quality: int = 90):
         if candidates < 1:
             raise ValueError(f"FrameStore: candidates must be >= 1, got {candidates}")
         self.root = Path(root).expanduser()
         if self.root.exists() and not self.root.is_dir():
             raise FrameStoreError(f"frame store {self.root} is a file, not a folder: pass a folder to --frame-store "
                                   f"(it is made if missing)")
-        self.candidates = candidates
+        self.rule, self.candidates = rule, candidates
         self.jpeg_quality = jpeg_quality
         self.damaged = 0  # damaged entries this process found and rebuilt (each also reported in a warning)
         self.unwritable_reported = False
@@ -133,7 +141,7 @@ class FrameStore:
         states = [self._entry_state(folder, path) for path in mine]  # "stored", "absent" or "damaged"
         todo = [path for path, state in zip(mine, states) if state != "stored"]
         jobs = [(self, kind, str(path), dataset.num_frames, dataset.image_size) for path in todo]
-        num_workers = data.default_num_workers() if num_workers is None else num_workers
+        num_workers = default_num_workers() if num_workers is None else num_workers
         parallel = num_workers > 1 and len(todo) >= 32  # a process pool costs about a second to start
         if todo:
             self._check_writable(folder)  # before decoding anything
@@ -211,7 +219,7 @@ class FrameStore:
             name = f"train-f{num_frames}-c{self.candidates}-side{side}-q{self.jpeg_quality}"
         else:
             name = f"eval-f{num_frames}-r{image_size}"
-        name += f"-s{data.SAMPLER_VERSION}-v{FORMAT}"
+        name += f"-s{self.rule.version}-v{FORMAT}"
         return self.root / name
 
     def _entry_state(self, folder: Path, video_path) -> str:
@@ -260,14 +268,13 @@ class FrameStore:
     def _make_entry(self, kind: str, video_path, num_frames: int, image_size: int, key: str) -> tuple:
         """Decode the video and encode what its entry keeps. Returns (header, list of encoded images)."""
         if kind == "eval":  # each frame resized as it is decoded: a large video is never held whole
-            frames = data.read_frames(video_path, num_frames, "uniform",
-                                      transform=lambda frame: data.resize_center_crop(frame[None], image_size)[0])
+            frames = self.rule.evaluation_frames(video_path, num_frames, image_size)
             blobs = [_encode_image(frame, ".png", [cv2.IMWRITE_PNG_COMPRESSION, 1]) for frame in frames]
             return {"format": FORMAT, "key": key, "kind": kind}, blobs
         sampled = {}
 
         def candidates(num_total: int) -> np.ndarray:  # (F * C,); decode_frames may call it again
-            sampled["indices"] = training_candidates(num_total, num_frames, self.candidates).reshape(-1)
+            sampled["indices"] = self.rule.training_candidates(num_total, num_frames, self.candidates).reshape(-1)
             return sampled["indices"]
 
         side = math.ceil(TRAINING_SIDE_PER_INPUT_SIDE * image_size)  # each frame shrunk as it is decoded (see eval)
@@ -333,19 +340,6 @@ class FrameStore:
             raise DamagedEntry(f"holds images of {' and '.join(f'{h}x{w}' for h, w, _ in sorted(shapes))} pixels"
                                + (f", not {side}x{side}" if side is not None else ""))
         return np.stack(frames)  # (F, H, W, 3)
-
-
-def training_candidates(num_total: int, num_frames: int, candidates: int) -> np.ndarray:
-    """(F, C) frame indices: for each of the F segments training draws from (data.segment_edges), the middles of
-    its C sub-segments, cut as the segments are cut. With fewer frames than F, each row repeats the frame
-    data.sample_frame_indices takes for that segment."""
-    if num_total < num_frames:
-        return np.repeat(data.sample_frame_indices(num_total, num_frames)[:, None], candidates, axis=1)
-    edges = data.segment_edges(num_total, num_frames)  # (F + 1,)
-    lengths = edges[1:] - edges[:-1]  # (F,) >= 1
-    sub_edges = edges[:-1, None] + (np.linspace(0, 1, candidates + 1)[None, :] * lengths[:, None]).astype(np.int64)
-    starts, stops = sub_edges[:, :-1], sub_edges[:, 1:]  # (F, C) each; a sub-segment may be empty in a short one
-    return (starts + np.maximum(stops - 1, starts)) // 2
 
 
 def _parse_header(handle, key: str):

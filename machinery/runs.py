@@ -2,11 +2,12 @@
 
 Skip on a first reading: train.py's `train` builds the model, the optimizer and the loader and runs the loop;
 this module makes a real run safe, through one `Run` per call of `train`:
-- `Run(config, rank, world_size)` as a context manager locks the output folder (checkpoints.RunFolder),
-  refusing one that holds another run unless --resume or --overwrite, and releases it however the run ends;
-- `read_data` reads both splits' annotation files, then probes every listed video once (cached in
-  out_dir/video_probe.json): unreadable training videos are left out and listed in out_dir/skipped_videos.txt,
-  an unreadable test video stops the run (out_dir/unreadable_test_videos.txt), before anything is downloaded;
+- `Run(config, video_prompts, rank, world_size)` as a context manager locks the output folder
+  (checkpoints.RunFolder), refusing one that holds another run unless --resume or --overwrite, and releases it
+  however the run ends;
+- `check_videos` probes every listed video once (cached in out_dir/video_probe.json): unreadable training
+  videos are left out and listed in out_dir/skipped_videos.txt, an unreadable test video stops the run
+  (out_dir/unreadable_test_videos.txt);
 - `resume` continues a checkpoint, refusing another run's (naming each difference); `save` writes one
   atomically; `fill_frame_store` decodes each video once for --frame-store;
 - `log_step`, `count_replaced`, `draw_curves` and `finish` print progress and results, append them to
@@ -19,28 +20,24 @@ from pathlib import Path
 import torch
 
 from machinery import checkpoints
-import data
 from utils import distributed
 from formats import video_io
 from utils.cli import ConfigError
 from machinery.figures import draw_curves, read_log
 from utils.files import WriteError, atomic_write, remove_leftover_temporaries
-from machinery.frame_store import FrameStore
 from utils.progress import Progress, format_duration
-from vop import config_as_dict, parse_video_prompts
 
 
 class Run:
     """One training run's folder, data checks, checkpoint and log (rank 0 writes; every process reads)."""
 
-    def __init__(self, config, rank: int = 0, world_size: int = 1):
+    def __init__(self, config, video_prompts: tuple = (), rank: int = 0, world_size: int = 1):
         self.config, self.rank, self.world_size = config, rank, world_size
         check_flags(config, world_size)  # before any folder is made or anything downloaded
-        self.out_dir = Path(config.out_dir or default_out_dir(config))
+        self.out_dir = Path(config.out_dir or default_out_dir(config.data, config.tune, video_prompts))
         self.checkpoint_path = self.out_dir / "last.pt"
-        self.num_workers = config.num_workers if config.num_workers is not None else data.default_num_workers(
+        self.num_workers = config.num_workers if config.num_workers is not None else video_io.default_num_workers(
             distributed.processes_per_machine())
-        self.store = FrameStore(config.frame_store) if config.frame_store else None
         self.folder, self.identity, self.replaced_videos = None, {}, 0
         self.start_step, self.saved_step, self.wrote = 0, None, False
         self.clock = Progress("training", total=0, unit="samples", enabled=False)  # rate and ETA of log_step
@@ -82,35 +79,26 @@ class Run:
 
     # -- data -----------------------------------------------------------------------------------------------
 
-    def read_data(self) -> tuple:
-        """(train_set or None, test_set): both splits' annotations, then one probe of every listed video
-        (`check_videos`). The training set is None when nothing trains (--tune zero-shot, --epochs 0)."""
+    def check_videos(self, test_set, train_set):
+        """The training set without its unreadable videos (None stays None), after one probe of every listed
+        video (`check_videos` below); a training set smaller than one batch is refused."""
         config = self.config
-
-        def build(split: str, train: bool) -> data.VideoTextDataset:
-            return data.build_dataset(config.data, config.data_root, split, num_frames=config.num_frames,
-                                      train=train, skip_missing=config.skip_missing, seed=config.seed,
-                                      one_caption_per_video=config.one_caption_per_video and train,
-                                      hflip=config.flip, frame_store=self.store)
-
-        test_set = build(config.test_split, train=False)
         if config.test_split == config.train_split:
             self.log(f"note: evaluating on the training split {config.train_split!r}: the results describe "
                      f"training rows, not held-out ones")
-        train_set = build(config.train_split, train=True) if self.trains else None
         train_set = check_videos(test_set, train_set, self.out_dir, self.num_workers, self.rank, self.log)
         if train_set is not None and len(train_set) < config.batch_size:
             raise ConfigError(f"{config.data} {config.train_split} has {len(train_set)} items, fewer than one batch "
                               f"of --batch-size {config.batch_size}")
-        return train_set, test_set
+        return train_set
 
-    def fill_frame_store(self, *datasets) -> None:
+    def fill_frame_store(self, store, *datasets) -> None:
         """--frame-store: decode every video not stored yet, once, before the first step (each process its
         share of the videos)."""
-        if self.store is not None:
+        if store is not None:
             for dataset in datasets:
                 if dataset is not None:
-                    self.store.build(dataset, self.num_workers, self.rank, self.world_size, log=self.log)
+                    store.build(dataset, self.num_workers, self.rank, self.world_size, log=self.log)
             distributed.barrier()
 
     # -- checkpoints and resuming ---------------------------------------------------------------------------
@@ -125,7 +113,7 @@ class Run:
             path = str(self.checkpoint_path) if self.checkpoint_path.is_file() else None
         if not path:
             return 0, []
-        checkpoint = checkpoints.load_checkpoint(path)
+        checkpoint = checkpoints.load_checkpoint(path, type(model.config))
         problems = checkpoints.resume_problems(checkpoint["run"], self.identity)
         if problems:
             raise checkpoints.CheckpointError(
@@ -153,7 +141,7 @@ class Run:
         the step and the evaluations so far, with what identifies the run."""
         if self.rank == 0:
             checkpoints.save_checkpoint({
-                "config": dataclasses.asdict(self.config), "vop_config": config_as_dict(model.config),
+                "config": dataclasses.asdict(self.config), "vop_config": model.config.as_dict(),
                 "run": self.identity, "trainable": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "history": history,
                 "replaced_videos": self.replaced_videos}, self.checkpoint_path)
@@ -260,7 +248,7 @@ def run_identity(config, clip, train_set, steps_per_epoch: int, base_lr: float, 
             "lr": base_lr, "weight_decay": config.weight_decay, "warmup": config.warmup, "grad_clip": config.grad_clip,
             "seed": config.seed, "one_caption_per_video": config.one_caption_per_video,
             "horizontal_flip": config.flip, "frame_store": config.frame_store is not None,
-            "vop": config_as_dict(model_config)}
+            "vop": model_config.as_dict()}
 
 
 def forget_log_after(path: Path, step: int) -> None:
@@ -319,9 +307,8 @@ def check_videos(test_set, train_set, out_dir: Path, num_workers: int, rank: int
     return train_set.without_videos(bad_train)
 
 
-def default_out_dir(config) -> str:
+def default_out_dir(data: str, tune: str, video_prompts: tuple) -> str:
     """runs/<data>/<method>, e.g. runs/msrvtt-9k/vop-fn-pos, so the README's rows do not overwrite each other;
-    the video prompts in their canonical order, so `fn,pos` and `pos,fn` name the same run."""
-    prompts = "-".join(parse_video_prompts(config.prompts))
-    method = config.tune if config.tune != "prompts" else "vop" + (f"-{prompts}" if prompts else "")
-    return str(Path("runs") / config.data / method)
+    `video_prompts` in their canonical order (VoPConfig's), so `fn,pos` and `pos,fn` name the same run."""
+    method = tune if tune != "prompts" else "-".join(["vop", *video_prompts])
+    return str(Path("runs") / data / method)

@@ -1,15 +1,11 @@
 """Shared fixtures: the tiny CLIP in OpenAI's release format, and a randomly initialised ViT-B/32-shaped CLIP."""
 import copy
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the modules live flat in the repo root
-
-from clip_model import CLIP, CLIPConfig  # noqa: E402
-from formats.clip_weights import load  # noqa: E402
+from clip_model import CLIP, CLIPConfig, load
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

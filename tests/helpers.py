@@ -5,6 +5,7 @@ import re
 import shutil
 import socket
 import subprocess
+import os
 import sys
 from pathlib import Path
 
@@ -72,12 +73,16 @@ def decoded_indices(frames: np.ndarray) -> np.ndarray:
     return np.round(frames[:, 8:-8, 24:-8, 1].mean(axis=(1, 2)) / LEVEL_STEP).astype(int)
 
 
+def python_env() -> dict:
+    """The environment of a fresh Python process that imports the project's modules from any folder."""
+    repository = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")]))}
+
+
 def start_python(code: str, cwd):
     """Start `code` in a fresh Python process with the repository importable; returns the running Popen
     (read its result with .communicate())."""
-    repository = Path(__file__).resolve().parents[1]
-    prelude = f"import sys; sys.path.insert(0, {str(repository)!r})\n"
-    return subprocess.Popen([sys.executable, "-c", prelude + code], cwd=cwd, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", code], cwd=cwd, env=python_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 

@@ -9,7 +9,7 @@ import torch
 import clip_model
 from formats import clip_weights
 from clip_model import CLIPConfig
-from formats.clip_weights import build_model, load
+from clip_model import build_model, load
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RELEASE_FILE = FIXTURES / "tiny_clip_openai_jit.pt"

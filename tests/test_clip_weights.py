@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from formats import clip_weights
-from formats.clip_weights import build_model, load
+from clip_model import build_model, load
 from vop import VoP, VoPConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -22,7 +22,7 @@ def test_demo_runs_end_to_end_and_caches_its_clip(tmp_path, monkeypatch, capsys)
     assert (tmp_path / "run" / "curves.png").is_file() or "matplotlib is not installed" in output
     link = tmp_path / "cache" / "tiny_clip.pt"  # the stable name the demo prints for training on one's own data
     assert link.is_file() and f"--clip {link}" in output
-    assert demo.clip_weights.load(link).config.vision_width == 128
+    assert demo.clip_model.load(link).config.vision_width == 128
 
     demo.run({"prompts": "fn", "out_dir": str(tmp_path / "run2")}, evaluate_before=False)  # the second run reuses the pretrained tiny CLIP
     assert "using the tiny CLIP pretrained earlier" in capsys.readouterr().out

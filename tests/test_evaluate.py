@@ -20,7 +20,7 @@ import demo
 import evaluate as ev
 from machinery import figures
 from helpers import fake_tokenize
-from vop import VoP, VoPConfig, config_as_dict
+from vop import VoP, VoPConfig
 
 FIXTURES_CLIP = Path(__file__).parent / "fixtures" / "tiny_clip_openai_jit.pt"
 
@@ -449,7 +449,7 @@ def test_end_to_end_and_checkpoint_reload(tiny_clip, tiny_world, tmp_path, monke
 
     checkpoint_path = tmp_path / "last.pt"
     checkpoints.save_checkpoint({
-        "config": {"data": "synthetic", "data_root": str(tiny_world)}, "vop_config": config_as_dict(model.config),
+        "config": {"data": "synthetic", "data_root": str(tiny_world)}, "vop_config": model.config.as_dict(),
         "run": {"backbone": str(FIXTURES_CLIP)}, "trainable": model.trainable_state_dict(), "optimizer": {},
         "scaler": {}, "step": 3, "history": [], "replaced_videos": 0}, checkpoint_path)
     reloaded, checkpoint = ev.load_model_from_checkpoint(checkpoint_path)
@@ -470,7 +470,7 @@ def test_end_to_end_and_checkpoint_reload(tiny_clip, tiny_world, tmp_path, monke
 def test_another_frame_count_for_a_model_with_position_prompts_is_refused_up_front(tiny_clip, tiny_world, tmp_path):
     model = VoP(tiny_clip, VoPConfig(num_frames=4, video_prompts="pos"))
     checkpoints.save_checkpoint({
-        "config": {"data": "synthetic", "data_root": str(tiny_world)}, "vop_config": config_as_dict(model.config),
+        "config": {"data": "synthetic", "data_root": str(tiny_world)}, "vop_config": model.config.as_dict(),
         "run": {"backbone": str(FIXTURES_CLIP)}, "trainable": model.trainable_state_dict(), "optimizer": {},
         "scaler": {}, "step": 3, "history": [], "replaced_videos": 0}, tmp_path / "last.pt")
     with pytest.raises(cli.ConfigError, match="--num-frames 8: this model's video prompts are made for 4 frames"):

@@ -25,7 +25,7 @@ from clip_model import CLIP
 from utils.errors import UserError
 from machinery.frame_store import FrameStoreError
 from helpers import SMALL_CLIP, message_lines, read_log, small_config, start_python
-from vop import VoPConfig, config_as_dict
+from vop import VoPConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,9 +72,9 @@ def test_unreadable_checkpoints_are_named(tmp_path, content):
     path = tmp_path / "odd.pt"
     path.write_bytes(content)
     with pytest.raises(checkpoints.CheckpointError, match="odd.pt"):
-        checkpoints.load_checkpoint(path)
+        checkpoints.load_checkpoint(path, VoPConfig)
     with pytest.raises(checkpoints.CheckpointError, match="folder"):
-        checkpoints.load_checkpoint(tmp_path)
+        checkpoints.load_checkpoint(tmp_path, VoPConfig)
 
 
 # -- broken videos ----------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def test_two_runs_at_once_on_one_folder(small_setup, tmp_path):
     """A second process started while the first trains is refused; the first finishes and its log is its own."""
     config = small_config(small_setup, tmp_path, epochs=2)
     slow_steps = "real = train.training_step; train.training_step = lambda *a: (time.sleep(0.3), real(*a))[1]; "
-    script = (f"import sys, time; sys.path.insert(0, {str(REPO)!r}); import train; {slow_steps}"
+    script = (f"import time; import train; {slow_steps}"
               f"train.train(train.TrainConfig(**{dataclasses.asdict(config)!r}))")
     first = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
     try:
@@ -337,7 +337,7 @@ def test_sigterm_or_ctrl_c_stops_training_cleanly(small_setup, tmp_path, stop, n
     assert named in err and "--resume auto" in err and "last.pt" in err
     assert processes_left(training.pid, 5) == []  # workers, fork server, resource tracker: all gone
     assert not (out_dir / "run.lock").exists() and not list(out_dir.glob("*.tmp"))
-    assert checkpoints.load_checkpoint(out_dir / "last.pt")["step"] >= 1
+    assert checkpoints.load_checkpoint(out_dir / "last.pt", VoPConfig)["step"] >= 1
 
 
 @needs_proc
@@ -358,13 +358,12 @@ def test_sigterm_ends_a_process_pool_at_once(tmp_path):
     """The probe and the frame store build (video_io.map_in_processes) end their workers when stopped instead of
     waiting for every queued task: here 8 tasks of 5 s on 2 workers."""
     stopped = subprocess.Popen([sys.executable, "-c", f"""
-import sys, time
-sys.path.insert(0, {str(REPO)!r})
+import time
 from utils import cli
 from formats import video_io
 if __name__ == "__main__":
     cli.run_command(lambda argv: video_io.map_in_processes(time.sleep, [5] * 8, 2, on_crash=print), [], "pool")
-"""], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+"""], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=REPO)
     try:
         deadline = time.time() + 60
         while len(session_processes(stopped.pid)) < 3:  # the fork server and its 2 workers
@@ -445,7 +444,7 @@ with atomic_write({str(tmp_path / "last.pt")!r}) as handle:
 
 def written_checkpoint(path: Path, **changes) -> Path:
     """A checkpoint with every field train.py writes (`changes` replace fields; a value None removes one)."""
-    checkpoint = {"format": checkpoints.FORMAT, "config": {}, "vop_config": config_as_dict(VoPConfig("pos")),
+    checkpoint = {"format": checkpoints.FORMAT, "config": {}, "vop_config": VoPConfig("pos").as_dict(),
                   "run": {}, "trainable": {"prompts": torch.zeros(2, 3)}, "optimizer": {"state": {}}, "scaler": {},
                   "step": 4, "history": [], "replaced_videos": 0}
     checkpoint.update(changes)
@@ -454,7 +453,7 @@ def written_checkpoint(path: Path, **changes) -> Path:
 
 
 def vop_config_with(**changes) -> dict:
-    saved = {**config_as_dict(VoPConfig("pos")), **changes}
+    saved = {**VoPConfig("pos").as_dict(), **changes}
     return {name: value for name, value in saved.items() if value is not None}
 
 
@@ -474,7 +473,7 @@ def vop_config_with(**changes) -> dict:
 def test_a_checkpoint_of_another_version_or_with_a_malformed_field_is_refused(tmp_path, changes, named):
     path = written_checkpoint(tmp_path / "old.pt", **changes)
     with pytest.raises(checkpoints.CheckpointError) as refused:
-        checkpoints.load_checkpoint(path)
+        checkpoints.load_checkpoint(path, VoPConfig)
     message = str(refused.value)
     assert "old.pt" in message and named in message and "\n" not in message
     if "format" in changes:
@@ -482,7 +481,7 @@ def test_a_checkpoint_of_another_version_or_with_a_malformed_field_is_refused(tm
 
 
 def test_evaluate_and_resume_read_checkpoints_through_the_same_checks(small_setup, tmp_path, capsys):
-    assert checkpoints.load_checkpoint(written_checkpoint(tmp_path / "good.pt"))["step"] == 4
+    assert checkpoints.load_checkpoint(written_checkpoint(tmp_path / "good.pt"), VoPConfig)["step"] == 4
     path = written_checkpoint(tmp_path / "old.pt", vop_config=vop_config_with(num_frames=None))
     assert exit_status(cli.run_command, ev.main, ["--checkpoint", str(path)], "evaluate.py") == 2
     err = capsys.readouterr().err

@@ -56,7 +56,8 @@ def test_evaluation_frames_from_the_store_are_bit_identical(tmp_path, monkeypatc
     clip = video_io.write_video(tmp_path / ("clip.avi" if fourcc == "MJPG" else "clip.mp4"), frames, 30, fourcc)
     make_videos(tmp_path, clip, 2)
     expected = [dataset_at(tmp_path, train=False, image_size=56).videos()[j]["video"] for j in range(2)]
-    stored = dataset_at(tmp_path, train=False, image_size=56, frame_store=frame_store.FrameStore(tmp_path / "store"))
+    store = frame_store.FrameStore(tmp_path / "store", data.FRAME_RULE)
+    stored = dataset_at(tmp_path, train=False, image_size=56, frame_store=store)
     first_visit = [stored.videos()[j]["video"] for j in range(2)]  # decodes and stores
     forbid_decoding(monkeypatch)
     later_visit = [stored.videos()[j]["video"] for j in range(2)]  # reads the store only
@@ -66,9 +67,9 @@ def test_evaluation_frames_from_the_store_are_bit_identical(tmp_path, monkeypatc
 
 
 def test_training_frames_are_drawn_among_the_stored_candidates(tmp_path, index_clip):
-    store = frame_store.FrameStore(tmp_path / "store", candidates=3)
+    store = frame_store.FrameStore(tmp_path / "store", data.FRAME_RULE, candidates=3)
     num_frames = 4
-    candidates = frame_store.training_candidates(NUM_FRAMES_IN_FILE, num_frames, 3)  # (F, C)
+    candidates = data.training_candidates(NUM_FRAMES_IN_FILE, num_frames, 3)  # (F, C)
     rng = np.random.default_rng(0)
     drawn = np.stack([decoded_indices(store.training_frames(index_clip, num_frames, 32, rng)) for _ in range(60)])
     for segment in range(num_frames):  # (60,) draws of this segment: only its candidates, and each of them
@@ -81,10 +82,10 @@ def test_training_frames_are_drawn_among_the_stored_candidates(tmp_path, index_c
 
 def test_training_with_the_store_is_deterministic_per_seed_epoch_and_item(tmp_path, index_clip, monkeypatch):
     make_videos(tmp_path, index_clip, 3)
-    dataset = dataset_at(tmp_path, frame_store=frame_store.FrameStore(tmp_path / "store"), seed=5)
+    dataset = dataset_at(tmp_path, frame_store=frame_store.FrameStore(tmp_path / "store", data.FRAME_RULE), seed=5)
     by_epoch = {epoch: [dataset[(epoch, item)]["video"] for item in range(3)] for epoch in range(3)}
     forbid_decoding(monkeypatch)  # everything was stored on the first visits
-    again = dataset_at(tmp_path, frame_store=frame_store.FrameStore(tmp_path / "store"), seed=5)
+    again = dataset_at(tmp_path, frame_store=frame_store.FrameStore(tmp_path / "store", data.FRAME_RULE), seed=5)
     for epoch in (2, 0, 1):  # another dataset object, another order: the same draws
         for item in (2, 1, 0):
             assert torch.equal(again[(epoch, item)]["video"], by_epoch[epoch][item])
@@ -97,7 +98,7 @@ def quiet(message):
 
 def test_the_store_is_keyed_by_file_and_settings_and_reports_its_size(tmp_path, index_clip):
     make_videos(tmp_path, index_clip, 2)
-    store = frame_store.FrameStore(tmp_path / "store")
+    store = frame_store.FrameStore(tmp_path / "store", data.FRAME_RULE)
     dataset = dataset_at(tmp_path, frame_store=store)
     summary = store.build(dataset, num_workers=0, log=quiet)
     assert summary["built"] == 2 and summary["failed"] == [] and len(entries(tmp_path / "store")) == 2
@@ -112,7 +113,7 @@ def test_the_store_is_keyed_by_file_and_settings_and_reports_its_size(tmp_path, 
 
 def test_a_damaged_entry_is_rebuilt(tmp_path, index_clip):
     make_videos(tmp_path, index_clip, 1)
-    dataset = dataset_at(tmp_path, train=False, frame_store=frame_store.FrameStore(tmp_path / "store"))
+    dataset = dataset_at(tmp_path, train=False, frame_store=frame_store.FrameStore(tmp_path / "store", data.FRAME_RULE))
     expected = dataset[0]["video"]
     entry = entries(tmp_path / "store")[0]
     entry.write_bytes(entry.read_bytes()[:-100])  # cut short, as by a full disk
@@ -124,7 +125,7 @@ def test_a_damaged_entry_is_rebuilt(tmp_path, index_clip):
 def test_a_parallel_build_stores_every_video_and_reports_failures(tmp_path, index_clip):
     make_videos(tmp_path, index_clip, 9)
     (tmp_path / "videos" / "video1.avi").write_bytes(b"")
-    store = frame_store.FrameStore(tmp_path / "store")
+    store = frame_store.FrameStore(tmp_path / "store", data.FRAME_RULE)
     dataset = dataset_at(tmp_path, frame_store=store)
     summary = store.build(dataset, num_workers=2, log=quiet)  # a process pool of 2
     broken = str(tmp_path / "videos" / "video1.avi")
@@ -149,7 +150,7 @@ def crash_on_third(source, target):
     os.rename(source, target)
 frame_store.os.replace = crash_on_third
 dataset = data.build_dataset("csv", {str(tmp_path / "d.csv")!r}, "train", train=False, num_frames=4, image_size=32)
-frame_store.FrameStore({str(tmp_path / "store")!r}).build(dataset, num_workers=0)
+frame_store.FrameStore({str(tmp_path / "store")!r}, data.FRAME_RULE).build(dataset, num_workers=0)
 """, cwd=tmp_path)
     out, err = crash.communicate(timeout=120)
     assert crash.returncode == 17, err
@@ -157,7 +158,7 @@ frame_store.FrameStore({str(tmp_path / "store")!r}).build(dataset, num_workers=0
     leftovers = list((tmp_path / "store").glob("*/*.tmp"))
     assert len(leftovers) == 1  # the half-done entry, never renamed into place
 
-    store = frame_store.FrameStore(tmp_path / "store")
+    store = frame_store.FrameStore(tmp_path / "store", data.FRAME_RULE)
     dataset = dataset_at(tmp_path, train=False, frame_store=store)
     summary = store.build(dataset, num_workers=0, log=quiet)
     assert summary["built"] == 3 and summary["stored"] == 5
@@ -177,7 +178,7 @@ import data
 from machinery import frame_store
 while not os.path.exists({str(tmp_path / "go")!r}):
     time.sleep(0.01)
-store = frame_store.FrameStore({str(tmp_path / "store")!r})
+store = frame_store.FrameStore({str(tmp_path / "store")!r}, data.FRAME_RULE)
 for kind in ("train", "test"):
     dataset = data.build_dataset("csv", {str(tmp_path)!r} + f"/{{kind}}/d.csv", "train", train=kind == "train",
                                  num_frames=4, image_size=32)
@@ -191,11 +192,11 @@ for kind in ("train", "test"):
         assert builder.returncode == 0, err
     assert len(entries(tmp_path / "store")) == 12 and not list((tmp_path / "store").glob("*/*.tmp"))
 
-    store = frame_store.FrameStore(tmp_path / "store")
+    store = frame_store.FrameStore(tmp_path / "store", data.FRAME_RULE)
     expected = [dataset_at(tmp_path / "test", train=False).videos()[j]["video"] for j in range(6)]
     evaluation = dataset_at(tmp_path / "test", train=False, frame_store=store)
     training = dataset_at(tmp_path / "train", frame_store=store)
-    candidates = set(frame_store.training_candidates(NUM_FRAMES_IN_FILE, 4, 4).reshape(-1).tolist())
+    candidates = set(data.training_candidates(NUM_FRAMES_IN_FILE, 4, 4).reshape(-1).tolist())
     forbid_decoding(monkeypatch)  # every entry is whole: nothing needs decoding again
     for j in range(6):
         assert torch.equal(evaluation.videos()[j]["video"], expected[j])
@@ -206,7 +207,7 @@ for kind in ("train", "test"):
 @pytest.mark.parametrize("num_frames, candidates", [(12, 4), (8, 4), (12, 3)])
 def test_training_candidates_lie_in_the_segments_training_draws_from(num_frames, candidates):
     for num_total in [*range(num_frames, 300), 450, 1000, 7919]:
-        table = frame_store.training_candidates(num_total, num_frames, candidates)  # (F, C)
+        table = data.training_candidates(num_total, num_frames, candidates)  # (F, C)
         edges = data.segment_edges(num_total, num_frames)
         assert table.shape == (num_frames, candidates)
         assert (table >= edges[:-1, None]).all() and (table < edges[1:, None]).all(), num_total
@@ -214,18 +215,16 @@ def test_training_candidates_lie_in_the_segments_training_draws_from(num_frames,
         lengths = edges[1:] - edges[:-1]
         distinct = np.array([len(np.unique(row)) for row in table])
         assert (distinct == np.minimum(lengths, candidates)).all(), num_total  # as spread as the segment allows
-    short = frame_store.training_candidates(5, 12, 4)  # fewer frames than segments: the sampler's frame, repeated
+    short = data.training_candidates(5, 12, 4)  # fewer frames than segments: the sampler's frame, repeated
     np.testing.assert_array_equal(short, np.repeat(data.sample_frame_indices(5, 12)[:, None], 4, axis=1))
 
 
-def test_entries_made_by_another_sampling_rule_are_rebuilt_once_not_reused(tmp_path, index_clip, monkeypatch):
+def test_entries_made_by_another_sampling_rule_are_rebuilt_once_not_reused(tmp_path, index_clip):
     make_videos(tmp_path, index_clip, 2)
-    old_rule = frame_store.FrameStore(tmp_path / "store")
-    monkeypatch.setattr(data, "SAMPLER_VERSION", data.SAMPLER_VERSION - 1)
+    old_rule = frame_store.FrameStore(tmp_path / "store", data.FRAME_RULE._replace(version=data.SAMPLER_VERSION - 1))
     assert old_rule.build(dataset_at(tmp_path, train=False, frame_store=old_rule), num_workers=0,
                           log=quiet)["built"] == 2
-    monkeypatch.undo()
-    store = frame_store.FrameStore(tmp_path / "store")
+    store = frame_store.FrameStore(tmp_path / "store", data.FRAME_RULE)
     dataset = dataset_at(tmp_path, train=False, frame_store=store)
     assert store.build(dataset, num_workers=0, log=quiet)["built"] == 2  # the old entries are not used
     assert store.build(dataset, num_workers=0, log=quiet)["built"] == 0  # and the new ones are, from then on
@@ -243,7 +242,7 @@ def overwrite_in_place(entry, position_from_end: int, length: int = 64) -> None:
 @pytest.mark.parametrize("train", [False, True], ids=["evaluation", "training"])
 def test_an_entry_overwritten_in_place_is_never_used_but_rebuilt_and_reported(tmp_path, index_clip, capfd, train):
     make_videos(tmp_path, index_clip, 1)
-    store = frame_store.FrameStore(tmp_path / "store")
+    store = frame_store.FrameStore(tmp_path / "store", data.FRAME_RULE)
     dataset = dataset_at(tmp_path, train=train, frame_store=store)
     store.build(dataset, num_workers=0, log=quiet)
     capfd.readouterr()  # the build's progress line
@@ -253,7 +252,7 @@ def test_an_entry_overwritten_in_place_is_never_used_but_rebuilt_and_reported(tm
     rng = np.random.default_rng(0)
     if train:  # every candidate of every segment, so that the damaged image is among them
         visits = [store.training_frames(dataset.video_paths[0], 4, 32, rng) for _ in range(40)]
-        candidates = set(frame_store.training_candidates(NUM_FRAMES_IN_FILE, 4, 4).reshape(-1).tolist())
+        candidates = set(data.training_candidates(NUM_FRAMES_IN_FILE, 4, 4).reshape(-1).tolist())
         assert all(set(decoded_indices(frames).tolist()) <= candidates for frames in visits)
     else:
         assert torch.equal(dataset[0]["video"], dataset_at(tmp_path, train=False)[0]["video"])
@@ -265,7 +264,7 @@ def test_an_entry_overwritten_in_place_is_never_used_but_rebuilt_and_reported(tm
 
 def test_the_build_shows_its_progress_on_stderr(tmp_path, index_clip, capsys):
     make_videos(tmp_path, index_clip, 2)
-    store = frame_store.FrameStore(tmp_path / "store")
+    store = frame_store.FrameStore(tmp_path / "store", data.FRAME_RULE)
     store.build(dataset_at(tmp_path, train=False), num_workers=0, log=quiet)
     out, err = capsys.readouterr()
     assert out == "" and err.splitlines()[-1].startswith("frame store: 2/2 videos")  # stdout stays for results
@@ -274,7 +273,7 @@ def test_the_build_shows_its_progress_on_stderr(tmp_path, index_clip, capsys):
 def test_an_entry_whose_images_have_another_size_is_rebuilt(tmp_path, index_clip, capfd):
     """A whole, well-formed entry of the right video whose images are not the size its settings say."""
     make_videos(tmp_path, index_clip, 1)
-    store = frame_store.FrameStore(tmp_path / "store")
+    store = frame_store.FrameStore(tmp_path / "store", data.FRAME_RULE)
     dataset = dataset_at(tmp_path, train=False, frame_store=store)
     expected = dataset[0]["video"]
     entry, = entries(tmp_path / "store")
@@ -287,7 +286,7 @@ def test_an_entry_whose_images_have_another_size_is_rebuilt(tmp_path, index_clip
 
 def test_a_build_counts_the_damaged_entries_it_rebuilds(tmp_path, index_clip):
     make_videos(tmp_path, index_clip, 3)
-    store = frame_store.FrameStore(tmp_path / "store")
+    store = frame_store.FrameStore(tmp_path / "store", data.FRAME_RULE)
     dataset = dataset_at(tmp_path, train=False, frame_store=store)
     store.build(dataset, num_workers=0, log=quiet)
     first, second, _ = entries(tmp_path / "store")
@@ -305,16 +304,16 @@ def test_a_frame_store_that_is_a_file_or_cannot_be_written_is_refused_before_any
     a_file = tmp_path / "frames.txt"
     a_file.write_text("not a folder")
     with pytest.raises(frame_store.FrameStoreError, match="frames.txt is a file"):
-        frame_store.FrameStore(a_file)
+        frame_store.FrameStore(a_file, data.FRAME_RULE)
     forbid_decoding(monkeypatch)
-    store = frame_store.FrameStore(a_file / "store")  # a folder that cannot be made
+    store = frame_store.FrameStore(a_file / "store", data.FRAME_RULE)  # a folder that cannot be made
     with pytest.raises(frame_store.FrameStoreError, match=r"frames.txt/store/eval.*cannot be written"):
         store.build(dataset_at(tmp_path, train=False, frame_store=store), num_workers=0, log=quiet)
 
 
 def test_a_store_without_room_for_the_build_is_refused_before_decoding(tmp_path, index_clip, monkeypatch):
     make_videos(tmp_path, index_clip, 4)
-    store = frame_store.FrameStore(tmp_path / "store")
+    store = frame_store.FrameStore(tmp_path / "store", data.FRAME_RULE)
     dataset = dataset_at(tmp_path, train=False, frame_store=store)
     store.build(dataset_at(tmp_path, train=False).without_videos([1, 2, 3]), num_workers=0, log=quiet)
     entry_size = entries(tmp_path / "store")[0].stat().st_size
@@ -338,7 +337,7 @@ frame_store.decode_frames = lambda *args, **kwargs: decoded.append(args[0]) or r
 dataset = data.build_dataset("csv", {str(tmp_path / "d.csv")!r}, "train", train=True, num_frames=4, image_size=32)
 resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
 try:
-    frame_store.FrameStore({str(tmp_path / "store")!r}).build(dataset, num_workers=0, log=lambda line: None)
+    frame_store.FrameStore({str(tmp_path / "store")!r}, data.FRAME_RULE).build(dataset, num_workers=0, log=lambda line: None)
 except frame_store.FrameStoreError as error:
     print(error)
 print(len(decoded))
@@ -359,7 +358,7 @@ def test_building_from_a_large_video_holds_one_full_size_frame_at_a_time(tmp_pat
     video = video_io.write_video(tmp_path / "large.avi", frames, 30, "MJPG")
     del frames
     write_csv(tmp_path / "d.csv", ["video", "caption"], [["large.avi", "an orange bar moves right"]])
-    store = frame_store.FrameStore(tmp_path / "store")
+    store = frame_store.FrameStore(tmp_path / "store", data.FRAME_RULE)
     for train in (True, False):
         dataset = dataset_at(tmp_path, train=train, frame_store=store, num_frames=8)
         tracemalloc.start()

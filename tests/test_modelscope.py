@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from utils import cli
+import clip_model
 from formats import clip_weights
 import data
 import evaluate as ev
 from formats import modelscope
 from formats import video_io
 from helpers import EOT, SOT, fake_tokenize, write_csv
+import vop
 from vop import VoP, VoPConfig
 
 FOLDER = Path(__file__).parent / "fixtures" / "modelscope_vop"
@@ -38,7 +40,7 @@ def release_state_dict(folder: Path = FOLDER) -> dict:
 def backbone_of(state_dict: dict):
     """The CLIP of a release state dict (its module.clip.* tensors)."""
     prefix = "module.clip."
-    return clip_weights.build_model({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+    return clip_model.build_model({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
 
 
 # -- the release's encoders, literally ---------------------------------------------------------------------
@@ -95,7 +97,7 @@ def lay_out(tokens: torch.Tensor, width: int) -> torch.Tensor:
 
 def test_fixture_matches_the_release_outputs():
     model, checkpoint = ev.load_model_from_checkpoint(FOLDER)
-    assert isinstance(model, modelscope.ReleaseTextLayout) and model.num_suffix_prompts == 4
+    assert isinstance(model, vop.ReleaseTextLayout) and model.num_suffix_prompts == 4
     assert model.text_context_length == 69 and model.num_frames == 4 and not model.training
     with torch.no_grad():
         text = model.encode_text(EXPECTED["text"])
@@ -120,7 +122,7 @@ def test_fixture_matches_the_release_outputs():
 def test_the_paper_layout_would_be_wrong_on_the_fixture():
     """The fixture's prompts are far from their initialisation, so running them in the paper's prefix-only layout
     gives other embeddings: the layout is what the test above checks."""
-    release, _ = modelscope.load_folder(FOLDER)
+    release, _ = vop.load_release(FOLDER)
     plain = VoP(release.clip, release.config)
     plain.load_trainable_state_dict(release.trainable_state_dict())
     with torch.no_grad():
@@ -181,7 +183,7 @@ def write_baseline(folder: Path, tune: str, with_original=True) -> torch.nn.Modu
     """A baseline folder (VoPSE_msrvtt9k.pth: a trained clip.* and nothing else) whose backbone is the fixture's
     CLIP with the tensors of `tune` changed; returns that trained CLIP."""
     folder.mkdir()
-    clip = clip_weights.load(FOLDER / "ViT-B-32.pt")
+    clip = clip_model.load(FOLDER / "ViT-B-32.pt")
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for tensor in VoP(clip, VoPConfig(tune=tune)).trainable_state_dict().values():
@@ -217,23 +219,23 @@ def test_baseline_loads_as_plain_clip_with_its_trained_backbone(tmp_path, tune):
 
 def test_baseline_without_openai_weights_beside_it_counts_as_full(tmp_path):
     write_baseline(tmp_path / "baseline", "bias", with_original=False)
-    assert modelscope.load_folder(tmp_path / "baseline")[0].config.tune == "full"
+    assert vop.load_release(tmp_path / "baseline")[0].config.tune == "full"
 
 
 # -- identity -----------------------------------------------------------------------------------------------
 
 def test_identity_tells_releases_apart_and_rebuilds_the_backbone(tmp_path):
-    model, checkpoint = modelscope.load_folder(FOLDER)
+    model, checkpoint = vop.load_release(FOLDER)
     source = model.clip.source
     assert source["format"] == "modelscope" and source["clip"] == str(FOLDER.absolute())
     assert source["sha256"] == clip_weights.file_sha256(FOLDER / "VoP_msrvtt9k.pth") == checkpoint["run"][
         "backbone_sha256"]
     assert set(model.trainable_state_dict()) == {"text_prompts.tokens", "visual_prompts.tokens"}
-    again = modelscope.load_folder(source["clip"])[0].clip  # the folder the source names gives the same backbone
+    again = vop.load_release(source["clip"])[0].clip  # the folder the source names gives the same backbone
     assert again.source == source
     assert all(torch.equal(tensor, model.clip.state_dict()[name]) for name, tensor in again.state_dict().items())
     write_variant(tmp_path / "other", 4, 4, 8, 4, seed=3)  # the same shapes, other prompts
-    other, _ = modelscope.load_folder(tmp_path / "other")
+    other, _ = vop.load_release(tmp_path / "other")
     assert other.clip.source["sha256"] != source["sha256"]
     assert not torch.equal(other.trainable_state_dict()["text_prompts.tokens"],
                            model.trainable_state_dict()["text_prompts.tokens"])
@@ -384,4 +386,4 @@ def test_other_modelscope_folders_stay_what_they_are(tmp_path):
     shutil.copytree(FOLDER.parent / "tiny_clip_hf", folder)
     shutil.copy(FOLDER / "configuration.json", folder)
     assert not modelscope.is_release_folder(folder)
-    assert clip_weights.load(folder).source["format"] == "transformers"
+    assert clip_model.load(folder).source["format"] == "transformers"

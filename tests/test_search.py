@@ -257,7 +257,7 @@ def test_an_unreadable_video_is_skipped_listed_and_not_read_again_until_it_chang
 
 def _start_slow_index(folder, checkpoint, index):
     """search.py index in another process, each video taking a fifth of a second longer to read."""
-    code = (f"import time, data, search, cli; real = data.VideoFiles.__getitem__\n"
+    code = (f"import time, data, search; from utils import cli; real = data.VideoFiles.__getitem__\n"
             f"data.VideoFiles.__getitem__ = lambda self, i: (time.sleep(0.2), real(self, i))[1]\n"
             f"cli.run_command(search.main, ['index', {str(folder)!r}, '--checkpoint', {str(checkpoint)!r}, "
             f"'--index', {str(index)!r}, '--num-workers', '0', '--batch-size', '1'], 'search.py')")
