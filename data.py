@@ -175,11 +175,11 @@ def normalize(frames) -> torch.Tensor:
     return video.sub_(mean).div_(std)
 
 
-def video_transform(frames: np.ndarray, train: bool, image_size: int = 224, rng=None, *,
+def video_transform(frames: np.ndarray, augment: bool, image_size: int = 224, rng=None, *,
                     hflip: bool = True, scale=(0.5, 1.0)) -> torch.Tensor:
     """(F, H, W, 3) uint8 RGB -> (F, 3, R, R) float32, CLIP-normalised.
 
-    Evaluation: `resize_center_crop`. Training: one random resized crop (area `scale`, torchvision's box rules)
+    Without `augment` (evaluation): `resize_center_crop`. With it (training): one random resized crop (area `scale`, torchvision's box rules)
     resized to R x R with antialiased bicubic interpolation (torch's, on all frames at once: 6x faster than
     PIL frame by frame, within 1-2 levels of it), and with probability 1/2 a horizontal flip; the same crop and
     flip for every frame of the video, so the motion stays intact. (A flip turns "moves left" into "moves
@@ -187,7 +187,7 @@ def video_transform(frames: np.ndarray, train: bool, image_size: int = 224, rng=
     """
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"video_transform expects (F, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
-    if not train:
+    if not augment:
         return normalize(resize_center_crop(frames, image_size))
     rng = np.random.default_rng() if rng is None else rng
     left, top, right, bottom = random_resized_crop_box(*frames.shape[1:3], rng, scale)

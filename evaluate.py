@@ -2,13 +2,14 @@
 
 One job: turn a model and a test split into the paper's numbers (R@1, R@5, R@10, median and mean rank).
 
-1. The ranking on the whole score matrix (read this first): for each query, count the wrong candidates that
-   score above the correct one (`greater`) and exactly level with it (`tied`); the rank is greater + 1 +
-   tied / 2 and R@K is P(rank <= K), both under random tie-breaking. Counting a tie as a hit (or a miss)
-   flatters (or punishes) a model that maps many videos to one point (CLIP4Clip#80).
+1. The ranking (read this first): for each query, count the wrong candidates that score above the correct
+   one (`greater`) and exactly level with it (`tied`); the rank is greater + 1 + tied / 2 and R@K is
+   P(rank <= K), both under random tie-breaking. Counting a tie as a hit (or a miss) flatters (or punishes) a
+   model that maps many videos to one point (CLIP4Clip#80). `text_to_video_counts` and
+   `video_to_text_counts` count a chunk of query rows at a time, so 100,000 x 100,000 fits in memory.
 2. `embed`: every caption and every unique video once, L2-normalised.
-3. The same counts a chunk of query rows at a time, which is what the program runs: the score matrix is
-   never whole, so 100,000 x 100,000 fits in memory (skip on a first reading).
+3. `score_chunks`, the score matrix a chunk of query rows at a time, and the checks of the inputs (skip on a
+   first reading).
 
 The protocol is X-Pool's (modules/metrics.py: t2v_metrics, v2t_metrics) and CLIP4Clip's (metrics.py).
 Text -> video: each caption is a query; its one correct video is ranked among all V videos. Video -> text:
@@ -101,31 +102,47 @@ def _median(values: torch.Tensor) -> float:
     return float((ordered[(n - 1) // 2] + ordered[n // 2]) / 2)
 
 
-def dense_text_to_video_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor,
-                               caption_video_index, dsl: bool = False,
-                               temperature: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(greater (T,), tied (T,)): each caption ranks the V videos; its correct one is caption_video_index[i]."""
+def text_to_video_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor, caption_video_index,
+                         dsl: bool = False, temperature: float = 100.0, chunk_size: int | None = None,
+                         score_device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greater (T,), tied (T,)): each caption ranks the V videos; its correct one is caption_video_index[i].
+    text_embeddings (T, E), video_embeddings (V, E), L2-normalised.
+
+    The scores come a chunk of captions at a time (`score_chunks`: cosines, or with `dsl` the dual-softmax
+    scores), so the (T, V) matrix is never whole; each chunk is counted as it comes."""
+    _check_embeddings(text_embeddings, video_embeddings)
     correct_video = _as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
-    scores = text_embeddings @ video_embeddings.T  # (T, V)
-    if dsl:  # dual softmax over the queries: a video that every caption likes counts less for each of them
-        scores = scores * torch.softmax(temperature * scores, dim=0)  # (T, V)
-    return dense_counts(scores, correct_video)
+    greater, tied = [], []
+    for start, scores in score_chunks(text_embeddings, video_embeddings, chunk_size, dsl, temperature,
+                                      score_device):  # scores (rows, V): captions start.. against every video
+        counts = dense_counts(scores, correct_video[start:start + len(scores)].to(scores.device))
+        greater.append(counts[0].cpu())
+        tied.append(counts[1].cpu())
+    return torch.cat(greater), torch.cat(tied)
 
 
-def dense_video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor,
-                               caption_video_index, dsl: bool = False,
-                               temperature: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(greater (V,), tied (V,)): each video ranks the V videos, each scored by its best caption; its
-    correct candidate is itself (X-Pool's and CLIP4Clip's convention, see the module docstring)."""
+def video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor, caption_video_index,
+                         dsl: bool = False, temperature: float = 100.0, chunk_size: int | None = None,
+                         score_device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greater (V,), tied (V,)): each video ranks the V videos, each scored by its best caption; its correct
+    candidate is itself (X-Pool's and CLIP4Clip's convention, see the module docstring).
+    text_embeddings (T, E), video_embeddings (V, E), L2-normalised; a chunk of query videos at a time."""
+    _check_embeddings(video_embeddings, text_embeddings)
     owner_video = _as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
     _check_every_video_has_a_caption(owner_video, len(video_embeddings))
-    scores = text_embeddings @ video_embeddings.T  # (T, V): caption t against query video j
-    if dsl:  # dual softmax over the queries, which here are the videos; before the max over captions
-        scores = scores * torch.softmax(temperature * scores, dim=1)  # (T, V)
-    best_caption = torch.stack([scores[owner_video == video].amax(dim=0)  # (V, V): [candidate, query]
-                                for video in range(len(video_embeddings))])
-    query_video = torch.arange(len(video_embeddings))  # (V,) query j's correct candidate is video j
-    return dense_counts(best_caption.T, query_video)
+    num_videos = len(video_embeddings)
+    greater, tied = [], []
+    for start, scores in score_chunks(video_embeddings, text_embeddings, chunk_size, dsl, temperature,
+                                      score_device):  # scores (rows, T): query videos start.. against each caption
+        # Each candidate video takes its best caption's score: (rows, T) -> (rows, V).
+        owner = owner_video.to(scores.device)[None, :].expand(len(scores), -1)  # (rows, T)
+        best_caption = scores.new_full((len(scores), num_videos), -torch.inf)  # (rows, V)
+        best_caption.scatter_reduce_(1, owner, scores, "amax")
+        query_video = torch.arange(start, start + len(scores), device=scores.device)  # (rows,) the correct ones
+        counts = dense_counts(best_caption, query_video)
+        greater.append(counts[0].cpu())
+        tied.append(counts[1].cpu())
+    return torch.cat(greater), torch.cat(tied)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -224,7 +241,7 @@ def _check_model_device(model: torch.nn.Module, device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. The same counts a chunk of query rows at a time: what the program runs (skip on a first reading)
+# 3. The score matrix a chunk of query rows at a time, and the checks of the inputs (skip on a first reading)
 
 
 def _check_embeddings(queries: torch.Tensor, candidates: torch.Tensor) -> None:
@@ -268,7 +285,7 @@ def _score_device(score_device, embeddings: torch.Tensor) -> torch.device:
     return embeddings.device if score_device is None else torch.device(score_device)
 
 
-def similarity_chunks(queries: torch.Tensor, candidates: torch.Tensor, chunk_size: int | None = None,
+def score_chunks(queries: torch.Tensor, candidates: torch.Tensor, chunk_size: int | None = None,
                       dsl: bool = False, temperature: float = 100.0, score_device=None):
     """Yield (start, scores (rows, C)) for consecutive chunks of at most `chunk_size` query rows (default: about
     SCORES_PER_CHUNK scores a chunk): cosine similarities, or with `dsl` the dual-softmax scores
@@ -300,56 +317,6 @@ def similarity_chunks(queries: torch.Tensor, candidates: torch.Tensor, chunk_siz
         if dsl:
             sims = sims * torch.exp(temperature * sims - distinct_logsumexp)  # (rows, C'): softmax over queries
         yield start, sims if column_of is None else sims[:, column_of]  # (rows, C)
-
-
-def _counts_per_query(queries: torch.Tensor, candidates: torch.Tensor, correct: torch.Tensor, dsl: bool,
-                      temperature: float, chunk_size: int | None, score_device,
-                      candidate_owner: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(greater (Q,), tied (Q,)) for queries (Q, E) against candidates (C, E): dense_counts, chunk by chunk.
-
-    correct (Q,): each query's correct column. With candidate_owner (C,) (video -> text: each caption's
-    video), the ranked candidates are the owners instead, each scored by its best candidate, and `correct`
-    indexes the owners.
-    """
-    device = _score_device(score_device, queries)
-    correct = correct.to(device)
-    if candidate_owner is not None:
-        num_owners = int(candidate_owner.max()) + 1  # every owner has a candidate (checked by the caller)
-        candidate_owner = candidate_owner.to(device)[None, :]  # (1, C)
-    greater, tied = [], []
-    for start, scores in similarity_chunks(queries, candidates, chunk_size, dsl, temperature, score_device):
-        if candidate_owner is not None:  # (rows, C) -> (rows, V): each video scored by its best caption
-            best = scores.new_full((len(scores), num_owners), -torch.inf)  # (rows, V)
-            scores = best.scatter_reduce_(1, candidate_owner.expand(len(scores), -1), scores, "amax")
-        chunk_greater, chunk_tied = dense_counts(scores, correct[start:start + len(scores)])
-        greater.append(chunk_greater.cpu())
-        tied.append(chunk_tied.cpu())
-    return torch.cat(greater), torch.cat(tied)
-
-
-def text_to_video_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor, caption_video_index,
-                         dsl: bool = False, temperature: float = 100.0, chunk_size: int | None = None,
-                         score_device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(greater (T,), tied (T,)), equal to dense_text_to_video_counts, a chunk of captions at a time.
-    text_embeddings (T, E), video_embeddings (V, E)."""
-    _check_embeddings(text_embeddings, video_embeddings)
-    correct_video = _as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
-    return _counts_per_query(text_embeddings, video_embeddings, correct_video, dsl, temperature, chunk_size,
-                             score_device)
-
-
-def video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor, caption_video_index,
-                         dsl: bool = False, temperature: float = 100.0, chunk_size: int | None = None,
-                         score_device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(greater (V,), tied (V,)), equal to dense_video_to_text_counts, a chunk of videos at a time: for video
-    j, the other videos whose best caption scores above / exactly at video j's best own caption.
-    text_embeddings (T, E), video_embeddings (V, E)."""
-    _check_embeddings(video_embeddings, text_embeddings)
-    owner_video = _as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
-    _check_every_video_has_a_caption(owner_video, len(video_embeddings))
-    query_video = torch.arange(len(video_embeddings))  # (V,) video j's correct candidate is video j
-    return _counts_per_query(video_embeddings, text_embeddings, query_video, dsl, temperature, chunk_size,
-                             score_device, candidate_owner=owner_video)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -34,6 +34,10 @@ class DeepPrompts(nn.Module):
         return self.tokens[layer]
 
 
+# The paper's two deep prompt types are the same table; each has a class of its own so that the model's
+# modules carry the paper's names (print(model) shows TextPrompts and VisualPrompts).
+
+
 class TextPrompts(DeepPrompts):
     """VoP's deep text prompts: placed right after [SOS] in every text layer."""
 
@@ -78,15 +82,15 @@ class FunctionPrompts(nn.Module):
     whole video at once. A learned frame position embedding marks which frame each token came from, and
     P video-level tokens per upper layer are placed after the F [CLS] tokens of the video sequence."""
 
-    def __init__(self, num_video_layers: int, num_frames: int, num_tokens: int, width: int):
+    def __init__(self, layers: range, num_frames: int, num_tokens: int, width: int):
         super().__init__()
-        self.num_tokens = num_tokens
-        self.tokens = prompt_table(num_video_layers, num_tokens, width)  # (vision layers - K: layers K.., P, D)
+        self.layers, self.num_tokens = layers, num_tokens  # layers K, K+1, ... of the image tower
+        self.tokens = prompt_table(len(layers), num_tokens, width)  # (vision layers - K, P, D)
         # Zero start: the video-wide layers begin from exactly the per-frame features CLIP would see.
         self.frame_position = nn.Parameter(torch.zeros(num_frames, width))  # (F, D)
 
-    def forward(self, video_layer: int) -> torch.Tensor:  # -> (P, D)
-        return self.tokens[video_layer]
+    def forward(self, layer: int) -> torch.Tensor:  # layer K, K+1, ... of the image tower -> (P, D)
+        return self.tokens[self.layers.index(layer)]
 
     def add_frame_position(self, frames: torch.Tensor) -> torch.Tensor:  # (B, F, S, D) -> (B, F, S, D)
         """Mark every token with the frame it came from, before the frames are joined into one sequence."""

@@ -15,7 +15,6 @@ its lock, the data and video checks, checkpoints and the resume checks, logs) is
 reading.
 """
 import math
-import signal
 import sys
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ from utils.cli import (PRECISIONS, at_least, between, check_config, flag_errors,
                  resolve_device, resolve_precision, run_command)
 from clip_model import load as load_clip
 from evaluate import evaluate, format_results
-from utils.errors import Stopped, TrainingDiverged
+from utils.errors import TrainingDiverged
 from utils.files import WriteError
 from machinery.frame_store import FrameStore
 from machinery.runs import Run, results_title, run_identity
@@ -53,8 +52,8 @@ class TrainConfig:
     train_split: str = option("train", "split to train on")
     test_split: str = option("test", "split evaluated after each epoch")
     prompts: str = option("", "video prompts: a comma list of pos, ctx, fn; empty = plain VoP")
-    tune: str = option("prompts", "what learns: prompts, or a baseline", choices=TUNE_MODES)
-    num_frames: int = option(12, "frames sampled per video", at_least(1))
+    tune: str = option(VoPConfig.tune, "what learns: prompts, or a baseline", choices=TUNE_MODES)
+    num_frames: int = option(VoPConfig.num_frames, "frames sampled per video", at_least(1))
     batch_size: int = option(32, "global batch (split over the processes under torchrun)", at_least(1))
     epochs: int = option(5, "passes over every (video, caption) pair; 0 evaluates only", at_least(0))
     lr: float | None = option(None, "peak learning rate; default by --tune: " + ", ".join(
@@ -62,10 +61,13 @@ class TrainConfig:
     weight_decay: float = option(0.2, "AdamW weight decay (tensors of 2+ dims: matrices and prompts)", at_least(0))
     warmup: float = option(0.1, "fraction of the steps spent warming up linearly", between(0, 1))
     grad_clip: float = option(1.0, "clip the gradient norm to this (inf: no clipping)", greater_than(0))
-    fn_layers: int = option(8, "K of VoP^F: layers run per frame before the video-wide ones", at_least(1))
-    num_text_prompts: int = option(8, "text prompt tokens per layer", at_least(0))
-    num_visual_prompts: int = option(8, "visual prompt tokens per layer", at_least(0))
-    video_prompt_length: int = option(4, "of the visual tokens, how many the video prompts make", at_least(0))
+    # VoP's own hyperparameters: the paper's values are VoPConfig's defaults.
+    fn_layers: int = option(VoPConfig.fn_layers, "K of VoP^F: layers run per frame before the video-wide ones",
+                            at_least(1))
+    num_text_prompts: int = option(VoPConfig.num_text_prompts, "text prompt tokens per layer", at_least(0))
+    num_visual_prompts: int = option(VoPConfig.num_visual_prompts, "visual prompt tokens per layer", at_least(0))
+    video_prompt_length: int = option(VoPConfig.video_prompt_length, "of the visual tokens, how many the video "
+                                      "prompts make", at_least(0))
     flip: bool = option(True, "random horizontal flips in training; --no-flip when captions name directions "
                               "(a flip turns 'moves left' into 'moves right')")
     precision: str = option("auto", "autocast: auto (fp16 + GradScaler on CUDA, fp32 on CPU), fp32, fp16, bf16",
@@ -197,29 +199,22 @@ def train(config: TrainConfig) -> dict:
             for epoch in range(step // steps_per_epoch, config.epochs):
                 model.train()
                 order.set_epoch(epoch, first_batch=step - epoch * steps_per_epoch)  # a resumed epoch skips ahead
-                replaced = []  # training videos that failed to decode (each was replaced by another item)
                 for batch in loader:
                     lr = get_lr(step, total_steps, base_lr, config.warmup)
                     loss, grad_norm = training_step(model, optimizer, scaler, batch, lr, config.grad_clip, device,
                                                     amp_dtype)
                     step += 1
-                    replaced += [path for path in batch["replaced_video"] if path]
-                    run.log_step(epoch, step, total_steps, loss, lr, grad_norm)
+                    run.log_step(epoch, step, total_steps, loss, lr, grad_norm, batch["replaced_video"])
                     if config.save_every and step % config.save_every == 0:
                         run.save(model, optimizer, scaler, step, history)
-                run.count_replaced(epoch, step, replaced)
+                run.count_replaced(epoch, step)  # videos that failed to decode, each replaced by another item
                 run.save(model, optimizer, scaler, step, history)  # before evaluating: never lose the epoch
                 if config.eval_each_epoch or epoch == config.epochs - 1:
                     history.append(evaluate_epoch(model, test_set, epoch, step, run, device, amp_dtype))
                     run.save(model, optimizer, scaler, step, history)  # now with the epoch's results
                 run.draw_curves()  # out_dir/curves.png: loss, learning rate and recall so far
-        except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (cli.run_command): one line on what is saved
-            raise Stopped(f"Stopped at step {step}/{total_steps}. {run.saved_note(total_steps)}",
-                          getattr(stop, "signal", signal.SIGINT)) from None
-        except WriteError as error:  # a full disk: say what is still saved
-            raise WriteError(f"{error}. {run.saved_note(total_steps)}") from None
-        except TrainingDiverged as error:  # `step` steps went well; the next one did not
-            raise TrainingDiverged(f"{error} at step {step + 1}: stopping. {run.diverged_note(total_steps)}") from None
+        except (KeyboardInterrupt, WriteError, TrainingDiverged) as stop:  # Ctrl-C, a full disk, a loss not finite
+            raise run.stopped(stop, step, total_steps) from None  # one line: what is saved, how to go on
         finally:
             data.stop_workers(loader)
         if not history or history[-1]["epoch"] < config.epochs:  # resumed after its last evaluation failed

@@ -46,6 +46,15 @@ VIDEO_PROMPTS = ("pos", "ctx", "fn")
 TUNE_MODES = ("prompts", "zero-shot", "full", "partial", "bias", "proj")
 
 
+class SettingError(ValueError):
+    """A VoPConfig value that is not valid (or not for this CLIP); `field` names it, so that a command line can
+    name its flag."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
 @dataclass(frozen=True)
 class VoPConfig:
     """Everything that decides what a VoP computes (saved in checkpoints; the defaults are the paper's)."""
@@ -60,19 +69,22 @@ class VoPConfig:
     def __post_init__(self):
         object.__setattr__(self, "video_prompts", parse_video_prompts(self.video_prompts))
         if self.tune not in TUNE_MODES:
-            raise ValueError(f"tune: unknown mode {self.tune!r}; choose one of {', '.join(TUNE_MODES)}")
+            raise SettingError("tune", f"unknown mode {self.tune!r}; choose one of {', '.join(TUNE_MODES)}")
         if self.tune != "prompts" and self.video_prompts:
-            raise ValueError(f"video_prompts: {','.join(self.video_prompts)} need tune 'prompts', not {self.tune!r}")
+            raise SettingError("video_prompts",
+                               f"{','.join(self.video_prompts)} need tune 'prompts', not {self.tune!r}")
         for name in ("num_frames", "num_text_prompts", "num_visual_prompts", "video_prompt_length", "fn_layers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (1 if name == "num_frames" else 0):
-                raise ValueError(f"{name}: must be an integer >= {1 if name == 'num_frames' else 0}, "
-                                 f"got {getattr(self, name)!r}")
+                raise SettingError(name, f"must be an integer >= {1 if name == 'num_frames' else 0}, "
+                                         f"got {getattr(self, name)!r}")
         if self.video_prompt_length > self.num_visual_prompts and {"pos", "ctx"} & set(self.video_prompts):
-            raise ValueError(f"video_prompt_length: {self.video_prompt_length} cannot exceed num_visual_prompts "
-                             f"({self.num_visual_prompts}), among which the video prompts take their place")
+            raise SettingError("video_prompt_length", f"{self.video_prompt_length} cannot exceed num_visual_prompts "
+                                                      f"({self.num_visual_prompts}), among which the video prompts "
+                                                      f"take their place")
 
     @property
-    def has_prompts(self) -> bool:
+    def tunes_prompts(self) -> bool:
+        """Whether the prompts learn (VoP), rather than a part of CLIP (the baselines, which carry none)."""
         return self.tune == "prompts"
 
     def as_dict(self) -> dict:
@@ -86,7 +98,7 @@ def parse_video_prompts(video_prompts) -> tuple[str, ...]:
     names = {name.strip() for name in names if name.strip()}
     unknown = names - set(VIDEO_PROMPTS)
     if unknown:
-        raise ValueError(f"video_prompts: unknown {sorted(unknown)}; choose any of {', '.join(VIDEO_PROMPTS)}")
+        raise SettingError("video_prompts", f"unknown {sorted(unknown)}; choose any of {', '.join(VIDEO_PROMPTS)}")
     return tuple(name for name in VIDEO_PROMPTS if name in names)
 
 
@@ -127,31 +139,33 @@ class VoP(nn.Module):
         super().__init__()
         vision_layers = len(clip.visual.transformer.resblocks)
         if "fn" in config.video_prompts and not 1 <= config.fn_layers < vision_layers:
-            raise ValueError(f"fn_layers: K must be in 1..{vision_layers - 1} for this CLIP's {vision_layers} visual "
-                             f"layers, got {config.fn_layers} (K = {vision_layers} would be plain VoP)")
+            raise SettingError("fn_layers", f"K must be in 1..{vision_layers - 1} for this CLIP's {vision_layers} "
+                                            f"visual layers, got {config.fn_layers} (K = {vision_layers} would be "
+                                            f"plain VoP)")
         if config.num_text_prompts >= clip.context_length:
-            raise ValueError(f"num_text_prompts: {config.num_text_prompts} leaves no room for a caption in CLIP's "
-                             f"{clip.context_length} positions")
+            raise SettingError("num_text_prompts", f"{config.num_text_prompts} leaves no room for a caption in "
+                                                   f"CLIP's {clip.context_length} positions")
         self.clip = clip
         self.config = config
         self.grad_checkpointing = grad_checkpointing
         video_prompts, video_prompt_length = config.video_prompts, config.video_prompt_length
-        num_text, num_visual = (config.num_text_prompts, config.num_visual_prompts) if config.has_prompts else (0, 0)
+        num_text, num_visual = (config.num_text_prompts, config.num_visual_prompts) if config.tunes_prompts else (0, 0)
         text_width, vision_width = clip.transformer.width, clip.visual.transformer.width
 
         self.text_prompts = TextPrompts(clip.transformer.layers, num_text, text_width)
-        # Layers that see one frame at a time: all of them, or layers 0..K-1 when `fn` makes the rest video-wide.
-        self.frame_layers = config.fn_layers if "fn" in video_prompts else vision_layers
+        # How many layers see one frame at a time: all of them, or layers 0..K-1 when `fn` makes the rest
+        # video-wide (encode_video_wide).
+        self.num_frame_layers = config.fn_layers if "fn" in video_prompts else vision_layers
         # `pos` and `ctx` take video_prompt_length of the visual tokens; the rest stay shared by all frames.
         per_frame_video_prompts = "pos" in video_prompts or "ctx" in video_prompts
         num_shared = num_visual - video_prompt_length if per_frame_video_prompts else num_visual
-        self.visual_prompts = VisualPrompts(self.frame_layers, num_shared, vision_width)
+        self.visual_prompts = VisualPrompts(self.num_frame_layers, num_shared, vision_width)
         self.position_prompts = (
-            PositionPrompts(self.frame_layers, config.num_frames, video_prompt_length, vision_width)
+            PositionPrompts(self.num_frame_layers, config.num_frames, video_prompt_length, vision_width)
             if "pos" in video_prompts else None)
         self.context_prompts = ContextPrompts(video_prompt_length, vision_width) if "ctx" in video_prompts else None
         self.function_prompts = (
-            FunctionPrompts(vision_layers - config.fn_layers, config.num_frames, num_visual, vision_width)
+            FunctionPrompts(range(config.fn_layers, vision_layers), config.num_frames, num_visual, vision_width)
             if "fn" in video_prompts else None)
         self._set_trainable()
 
@@ -202,18 +216,19 @@ class VoP(nn.Module):
 
     # -- video ----------------------------------------------------------------------------------------------
 
-    def frame_prompts(self, layer: int, cls_tokens: torch.Tensor) -> torch.Tensor:
+    def frame_prompts(self, layer: int, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         """The visual prompts of every frame for one per-frame layer: shared, then position, then generated.
 
-        cls_tokens: (B, F, D), the frames' [CLS] tokens entering the layer -> (B, F, P, D)
+        x: (B*F, S, D), the frames' tokens entering the layer -> (B*F, P, D)
         """
-        B, num_frames, _ = cls_tokens.shape
-        parts = [self.visual_prompts(layer).expand(B, num_frames, -1, -1)]  # (B, F, shared, D)
-        if self.position_prompts is not None:  # VoP^P: (B, F, video_prompt_length, D)
-            parts.append(self.position_prompts(layer).expand(B, -1, -1, -1))
-        if self.context_prompts is not None:  # VoP^C: (B, F, video_prompt_length, D), from this layer's [CLS]s
-            parts.append(self.context_prompts(cls_tokens).to(parts[0].dtype))
-        return torch.cat(parts, dim=2)  # (B, F, P, D)
+        B = len(x) // num_frames
+        parts = [self.visual_prompts(layer).expand(B * num_frames, -1, -1)]  # (B*F, shared, D)
+        if self.position_prompts is not None:  # VoP^P: frame j of every video gets position j's tokens
+            parts.append(self.position_prompts(layer).expand(B, -1, -1, -1).flatten(0, 1))  # (B*F, length, D)
+        if self.context_prompts is not None:  # VoP^C: generated from the video's [CLS] tokens entering the layer
+            cls_tokens = x[:, 0].view(B, num_frames, x.shape[-1])  # (B, F, D)
+            parts.append(self.context_prompts(cls_tokens).flatten(0, 1).to(parts[0].dtype))  # (B*F, length, D)
+        return torch.cat(parts, dim=1)  # (B*F, P, D)
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Per-frame embeddings (B, F, E), not normalised, from frames (B, F, 3, R, R)."""
@@ -223,36 +238,34 @@ class VoP(nn.Module):
         visual = self.clip.visual
         blocks = visual.transformer.resblocks
         x = visual.embed(frames.flatten(0, 1))  # (B*F, 1 + N, D): [CLS | N patches], positions added
-
-        def prompts_of(layer: int, x: torch.Tensor) -> torch.Tensor:
-            """(B*F, P, D): the layer's prompts, made from the frames' [CLS] tokens as they enter it."""
-            cls_tokens = x[:, 0].view(B, num_frames, x.shape[-1])  # (B, F, D)
-            return self.frame_prompts(layer, cls_tokens).flatten(0, 1)
-
         # Layer 0: prompts enter after [CLS], *before* ln_pre, which they pass through like the patches.
-        x = visual.ln_pre(insert_prompts(x, prompts_of(0, x), after=1))  # (B*F, 1 + P + N, D)
+        x = visual.ln_pre(insert_prompts(x, self.frame_prompts(0, x, num_frames), after=1))  # (B*F, 1 + P + N, D)
         x = self._run_block(blocks[0], x)
-        # Layers 1..K-1 (1..11 without `fn`): each layer's prompts replace the previous layer's.
-        for layer in range(1, self.frame_layers):
-            x = self._run_block(blocks[layer], replace_prompts(x, prompts_of(layer, x), after=1))
-        if self.function_prompts is None:
-            return visual.head(x[:, 0]).view(B, num_frames, -1)  # each frame's [CLS] -> (B, F, E)
-        return self._encode_video_wide(x, B, num_frames)
+        # Layers 1, 2, ... (up to K-1 with `fn`): each layer's prompts replace the previous layer's.
+        for layer in range(1, self.num_frame_layers):
+            x = self._run_block(blocks[layer], replace_prompts(x, self.frame_prompts(layer, x, num_frames), after=1))
+        if self.function_prompts is not None:  # VoP^F: the layers from K on see the whole video at once
+            return self.encode_video_wide(x, num_frames)
+        return visual.head(x[:, 0]).view(B, num_frames, -1)  # each frame's [CLS] -> (B, F, E)
 
-    def _encode_video_wide(self, x: torch.Tensor, B: int, num_frames: int) -> torch.Tensor:
-        """VoP^F's upper layers K..: one sequence per video, [F x CLS | P video prompts | F*N patches].
+    def encode_video_wide(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """VoP^F (Sec. 3.3.3): layers 0..K-1 ran per frame (`encode_frames`); layers K.. of the frozen image
+        tower run over one sequence per video, [F x CLS | P video prompts | F*N patches], the tokens marked with
+        their frame's position. Only the prompts of those layers and the frame positions learn.
+
         x: (B*F, 1 + P + N, D), the frames after layer K-1 -> per-frame embeddings (B, F, E)."""
         visual, function_prompts = self.clip.visual, self.function_prompts
-        video_blocks = visual.transformer.resblocks[self.frame_layers:]  # layers K, K+1, ...
+        blocks, K = visual.transformer.resblocks, self.config.fn_layers
+        B = len(x) // num_frames
         x = remove_prompts(x, after=1, num_prompts=self.num_frame_prompts)  # (B*F, 1 + N, D)
         x = function_prompts.add_frame_position(x.view(B, num_frames, -1, x.shape[-1]))  # (B, F, 1 + N, D)
         x = torch.cat([x[:, :, 0], x[:, :, 1:].flatten(1, 2)], dim=1)  # (B, F + F*N, D): the F [CLS]s first
-        # Video layer 0 (layer K) inserts the video prompts after the F [CLS]s; the next ones replace them.
-        x = insert_prompts(x, function_prompts(0).expand(B, -1, -1), after=num_frames)  # (B, F + P + F*N, D)
-        x = self._run_block(video_blocks[0], x)
-        for video_layer in range(1, len(video_blocks)):
-            x = replace_prompts(x, function_prompts(video_layer).expand(B, -1, -1), after=num_frames)
-            x = self._run_block(video_blocks[video_layer], x)
+        # Layer K inserts the video prompts after the F [CLS]s; every later layer replaces them.
+        x = insert_prompts(x, function_prompts(K).expand(B, -1, -1), after=num_frames)  # (B, F + P + F*N, D)
+        x = self._run_block(blocks[K], x)
+        for layer in range(K + 1, len(blocks)):
+            x = replace_prompts(x, function_prompts(layer).expand(B, -1, -1), after=num_frames)
+            x = self._run_block(blocks[layer], x)
         return visual.head(x[:, :num_frames])  # each frame's [CLS] -> (B, F, E)
 
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:  # (B, F, 3, R, R) -> (B, E), L2-normalised

@@ -15,6 +15,7 @@ this module makes a real run safe, through one `Run` per call of `train`:
 """
 import dataclasses
 import json
+import signal
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from machinery import checkpoints
 from utils import distributed
 from formats import video_io
 from utils.cli import ConfigError
+from utils.errors import Stopped, TrainingDiverged
 from machinery.figures import draw_curves, read_log
 from utils.files import WriteError, atomic_write, remove_leftover_temporaries
 from utils.progress import Progress, format_duration
@@ -38,7 +40,7 @@ class Run:
         self.checkpoint_path = self.out_dir / "last.pt"
         self.num_workers = config.num_workers if config.num_workers is not None else video_io.default_num_workers(
             distributed.processes_per_machine())
-        self.folder, self.identity, self.replaced_videos = None, {}, 0
+        self.folder, self.identity, self.replaced_videos, self.replaced_this_epoch = None, {}, 0, []
         self.start_step, self.saved_step, self.wrote = 0, None, False
         self.clock = Progress("training", total=0, unit="samples", enabled=False)  # rate and ETA of log_step
 
@@ -148,6 +150,17 @@ class Run:
         self.saved_step, self.wrote = step, True
         distributed.barrier()
 
+    def stopped(self, stop: BaseException, step: int, total_steps: int) -> BaseException:
+        """The one-line error that ends a run stopped at `step` by Ctrl-C or SIGTERM (KeyboardInterrupt), a
+        failed write (WriteError, a full disk) or a loss that is not finite (TrainingDiverged): what it
+        leaves saved, and how to go on."""
+        if isinstance(stop, TrainingDiverged):  # `step` steps went well; the next one did not
+            return TrainingDiverged(f"{stop} at step {step + 1}: stopping. {self.diverged_note(total_steps)}")
+        if isinstance(stop, WriteError):
+            return WriteError(f"{stop}. {self.saved_note(total_steps)}")
+        return Stopped(f"Stopped at step {step}/{total_steps}. {self.saved_note(total_steps)}",
+                       getattr(stop, "signal", signal.SIGINT))
+
     def saved_note(self, total_steps: int) -> str:
         """What a run that stops now leaves, and how to continue it."""
         if self.saved_step is None:
@@ -184,9 +197,12 @@ class Run:
                 raise WriteError(f"could not write {path}: {error.strerror or error}") from None
 
     def log_step(self, epoch: int, step: int, total_steps: int, loss: torch.Tensor, lr: float,
-                 grad_norm: torch.Tensor) -> None:
+                 grad_norm: torch.Tensor, replaced_videos=()) -> None:
         """Every --log-every steps: a progress line and a log.jsonl record (samples/s from the first step's end).
-        `loss` and `grad_norm` are 0-dim tensors, read (a device sync) only on the steps that are logged."""
+        `loss` and `grad_norm` are 0-dim tensors, read (a device sync) only on the steps that are logged.
+        `replaced_videos`: the batch's items whose video failed to decode ("" for the others), counted at the
+        end of the epoch (`count_replaced`)."""
+        self.replaced_this_epoch += [path for path in replaced_videos if path]
         self.clock.total = total_steps * self.config.batch_size
         rate, left = self.clock.measure(step * self.config.batch_size)
         if step % self.config.log_every and step != total_steps:
@@ -198,8 +214,9 @@ class Run:
         self.write_log({"epoch": epoch + 1, "step": step, "total_steps": total_steps, "loss": loss, "lr": lr,
                         "grad_norm": grad_norm, "samples_per_second": rate})
 
-    def count_replaced(self, epoch: int, step: int, replaced: list) -> None:
+    def count_replaced(self, epoch: int, step: int) -> None:
         """Videos that failed to decode this epoch, each replaced by another item: counted over all processes."""
+        replaced, self.replaced_this_epoch = self.replaced_this_epoch, []
         count = distributed.sum_over_processes(len(replaced))
         if count:
             self.replaced_videos += count

@@ -9,6 +9,17 @@ from clip_model import CLIP, CLIPConfig, load
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+# The tests that document the method (README: `python -m pytest -m method`, under a minute on 2 cores): these
+# files whole, less their slow tests, and the tests marked `method` in test_evaluate.py (the ranking) and
+# test_data.py (frame sampling, CLIP's preprocessing).
+METHOD_FILES = ("test_vop.py", "test_clip_model.py", "test_tokenizer.py")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in METHOD_FILES and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.method)
+
 
 @pytest.fixture(scope="session")
 def _tiny_clip():

@@ -23,6 +23,7 @@ def published_uniform_indices(vlen: int, num_frames: int) -> list[int]:
 
 
 @pytest.mark.parametrize("num_frames", [8, 12])
+@pytest.mark.method
 def test_uniform_picks_exactly_the_published_frames(num_frames):
     for vlen in [*range(num_frames, 2001), 4321, 10_000, 54_000]:
         assert data.sample_frame_indices(vlen, num_frames, "uniform").tolist() == \
@@ -30,6 +31,7 @@ def test_uniform_picks_exactly_the_published_frames(num_frames):
     assert data.sample_frame_indices(450, 12)[:4].tolist() == [18, 55, 93, 130]  # an MSR-VTT-like 15 s clip
 
 
+@pytest.mark.method
 def test_uniform_frames_are_what_read_frames_decodes(tmp_path):
     """A real file, read with a seek to each wanted frame: the decoded frames are the published ones."""
     from helpers import decoded_indices, index_video_frames
@@ -40,6 +42,7 @@ def test_uniform_frames_are_what_read_frames_decodes(tmp_path):
             assert decoded_indices(frames).tolist() == published_uniform_indices(40, num_frames)
 
 
+@pytest.mark.method
 def test_rand_draws_every_frame_of_its_segment_and_no_other():
     rng = np.random.default_rng(0)
     num_total, num_frames = 100, 12
@@ -49,6 +52,7 @@ def test_rand_draws_every_frame_of_its_segment_and_no_other():
         assert set(draws[:, k].tolist()) == set(range(edges[k], edges[k + 1]))  # the last frame included
 
 
+@pytest.mark.method
 def test_short_video_repeats_frames_to_keep_the_length():
     for mode in ("uniform", "rand"):
         indices = data.sample_frame_indices(3, 12, mode, np.random.default_rng(1))
@@ -57,6 +61,7 @@ def test_short_video_repeats_frames_to_keep_the_length():
     np.testing.assert_array_equal(data.sample_frame_indices(1, 4), [0, 0, 0, 0])
 
 
+@pytest.mark.method
 def test_sampler_rejects_bad_arguments():
     with pytest.raises(ValueError, match="mode"):
         data.sample_frame_indices(10, 4, "middle")
@@ -92,17 +97,19 @@ FRAME_SIZES = [(320, 240), (176, 144), (852, 480), (240, 320), (300, 300), (100,
 
 
 @pytest.mark.parametrize("width,height", FRAME_SIZES)
+@pytest.mark.method
 def test_evaluation_frames_are_exactly_clips_preprocessing(width, height):
     rng = np.random.default_rng(width * height)
     smooth = np.linspace(0, 255, width)[None, :, None] * np.linspace(0.2, 1, height)[:, None, None]
     frames = np.stack([np.clip(smooth + rng.normal(0, 40, (height, width, 3)), 0, 255).astype(np.uint8)
                        for _ in range(2)])  # (2, H, W, 3): texture, so a pixel of offset shows
-    video = data.video_transform(frames, train=False, image_size=224)
+    video = data.video_transform(frames, augment=False, image_size=224)
     reference = torch.stack([clip_preprocess_reference(frame, 224) for frame in frames])
     assert video.shape == (2, 3, 224, 224) and video.dtype == torch.float32
     assert torch.equal(video, reference)  # bit-identical, not merely close
 
 
+@pytest.mark.method
 def test_clip_resize_truncates_the_longer_side():
     assert data.clip_resize_size(240, 320, 224) == (224, 298)  # 298.67 -> 298 (rounding would give 299)
     assert data.clip_resize_size(144, 176, 224) == (224, 273)
@@ -111,13 +118,15 @@ def test_clip_resize_truncates_the_longer_side():
     assert data.clip_resize_size(300, 300, 224) == (224, 224)
 
 
+@pytest.mark.method
 def test_eval_transform_normalises_with_clips_mean_and_std():
     mean_colour = np.round(np.array(data.CLIP_MEAN) * 255).astype(np.uint8)
     frames = np.broadcast_to(mean_colour, (3, 48, 64, 3)).copy()
-    video = data.video_transform(frames, train=False, image_size=224)
+    video = data.video_transform(frames, augment=False, image_size=224)
     assert video.shape == (3, 3, 224, 224) and video.abs().max() < 0.02  # the CLIP mean colour -> ~0
 
 
+@pytest.mark.method
 def test_random_resized_crop_box_keeps_torchvisions_rules():
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -130,6 +139,7 @@ def test_random_resized_crop_box_keeps_torchvisions_rules():
     assert data.random_resized_crop_box(1000, 10, rng) == (0, 493, 10, 506)  # and of ratio 3/4, upright
 
 
+@pytest.mark.method
 def test_train_transform_applies_one_crop_and_flip_to_every_frame():
     rng = np.random.default_rng(0)
     frame = np.zeros((48, 64, 3), np.uint8)
@@ -137,7 +147,7 @@ def test_train_transform_applies_one_crop_and_flip_to_every_frame():
     frames = np.repeat(frame[None], 4, axis=0)
     flipped = 0
     for _ in range(20):
-        video = data.video_transform(frames, train=True, image_size=32, rng=rng)
+        video = data.video_transform(frames, augment=True, image_size=32, rng=rng)
         assert video.shape == (4, 3, 32, 32) and video.is_contiguous()
         assert all(torch.equal(video[0], video[k]) for k in range(1, 4))  # the same crop/flip for all frames
         flipped += bool(video[0, :, :, -1].mean() > video[0, :, :, 0].mean())
@@ -146,6 +156,7 @@ def test_train_transform_applies_one_crop_and_flip_to_every_frame():
     assert all(v[0, :, :, 0].mean() >= v[0, :, :, -1].mean() for v in never)
 
 
+@pytest.mark.method
 def test_train_crop_is_the_box_resized_like_pils_bicubic():
     frames = np.clip(np.random.default_rng(2).normal(128, 30, (2, 240, 320, 3)), 0, 255).astype(np.uint8)
     video = data.video_transform(frames, True, 224, np.random.default_rng(5), hflip=False)

@@ -52,6 +52,7 @@ MSVD_SIMILARITIES = [
 ]
 
 
+@pytest.mark.method
 def test_perfect_retrieval():
     text, video = embeddings_for(torch.eye(5))
     results = ev.metrics_from_embeddings(text, video, list(range(5)))
@@ -60,6 +61,7 @@ def test_perfect_retrieval():
     assert results["dsl"] is False and "pairs" not in results
 
 
+@pytest.mark.method
 def test_known_rank():
     # Caption 0's video (index 0, 0.5) is beaten by three others (0.9, 0.8, 0.7): rank 4, in R@5, not R@1.
     text, video = embeddings_for([[0.5, 0.9, 0.1, 0.8, 0.7, 0.0]])
@@ -70,6 +72,7 @@ def test_known_rank():
     assert metrics["R@1"] == 0 and metrics["R@5"] == 100 and metrics["MdR"] == 4 and metrics["MnR"] == 4
 
 
+@pytest.mark.method
 def test_two_identical_candidates_give_half_a_hit():
     text, video = embeddings_for([[0.5, 0.5]])
     greater, tied = ev.text_to_video_counts(text, video, [0])
@@ -82,6 +85,7 @@ def test_two_identical_candidates_give_half_a_hit():
     assert ev.retrieval_metrics(*ev.text_to_video_counts(text, video, [0, 1]))["R@1"] == 50.0
 
 
+@pytest.mark.method
 def test_recall_is_the_exact_probability_under_ties():
     # Three above and three tied: the correct item is equally likely at ranks 4, 5, 6, 7.
     greater, tied = torch.tensor([3]), torch.tensor([3])
@@ -91,6 +95,7 @@ def test_recall_is_the_exact_probability_under_ties():
     assert ev.expected_ranks(greater, tied).item() == 5.5
 
 
+@pytest.mark.method
 def test_retrieval_metrics_values():
     greater = torch.tensor([0, 1, 4, 9, 0])
     tied = torch.tensor([0, 0, 1, 0, 3])
@@ -107,6 +112,7 @@ def test_retrieval_metrics_values():
         ev.retrieval_metrics(torch.tensor([]), torch.tensor([]))
 
 
+@pytest.mark.method
 def test_multi_caption_text_to_video():
     text, video = embeddings_for(MSVD_SIMILARITIES)
     greater, tied = ev.text_to_video_counts(text, video, MSVD_INDEX)
@@ -116,10 +122,11 @@ def test_multi_caption_text_to_video():
     metrics = ev.retrieval_metrics(greater, tied)
     assert metrics["R@1"] == pytest.approx(100 * 3 / 7)
     assert metrics["R@5"] == 100 and metrics["MdR"] == 2.0 and metrics["MnR"] == pytest.approx(13 / 7)
-    assert [c.tolist() for c in ev.dense_text_to_video_counts(text, video, MSVD_INDEX)] == [greater.tolist(),
+    assert [c.tolist() for c in dense_text_to_video_counts(text, video, MSVD_INDEX)] == [greater.tolist(),
                                                                                           tied.tolist()]
 
 
+@pytest.mark.method
 def test_multi_caption_video_to_text():
     # Each video's column: its best own caption against each other video's best caption.
     # v0: own 0.9, 0.3, 0.2 -> 0.9; v1's best 0.4 (c4), v2's 0.6 (c6): rank 1.
@@ -161,6 +168,7 @@ def best_caption_case() -> tuple[torch.Tensor, torch.Tensor]:
     return similarities, index
 
 
+@pytest.mark.method
 def test_video_to_text_ranks_videos_by_their_best_caption():
     # X-Pool's and CLIP4Clip's convention: the candidates are videos, each scored by its best caption.
     #   video   above  tied  rank   P(rank<=1)  P(rank<=5)        P(rank<=10)
@@ -183,14 +191,15 @@ def test_video_to_text_ranks_videos_by_their_best_caption():
     assert metrics["R@5"] == pytest.approx(100 * (10 + 1 / 3) / 12)
     assert metrics["R@10"] == pytest.approx(100 * 11 / 12)
     assert metrics["MdR"] == 1.75 and metrics["MnR"] == pytest.approx(2.875)
-    for counts in (ev.dense_video_to_text_counts(text, video, index),
+    for counts in (dense_video_to_text_counts(text, video, index),
                    ev.video_to_text_counts(text, video, index, chunk_size=5)):
         assert [c.tolist() for c in counts] == [greater.tolist(), tied.tolist()]
 
 
+@pytest.mark.method
 def test_video_without_caption_is_an_error():
     text, video = embeddings_for([[1.0, 0.0, 0.0]])
-    for video_to_text in (ev.video_to_text_counts, ev.dense_video_to_text_counts):
+    for video_to_text in (ev.video_to_text_counts, dense_video_to_text_counts):
         with pytest.raises(ValueError, match="no caption"):
             video_to_text(text, video, [0])
     with pytest.raises(ValueError, match="caption_video_index"):
@@ -201,6 +210,38 @@ def test_video_without_caption_is_an_error():
 
 # ----------------------------------------------------------------------------------------------------------
 # Against independent references, on random problems
+
+
+# The ranking on the whole score matrix at once, written independently of evaluate.py's chunks: the
+# reference every chunked count must equal.
+
+
+def dense_text_to_video_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor,
+                               caption_video_index, dsl: bool = False,
+                               temperature: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greater (T,), tied (T,)): each caption ranks the V videos; its correct one is caption_video_index[i]."""
+    correct_video = ev._as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
+    scores = text_embeddings @ video_embeddings.T  # (T, V)
+    if dsl:  # dual softmax over the queries: a video that every caption likes counts less for each of them
+        scores = scores * torch.softmax(temperature * scores, dim=0)  # (T, V)
+    return ev.dense_counts(scores, correct_video)
+
+
+def dense_video_to_text_counts(text_embeddings: torch.Tensor, video_embeddings: torch.Tensor,
+                               caption_video_index, dsl: bool = False,
+                               temperature: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(greater (V,), tied (V,)): each video ranks the V videos, each scored by its best caption; its
+    correct candidate is itself (X-Pool's and CLIP4Clip's convention, see the module docstring)."""
+    owner_video = ev._as_index(caption_video_index, len(text_embeddings), len(video_embeddings))  # (T,)
+    ev._check_every_video_has_a_caption(owner_video, len(video_embeddings))
+    scores = text_embeddings @ video_embeddings.T  # (T, V): caption t against query video j
+    if dsl:  # dual softmax over the queries, which here are the videos; before the max over captions
+        scores = scores * torch.softmax(temperature * scores, dim=1)  # (T, V)
+    best_caption = torch.stack([scores[owner_video == video].amax(dim=0)  # (V, V): [candidate, query]
+                                for video in range(len(video_embeddings))])
+    query_video = torch.arange(len(video_embeddings))  # (V,) query j's correct candidate is video j
+    return ev.dense_counts(best_caption.T, query_video)
+
 
 
 def random_retrieval_problem(seed=0, num_videos=11, max_captions=5, integer=False, duplicates=True):
@@ -257,6 +298,7 @@ def assert_counts_match(counts, scores, correct):
 
 
 @pytest.mark.parametrize("seed", range(4))
+@pytest.mark.method
 def test_counts_equal_the_xpool_way_on_tied_problems(seed):
     text, video, index = random_retrieval_problem(seed, num_videos=13, integer=True)
     reference = reference_matrices(text, video, index)
@@ -266,6 +308,7 @@ def test_counts_equal_the_xpool_way_on_tied_problems(seed):
     assert ev.video_to_text_counts(text, video, index)[1].sum() > 0  # the problem does have ties
 
 
+@pytest.mark.method
 def test_single_caption_video_to_text_ranks_among_the_captions():
     # One caption per video: each video's best caption is its caption, so the videos rank as their captions do.
     text, video, index = random_retrieval_problem(seed=5, num_videos=15, max_captions=1, integer=True)
@@ -278,11 +321,12 @@ def test_single_caption_video_to_text_ranks_among_the_captions():
 # DSL only on tie-free problems: a dense softmax and the chunked passes round their column sums differently,
 # so the dense version could split an exact tie (the chunked one cannot: test_identical_candidates_tie_exactly).
 @pytest.mark.parametrize("ties, dsl", [(True, False), (False, False), (False, True)])
+@pytest.mark.method
 def test_dense_and_chunked_counts_agree(ties, dsl):
     for seed in range(3):
         text, video, index = random_retrieval_problem(seed, integer=ties, duplicates=ties)
-        for dense, chunked in ((ev.dense_text_to_video_counts, ev.text_to_video_counts),
-                               (ev.dense_video_to_text_counts, ev.video_to_text_counts)):
+        for dense, chunked in ((dense_text_to_video_counts, ev.text_to_video_counts),
+                               (dense_video_to_text_counts, ev.video_to_text_counts)):
             expected = dense(text, video, index, dsl=dsl)
             for chunk_size in (1, 3, None):
                 greater, tied = chunked(text, video, index, dsl=dsl, chunk_size=chunk_size)
@@ -291,20 +335,21 @@ def test_dense_and_chunked_counts_agree(ties, dsl):
 
 
 @pytest.mark.parametrize("dsl", [False, True])
+@pytest.mark.method
 def test_chunks_never_exceed_chunk_size(monkeypatch, dsl):
     text, video, index = random_retrieval_problem(integer=not dsl)
     whole = [counts(text, video, index, dsl=dsl, chunk_size=10**6)
              for counts in (ev.text_to_video_counts, ev.video_to_text_counts)]
     # Record every chunk the scorer builds: none may have more than chunk_size rows.
     seen_rows = []
-    original = ev.similarity_chunks
+    original = ev.score_chunks
 
     def recording(*args, **kwargs):
         for start, scores in original(*args, **kwargs):
             seen_rows.append(len(scores))
             yield start, scores
 
-    monkeypatch.setattr(ev, "similarity_chunks", recording)
+    monkeypatch.setattr(ev, "score_chunks", recording)
     for chunk_size in (1, 3, 7):
         seen_rows.clear()
         chunked = [counts(text, video, index, dsl=dsl, chunk_size=chunk_size)
@@ -316,6 +361,7 @@ def test_chunks_never_exceed_chunk_size(monkeypatch, dsl):
 
 
 @pytest.mark.parametrize("dsl", [False, True])
+@pytest.mark.method
 def test_identical_candidates_tie_exactly(dsl):
     # float32, as evaluation runs. A one-row matrix product (chunk_size=1) or a column sum can round two
     # identical columns differently; identical candidates are scored once, so they tie in every chunking.
@@ -332,13 +378,15 @@ def test_identical_candidates_tie_exactly(dsl):
         assert tied[1] == 1 and tied[202] == 1
 
 
+@pytest.mark.method
 def test_default_chunk_size_bounds_the_chunk_not_the_queries(monkeypatch):
     monkeypatch.setattr(ev, "SCORES_PER_CHUNK", 40)  # 40 scores / 11 videos -> chunks of 3 captions
     text, video, index = random_retrieval_problem()
-    rows = [len(scores) for _, scores in ev.similarity_chunks(text, video)]
+    rows = [len(scores) for _, scores in ev.score_chunks(text, video)]
     assert max(rows) == 3 and sum(rows) == len(text)
 
 
+@pytest.mark.method
 def test_dsl_rescues_a_query_lost_to_a_hub_video():
     # Video 0 is a "hub": both captions like it (0.9). Caption 0's own video 1 scores 0.8 and loses plainly.
     # DSL divides the hub's score between the two captions (softmax over captions: 1/2 each -> 0.45), while
@@ -353,6 +401,7 @@ def test_dsl_rescues_a_query_lost_to_a_hub_video():
 
 
 @pytest.mark.parametrize("temperature", [100.0, 10.0])
+@pytest.mark.method
 def test_chunked_dsl_equals_the_reference(temperature):
     # DSL re-scores the caption x video matrix, then each video takes its best caption (reference_matrices).
     text, video, index = random_retrieval_problem(seed=1, num_videos=9, max_captions=3, duplicates=False)

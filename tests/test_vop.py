@@ -40,8 +40,9 @@ def test_prompt_module_shapes():
     assert VisualPrompts(12, 8, D)(11).shape == (8, D)
     assert PositionPrompts(12, F_, 4, D)(0).shape == (F_, 4, D)
     assert ContextPrompts(4, D)(torch.randn(B, F_, D)).shape == (B, F_, 4, D)
-    function_prompts = FunctionPrompts(4, F_, 8, D)
-    assert function_prompts(3).shape == (8, D) and function_prompts.frame_position.shape == (F_, D)
+    function_prompts = FunctionPrompts(range(8, 12), F_, 8, D)  # layers K = 8 .. 11
+    assert function_prompts(11).shape == (8, D) and function_prompts.frame_position.shape == (F_, D)
+    assert torch.equal(function_prompts(8), function_prompts.tokens[0])
     assert torch.count_nonzero(function_prompts.frame_position) == 0
 
 
@@ -60,8 +61,50 @@ def test_shapes_on_tiny_clip(tiny_clip, video_prompts):
     assert video_embeddings.shape == (2, 64) and text_embeddings.shape == (2, 64)
     torch.testing.assert_close(video_embeddings.norm(dim=-1), torch.ones(2))
     torch.testing.assert_close(text_embeddings.norm(dim=-1), torch.ones(2))
-    num_frame_prompts = model.frame_prompts(0, torch.zeros(2, TINY_FRAMES, 128)).shape[2]
+    num_frame_prompts = model.frame_prompts(0, torch.zeros(2 * TINY_FRAMES, 17, 128), TINY_FRAMES).shape[1]
     assert num_frame_prompts == (12 if ("pos" in video_prompts and "ctx" in video_prompts) else 8)
+
+
+# -- the token-sequence table of vop.py's docstring, row by row --------------------------------------------
+# The tiny CLIP: 64-pixel images in 16-pixel patches (N = 16), 3 visual and 2 text layers, width D = 128.
+
+def block_inputs(blocks) -> list:
+    """Run with a forward pre-hook on each block; returns the list that fills with each block's input shape."""
+    shapes = []
+    for block in blocks:
+        block.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    return shapes
+
+
+def test_text_sequence_every_layer(tiny_clip):
+    """text, every layer: [SOS] | P text prompts | caption tokens ... [EOT]  (B, P + L, D)."""
+    model = tiny_vop(tiny_clip)
+    shapes = block_inputs(tiny_clip.transformer.resblocks)
+    with torch.no_grad():
+        model.encode_text(tiny_tokens(lengths=(5, 9)))  # L = 9: the padding after the last [EOT] is cut
+    assert shapes == [(2, 8 + 9, 128)] * 2
+
+
+@pytest.mark.parametrize("video_prompts, num_prompts", [("", 8), ("pos", 8), ("ctx", 8), ("pos,ctx", 12)])
+def test_frame_sequence_every_layer(tiny_clip, video_prompts, num_prompts):
+    """frame, every layer: [CLS] | P visual prompts | N patch tokens  (B*F, 1 + P + N, D); P = 8, or with pos
+    and ctx together 4 shared | 4 position | 4 generated."""
+    model = tiny_vop(tiny_clip, video_prompts)
+    shapes = block_inputs(tiny_clip.visual.transformer.resblocks)
+    with torch.no_grad():
+        model.encode_video(tiny_videos(num_videos=2))
+    assert shapes == [(2 * TINY_FRAMES, 1 + num_prompts + 16, 128)] * 3
+
+
+def test_function_prompts_sequences_below_and_from_layer_k(tiny_clip):
+    """fn: layers 0..K-1 per frame (B*F, 1 + P + N, D); layers K.. per video: F x [CLS] | P video prompts |
+    F*N patch tokens  (B, F + P + F*N, D)."""
+    model = tiny_vop(tiny_clip, "fn", fn_layers=2)  # K = 2 of the tiny CLIP's 3 visual layers
+    shapes = block_inputs(tiny_clip.visual.transformer.resblocks)
+    with torch.no_grad():
+        model.encode_video(tiny_videos(num_videos=2))
+    per_frame, per_video = (2 * TINY_FRAMES, 1 + 8 + 16, 128), (2, TINY_FRAMES + 8 + TINY_FRAMES * 16, 128)
+    assert shapes == [per_frame, per_frame, per_video]
 
 
 @pytest.mark.slow

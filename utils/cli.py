@@ -115,17 +115,17 @@ def check_config(config) -> None:
 
 @contextlib.contextmanager
 def flag_errors(**flag_of):
-    """Turn a ValueError that names a field ('fn_layers: must be ...', from VoPConfig or VoP) into a ConfigError
-    naming its flag ('--fn-layers: must be ...'); `flag_of` gives the flags of fields named otherwise
-    (video_prompts="prompts"). Any other ValueError is a bug, and keeps its traceback."""
+    """Turn a ValueError that names its field in `error.field` (vop.SettingError, from VoPConfig or VoP) into a
+    ConfigError naming its flag ('--fn-layers: must be ...'); `flag_of` gives the flags of fields named
+    otherwise (video_prompts="prompts"). Any other ValueError is a bug, and keeps its traceback."""
     try:
         yield
     except ValueError as error:
-        name, separator, rest = str(error).partition(":")
-        if not (separator and name.isidentifier()):
+        field = getattr(error, "field", None)
+        if field is None:
             raise
-        name = flag_of.get(name, name)
-        raise ConfigError(f"--{name.replace('_', '-')}:{rest}") from None
+        flag = flag_of.get(field, field).replace("_", "-")
+        raise ConfigError(f"--{flag}: {error.reason}") from None
 
 
 def resolve_device(name: str) -> torch.device:
