@@ -7,7 +7,7 @@ process with one OpenCV and one torch thread, as a DataLoader worker runs. Repor
    they return identical frames; the fit of the seek-cost model that `auto` uses;
 2. a training visit (decode 12 random frames + random resized crop + flip + normalise) and an evaluation visit,
    decoding every visit vs reading the frame store; building the store; its bytes per video, and for MSR-VTT;
-3. probing videos (video_io.probe_videos) and the DataLoader on all cores, with the store.
+3. probing videos (formats/video_io.py's probe_videos) and the DataLoader on all cores, with the store.
 
     apt-get install ffmpeg     # a benchmark dependency only; without it, OpenCV's mp4v clips are used
     python benchmarks/bench_data.py [--clips 8] [--out /tmp/vop_bench]

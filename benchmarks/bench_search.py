@@ -2,9 +2,9 @@
 bf16 against fp32.
 
 1. A million videos: synthetic L2-normalised embeddings (E = 512, ViT-B/32's size) written as an index by
-   video_index.IndexWriter. Size on disk; writing it; one commit of its table; then, in a fresh process,
-   opening it, its memory (resident anonymous memory, and the file pages mapped), and the latency of an exact
-   top-10 query: with the embeddings file out of the page cache (cold: read from disk) and in it (warm).
+   formats/video_index.py's IndexWriter. Size on disk; writing it; one commit of its table; then, in a fresh
+   process, opening it, its memory (resident anonymous memory, and the file pages mapped), and the latency of an
+   exact top-10 query: with the embeddings file out of the page cache (cold: read from disk) and in it (warm).
 2. `index` on MSR-VTT-like clips (320x240, 30 fps, 15 s, H.264, from ffmpeg's testsrc2; see bench_data.py):
    videos per second for the demo's tiny CLIP and for ViT-B/32 (random weights, plain VoP, 12 frames), end to
    end (VideoSearch.update: decode in DataLoader workers + encode + write), and each part alone.

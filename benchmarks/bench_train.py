@@ -11,7 +11,8 @@ alone (train.py's step on random frames) to show it. Runs:
 2. --frame-store in a fresh folder, same workers (the store is built before the first step, then read);
 3. and 4. the same with --num-workers 0 and one OpenCV and one torch thread: the whole run on one core.
 
-What it measures, by wrapping train.training_step and runs.Run.fill_frame_store (train.train calls both by name):
+What it measures, by wrapping train.training_step and Run.fill_frame_store (machinery/runs.py; train.train calls both
+by name):
 - samples/s over the epochs after the first: the samples of those epochs divided by the time from the end of the
   first epoch's last step to the end of the last step. Start-up (probing, loading CLIP, starting the workers,
   building the store) and the final evaluation are outside it; the checkpoint written between epochs and the

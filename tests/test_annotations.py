@@ -1,5 +1,5 @@
-"""annotations.py: each benchmark's annotation layout on small files written here, the errors for bad input,
-splits, and the caption-to-video map."""
+"""formats/annotations.py: each benchmark's annotation layout on small files written here, the errors for bad
+input, splits, and the caption-to-video map."""
 import csv
 import json
 import os

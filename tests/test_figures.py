@@ -1,5 +1,5 @@
-"""figures.py: training curves after every epoch, the demo's comparison, and a clear note without matplotlib.
-(The examples figure is tested in test_evaluate.py.)"""
+"""machinery/figures.py: training curves after every epoch, the demo's comparison, and a clear note without
+matplotlib. (The examples figure is tested in test_evaluate.py.)"""
 import builtins
 import importlib.util
 import json

@@ -1,6 +1,6 @@
-"""Tests for frame_store.py: what the store serves equals a direct read (evaluation bit-identical; training
-draws among the stored candidates, deterministic per (seed, epoch, item)); it survives a crash mid-build and
-two processes building it at once. Clips are written with video_io.write_video (no ffmpeg)."""
+"""Tests for machinery/frame_store.py: what the store serves equals a direct read (evaluation bit-identical;
+training draws among the stored candidates, deterministic per (seed, epoch, item)); it survives a crash mid-build
+and two processes building it at once. Clips are written with video_io.write_video (no ffmpeg)."""
 import os
 import time
 import tracemalloc

@@ -1,7 +1,8 @@
-"""The authors' released VoP (modelscope.py): the fixture folder, checked against the outputs the release's own
-code gave; other prefix/suffix splits, visual prompt counts and frame counts against a literal re-implementation
-of the release's encoders (written here as its model.py reads: every layer inserts the prompts and removes them
-after the block); the baselines; the identity a search index sees; evaluate.py end to end; refused folders."""
+"""The authors' released VoP (formats/modelscope.py reads it, vop.load_release builds it): the fixture folder,
+checked against the outputs the release's own code gave; other prefix/suffix splits, visual prompt counts and
+frame counts against a literal re-implementation of the release's encoders (written here as its model.py reads:
+every layer inserts the prompts and removes them after the block); the baselines; the identity a search index
+sees; evaluate.py end to end; refused folders."""
 import json
 import os
 import shutil

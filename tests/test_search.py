@@ -510,16 +510,16 @@ def test_under_torchrun_each_process_embeds_a_share_and_rank_0_writes(trained, t
     assert np.array_equal(np.asarray(shared.embeddings), np.asarray(alone.embeddings))
 
 
-def test_the_readme_example_runs(trained, tmp_path, capsys):
-    """The README's Python example, as printed, on this test's checkpoint, world and a fresh index."""
+def test_the_search_page_example_runs(trained, tmp_path, capsys):
+    """The Python example of docs/search.md, as printed, on this test's checkpoint, world and a fresh index."""
     checkpoint, world = trained
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    example = readme.split("From Python:\n\n```python\n", 1)[1].split("```", 1)[0]
+    page = (REPO / "docs" / "search.md").read_text(encoding="utf-8")
+    example = page.split("\n## From Python\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     assert len(example.strip().splitlines()) < 15
     example = (example.replace("runs/demo/last.pt", str(checkpoint)).replace("demo.index", str(tmp_path / "demo.index"))
                .replace("~/.cache/vop/demo/world/test", str(world / "test")))
     namespace = {}
-    exec(compile(example, "README.md", "exec"), namespace)
+    exec(compile(example, "docs/search.md", "exec"), namespace)
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 5 and all(Path(line.split()[1]).is_file() for line in printed)
     assert len(namespace["nearest"]) == 5 and len(namespace["captions"]) == 2

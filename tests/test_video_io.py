@@ -1,5 +1,5 @@
-"""Tests for video_io.py: decoding real (generated) files, the two reading strategies and the rule between them,
-probing many videos. Every video here is written by the test itself with cv2.VideoWriter (no ffmpeg)."""
+"""Tests for formats/video_io.py: decoding real (generated) files, the two reading strategies and the rule
+between them, probing many videos. Every video here is written by the test itself with cv2.VideoWriter (no ffmpeg)."""
 import json
 import os
 import shutil
