@@ -70,11 +70,14 @@ def random_captions(n: int, seed: int = 0) -> list[str]:
     return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (10,), generator=generator)) for _ in range(n)]
 
 
-def build_variant(variant: str, num_frames: int, grad_checkpointing: bool = False) -> VoP:
-    """VoP on a fresh ViT-B/32-shaped CLIP with random weights, in training mode; `variant` is a comma list
-    of video prompts ("" for plain VoP) or "full" for full fine-tuning."""
-    clip = clip_model.CLIP(clip_model.CLIPConfig())
-    config = VoPConfig(tune="full", num_frames=num_frames) if variant == "full" else VoPConfig(variant, num_frames)
+def build_variant(variant: str, num_frames: int, grad_checkpointing: bool = False,
+                  clip_config: clip_model.CLIPConfig | None = None, fn_layers: int = 8) -> VoP:
+    """VoP on a fresh CLIP with random weights (ViT-B/32's shapes unless `clip_config` says otherwise), in
+    training mode; `variant` is a comma list of video prompts ("" for plain VoP) or "full" for full
+    fine-tuning; `fn_layers` is VoP^F's K (below the CLIP's depth)."""
+    clip = clip_model.CLIP(clip_config or clip_model.CLIPConfig())
+    config = (VoPConfig(tune="full", num_frames=num_frames) if variant == "full"
+              else VoPConfig(variant, num_frames, fn_layers=fn_layers))
     return VoP(clip, config, grad_checkpointing=grad_checkpointing).train()
 
 

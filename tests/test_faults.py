@@ -357,7 +357,7 @@ def test_helpers_exit_on_their_own_when_training_is_killed(small_setup, tmp_path
 def test_sigterm_ends_a_process_pool_at_once(tmp_path):
     """The probe and the frame store build (video_io.map_in_processes) end their workers when stopped instead of
     waiting for every queued task: here 8 tasks of 5 s on 2 workers."""
-    stopped = subprocess.Popen([sys.executable, "-c", f"""
+    stopped = subprocess.Popen([sys.executable, "-c", """
 import time
 from utils import cli
 from formats import video_io

@@ -14,8 +14,9 @@ import torch.distributed as dist
 
 
 def is_distributed() -> bool:
-    """Under torchrun with more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Under torchrun (a process group is set up), even with one process: `torchrun --nproc_per_node 1` on one
+    GPU then runs every collective the code calls, through NCCL on CUDA tensors, as several GPUs would."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def backend_for(device: torch.device) -> str:
