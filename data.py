@@ -10,9 +10,9 @@
    `VideoFiles` - the videos of a folder, for search.py.
 4. `make_loader` - DataLoader workers that decode in parallel and stay alive for the whole run.
 
-Machinery behind small functions, skip on a first reading: decoding video files (video_io.py), decoding each
-video once and keeping what later visits need (frame_store.py), the benchmarks' annotation files
-(annotations.py).
+Machinery behind small functions, skip on a first reading: decoding video files (formats/video_io.py),
+decoding each video once and keeping what later visits need (machinery/frame_store.py), the benchmarks'
+annotation files (formats/annotations.py).
 
 An epoch is every (video, caption) pair once (180k pairs on MSR-VTT-9k, as in CLIP4Clip and X-Pool);
 `one_caption_per_video=True` makes it every video once with one random caption.
@@ -92,7 +92,7 @@ def sample_frame_indices(num_total: int, num_frames: int, mode: str = "uniform",
 
 def read_frames(path, num_frames: int, mode: str = "uniform", rng=None, strategy: str = "auto",
                 transform=None) -> np.ndarray:
-    """Decode the `num_frames` frames `sample_frame_indices` picks (video_io.py does the decoding; `transform`
+    """Decode the `num_frames` frames `sample_frame_indices` picks (formats/video_io.py decodes; `transform`
     maps each frame as it is decoded). Returns (F, H, W, 3) uint8 RGB; raises video_io.VideoReadError naming
     an unreadable file."""
     return decode_frames(path, lambda num_total: sample_frame_indices(num_total, num_frames, mode, rng), strategy,
@@ -179,11 +179,11 @@ def video_transform(frames: np.ndarray, augment: bool, image_size: int = 224, rn
                     hflip: bool = True, scale=(0.5, 1.0)) -> torch.Tensor:
     """(F, H, W, 3) uint8 RGB -> (F, 3, R, R) float32, CLIP-normalised.
 
-    Without `augment` (evaluation): `resize_center_crop`. With it (training): one random resized crop (area `scale`, torchvision's box rules)
-    resized to R x R with antialiased bicubic interpolation (torch's, on all frames at once: 6x faster than
-    PIL frame by frame, within 1-2 levels of it), and with probability 1/2 a horizontal flip; the same crop and
-    flip for every frame of the video, so the motion stays intact. (A flip turns "moves left" into "moves
-    right": pass hflip=False for such captions.)
+    Without `augment` (evaluation): `resize_center_crop`. With it (training): one random resized crop (area `scale`,
+    torchvision's box rules) resized to R x R with antialiased bicubic interpolation (torch's, on all frames at
+    once: 6x faster than PIL frame by frame, within 1-2 levels of it), and with probability 1/2 a horizontal flip;
+    the same crop and flip for every frame of the video, so the motion stays intact. (A flip turns "moves left" into
+    "moves right": pass hflip=False for such captions.)
     """
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"video_transform expects (F, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
@@ -219,9 +219,9 @@ class VideoTextDataset(Dataset):
     video j, in evaluation order. Training draws a random frame per segment (and, if `augment`, a random crop
     and flip); evaluation takes segment middles and the center crop. With `one_caption_per_video`, item j is
     video j with one of its captions drawn at random in training (its first caption otherwise), so an epoch
-    visits every video once instead of every pair. With a `frame_store` (frame_store.FrameStore), videos are
+    visits every video once instead of every pair. With a `frame_store` (machinery/frame_store.py), videos are
     decoded once and later visits read what the store kept: evaluation frames bit-identical, training frames
-    drawn among a few stored candidates per segment (frame_store.py says exactly how that differs).
+    drawn among a few stored candidates per segment (machinery/frame_store.py says exactly how that differs).
 
     Items: {"video": (F, 3, R, R) float32, "caption": str, "video_id": str, "video_index": int,
     "replaced_video": str}. A training video that fails to decode is replaced by another item of the epoch,
@@ -382,7 +382,8 @@ def build_dataset(name: str, root, split: str, num_frames: int = 12, image_size:
     `train` defaults to split == "train": random frame per segment + random crop/flip; otherwise segment
     middles + center crop. The synthetic world's augmentation is off by default, because a flip would swap
     "left" and "right" in its captions; `hflip=False` keeps the other augmentation and leaves out the flip
-    (train.py --no-flip) for other captions that name directions. `frame_store`: a frame_store.FrameStore, or None
+    (train.py --no-flip) for other captions that name directions. `frame_store`: a
+    machinery.frame_store.FrameStore, or None
     to decode every visit. `len()` needs no decoding.
     """
     annotations = read_annotations(name, root, split, video_dir, skip_missing)

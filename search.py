@@ -23,7 +23,7 @@ which the index keeps the videos' embeddings (about 1e-4).
 that are gone, and says how many of each. An index belongs to the model that made it (`model_fingerprint`:
 what the model computes, not where its files lie); another model is refused, since two models' embeddings
 never mix. Unreadable videos are skipped, counted and listed (`<index>.skipped.txt`); Ctrl-C keeps what was
-embedded, and the next `index` continues. The index on disk and its crash safety: video_index.py.
+embedded, and the next `index` continues. The index on disk and its crash safety: formats/video_index.py.
 """
 import base64
 import contextlib
@@ -48,7 +48,8 @@ import data
 from utils import distributed
 import evaluate
 from formats.annotations import VIDEO_SUFFIXES, walk_folders
-from utils.cli import PRECISIONS, ConfigError, at_least, option, parse_config, resolve_device, resolve_precision, run_command
+from utils.cli import (PRECISIONS, ConfigError, at_least, option, parse_config, resolve_device, resolve_precision,
+                       run_command)
 from utils.errors import Stopped, UserError
 from utils.files import atomic_write
 from utils.progress import Progress

@@ -10,9 +10,9 @@ on the trainable tensors only (`make_optimizer`), cosine decay after a linear wa
 clipping, fp16 autocast + GradScaler on CUDA (bf16 on request). After each epoch the checkpoint
 (out_dir/last.pt: the trainable tensors, optimizer and scaler state, step, results) is written, atomically,
 *before* evaluating, so a failed evaluation never costs the epoch; `--resume auto` continues from the last
-checkpoint, to the numbers of a run that never stopped. What `train` calls on `run` (runs.py: the output folder and
-its lock, the data and video checks, checkpoints and the resume checks, logs) is machinery: skip it on a first
-reading.
+checkpoint, to the numbers of a run that never stopped. What `train` calls on `run` (machinery/runs.py: the
+output folder and its lock, the video checks, checkpoints and the resume checks, logs) is machinery: skip it on
+a first reading.
 """
 import math
 import sys

@@ -2,7 +2,7 @@
 
 Skip on a first reading: VoP itself only needs (video file, caption) pairs; this module reads them out of the
 layouts the community distributes (CLIP4Clip / X-Pool), checks them, and names the file and line of anything
-wrong. `read_annotations(name, root, split)` is its one entry point; the layouts are in the README.
+wrong. `read_annotations(name, root, split)` is its one entry point; the layouts are in docs/data.md.
 
     msrvtt-9k / msrvtt-7k   MSRVTT_data.json + MSRVTT_train.{9k,7k}.csv; test: MSRVTT_JSFUSION_test.csv (1k-A)
     didemo, activitynet     paragraph-to-video: a video's sentences joined into one query
@@ -82,7 +82,7 @@ def read_annotations(name: str, root, split: str, video_dir=None, skip_missing: 
 
 def _require_file(path: Path, what: str) -> Path:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} not found. See the README's dataset folder trees.")
+        raise FileNotFoundError(f"{path}: {what} not found. See the dataset folder trees of docs/data.md.")
     return path
 
 

@@ -325,7 +325,8 @@ def check_videos(test_set, train_set, out_dir: Path, num_workers: int, rank: int
 
 
 def default_out_dir(data: str, tune: str, video_prompts: tuple) -> str:
-    """runs/<data>/<method>, e.g. runs/msrvtt-9k/vop-fn-pos, so the README's rows do not overwrite each other;
-    `video_prompts` in their canonical order (VoPConfig's), so `fn,pos` and `pos,fn` name the same run."""
+    """runs/<data>/<method>, e.g. runs/msrvtt-9k/vop-pos-fn, so the rows of docs/training.md do not overwrite
+    each other; `video_prompts` in their canonical order (VoPConfig's), so `fn,pos` and `pos,fn` name the same
+    run."""
     method = tune if tune != "prompts" else "-".join(["vop", *video_prompts])
     return str(Path("runs") / data / method)
