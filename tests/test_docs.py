@@ -70,7 +70,9 @@ def script_and_arguments(argv: list[str]) -> tuple[str | None, list[str]]:
     (None, []) for `python -m ...`."""
     if argv[0] != "torchrun" and argv[1] == "-m":
         return None, []
-    at = next(i for i, word in enumerate(argv) if word.endswith(".py"))
+    at = next((i for i, word in enumerate(argv) if word.endswith(".py")), None)
+    if at is None:  # `torchrun --nproc_per_node 1` named in prose, with no script
+        return None, []
     return argv[at], argv[at + 1:]
 
 
