@@ -270,10 +270,16 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
                                f"{weights.config_path or 'OpenAI'} says {config['activation']!r}; drop the "
                                f"activation (it is only for weights that carry no config)")
         config["activation"] = activation
+    return from_weights(weights, **config).to(device)
+
+
+def from_weights(weights, **config) -> CLIP:
+    """build_model on read weights (formats/clip_weights.py's Weights: tensors under OpenAI's names and where
+    they came from), recording that origin as the model's `source` (see `load`). An error names the file."""
     try:
-        model = build_model(weights.state_dict, **config)
+        model = build_model(weights.state_dict, **{**weights.config, **config})
     except WeightsError as error:
         raise WeightsError(f"{weights.path}: {error}") from None
     model.source = {"clip": weights.name, "path": str(weights.path), "format": weights.format,
                     "activation": model.config.activation, "sha256": weights.sha256}
-    return model.to(device)
+    return model

@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from clip_model import CLIP, build_model
+from clip_model import CLIP, from_weights
 from formats import clip_weights, modelscope
-from formats.clip_weights import WeightsError, state_dict_mismatch
+from formats.clip_weights import state_dict_mismatch
 from prompts import ContextPrompts, FunctionPrompts, PositionPrompts, TextPrompts, VisualPrompts
 from tokenizer import tokenize
 
@@ -352,6 +352,7 @@ def describe_parameters(model: nn.Module) -> str:
     return (f"{trainable / 1e6:.2f}M trainable ({trainable:,}), {100 * trainable / total:.3f}% of all "
             f"{total / 1e6:.2f}M parameters")
 
+
 # ----------------------------------------------------------------------------------------------------------
 # The authors' released VoP, a compatibility mode (skip on a first reading). Their release splits each text
 # layer's prompts between the start and the end of the caption (formats/modelscope.py describes the folder and
@@ -366,12 +367,7 @@ def load_release(folder, device="cpu") -> tuple[VoP, dict]:
     `model.trainable_state_dict()` holds the prompts (for a baseline, the tensors it trained)."""
     release = modelscope.read_release(folder)
     weights = release.weights
-    try:
-        clip = build_model(weights.state_dict, **weights.config)
-    except WeightsError as error:
-        raise WeightsError(f"{weights.path}: {error}") from None
-    clip.source = {"clip": weights.name, "path": str(weights.path), "format": weights.format,
-                   "activation": clip.config.activation, "sha256": weights.sha256}
+    clip = from_weights(weights)
     if release.is_baseline:
         model = VoP(clip, VoPConfig(tune=baseline_tune(clip, Path(weights.name) / modelscope.BACKBONE_FILE),
                                     num_frames=release.num_frames))
@@ -386,8 +382,6 @@ def load_release(folder, device="cpu") -> tuple[VoP, dict]:
                   "run": {"backbone": weights.name, "backbone_sha256": weights.sha256, "activation": "quick_gelu"},
                   "trainable": model.trainable_state_dict(), "num_suffix_prompts": release.num_suffix_prompts}
     return model.to(device).eval(), checkpoint
-
-
 
 
 def baseline_tune(clip: CLIP, original_path: Path) -> str:
