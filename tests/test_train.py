@@ -344,7 +344,9 @@ def test_resuming_with_another_prompt_configuration_is_refused(small_setup, tmp_
 # -- the output folder, weight decay, the recorded backbone -----------------------------------------------
 
 def test_the_default_out_dir_does_not_depend_on_the_order_the_prompts_were_typed():
-    runs_of = [runs.default_out_dir(train.TrainConfig(prompts=prompts)) for prompts in ("fn,pos", "pos,fn", " pos , fn")]
+    # train.py names the run from VoPConfig's video prompts, which are in VoPConfig's order
+    runs_of = [runs.default_out_dir("msrvtt-9k", "prompts", VoPConfig(prompts).video_prompts)
+               for prompts in ("fn,pos", "pos,fn", " pos , fn")]
     assert runs_of[0] == runs_of[1] == runs_of[2] == str(Path("runs") / "msrvtt-9k" / "vop-pos-fn")
 
 
