@@ -159,6 +159,7 @@ def train(config: TrainConfig) -> dict:
         clip = load_clip(config.clip, device, activation=config.clip_activation)
         with flag_errors(video_prompts="prompts"):  # e.g. --fn-layers beyond this CLIP's depth
             model = VoP(clip, model_config, grad_checkpointing=config.grad_checkpointing)
+        model.check_vocabulary()  # before any caption is tokenized
         model = model.to(device)
         for dataset in (train_set, test_set):  # read before CLIP loaded; its input side sets their frame size
             if dataset is not None:
