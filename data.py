@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from annotations import read_annotations
 from clip_model import CLIP_MEAN, CLIP_STD
-from video_io import READ_ERRORS, VideoReadError, available_cpus, decode_frames, exit_when_process_ends
+from video_io import (READ_ERRORS, VideoReadError, available_cpus, decode_frames, exit_when_process_ends,
+                      start_resource_tracker_apart)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -429,6 +430,7 @@ def make_loader(dataset, batch_size: int, num_workers: int | None = None, **kwar
         kwargs = {"persistent_workers": True, "prefetch_factor": 2, **kwargs}
         if "forkserver" in multiprocessing.get_all_start_methods():
             kwargs.setdefault("multiprocessing_context", "forkserver")
+        start_resource_tracker_apart()
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                       worker_init_fn=functools.partial(worker_init_fn, main_process=os.getpid()), **kwargs)
 
