@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from formats.annotations import read_annotations
 from formats.clip_weights import CLIP_MEAN, CLIP_STD
 from formats.video_io import (READ_ERRORS, VideoReadError, decode_frames, default_num_workers,
-                              exit_when_process_ends)
+                              exit_when_process_ends, start_resource_tracker_apart)
 from machinery.frame_store import FrameRule
 
 
@@ -450,6 +450,7 @@ def make_loader(dataset, batch_size: int, num_workers: int | None = None, **kwar
         kwargs = {"persistent_workers": True, "prefetch_factor": 2, **kwargs}
         if "forkserver" in multiprocessing.get_all_start_methods():
             kwargs.setdefault("multiprocessing_context", "forkserver")
+        start_resource_tracker_apart()
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                       worker_init_fn=functools.partial(worker_init_fn, main_process=os.getpid()), **kwargs)
 

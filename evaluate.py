@@ -30,11 +30,13 @@ Shapes: T captions, V videos, E embedding size, M most captions of any one video
     python evaluate.py --checkpoint cv_vit-b32_retrieval_vop --data msrvtt-9k --data-root data/msrvtt
 """
 import contextlib
+import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from machinery import checkpoints
 import clip_model
@@ -411,10 +413,30 @@ class EvalConfig:
                                         "videos, a few videos with their top-5 captions")
 
 
+def check_image_path(path, flag: str) -> None:
+    """Refuse, before any work, an image file Pillow cannot write: a name whose suffix is no format Pillow saves
+    a colour image in (none, .txt, ...), a folder, or a file in a folder that does not exist. A ConfigError
+    naming `flag` and the fix."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder: name the image file, e.g. {flag} examples.png")
+    Image.init()
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), image_format)  # what Pillow can write, here, in colour
+    except Exception:  # no suffix, an unknown one, a format Pillow reads only, or not in colour
+        what = f"Pillow writes no image as {path.suffix!r}" if path.suffix else "the name has no suffix"
+        raise ConfigError(f"{flag} {path}: {what}; name a .png (or .jpg) file, e.g. {flag} examples.png") from None
+    if not path.parent.is_dir():
+        raise ConfigError(f"{flag} {path}: the folder {path.parent} does not exist; create it or name another")
+
+
 def main(argv=None) -> dict:
     config = parse_config(EvalConfig, argv, __doc__.split("\n\n")[0])
     if config.zero_shot == (config.checkpoint is not None):
         raise ConfigError("give either --checkpoint PATH or --zero-shot (with --clip), not both")
+    if config.examples:
+        check_image_path(config.examples, "--examples")  # before any work, not after the whole evaluation
     device = resolve_device(config.device)
     model, trained = None, {}  # trained: train.py's settings (the authors' release folder names no dataset)
     release = config.checkpoint is not None and Path(config.checkpoint).expanduser().is_dir()
@@ -440,6 +462,7 @@ def main(argv=None) -> dict:
     if config.num_frames and config.num_frames != model.num_frames and model.video_prompts:
         raise ConfigError(f"--num-frames {config.num_frames}: this model's video prompts are made for "
                           f"{model.num_frames} frames per video; leave --num-frames out")
+    model.check_vocabulary()  # before any caption is tokenized
     dataset.num_frames = config.num_frames or model.num_frames  # the model's frames, and input side
     dataset.image_size = model.clip.visual.input_resolution
     print(f"{model_name} on {name} {config.split}: {len(dataset.captions)} captions, "

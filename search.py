@@ -23,7 +23,9 @@ which the index keeps the videos' embeddings (about 1e-4).
 that are gone, and says how many of each. An index belongs to the model that made it (`model_fingerprint`:
 what the model computes, not where its files lie); another model is refused, since two models' embeddings
 never mix. Unreadable videos are skipped, counted and listed (`<index>.skipped.txt`); Ctrl-C keeps what was
-embedded, and the next `index` continues. The index on disk and its crash safety: formats/video_index.py.
+embedded, and the next `index` continues. The index on disk and its crash safety: formats/video_index.py. The page of
+`query --html` names the index, the model and each video with their absolute folders (`--no-html-folders`
+leaves every folder out), and replaces only a page it wrote earlier.
 """
 import base64
 import contextlib
@@ -51,9 +53,9 @@ from formats.annotations import VIDEO_SUFFIXES, walk_folders
 from utils.cli import (PRECISIONS, ConfigError, at_least, option, parse_config, resolve_device, resolve_precision,
                        run_command)
 from utils.errors import Stopped, UserError
-from utils.files import atomic_write
+from utils.files import atomic_write, printable
 from utils.progress import Progress
-from formats.video_index import IndexFileError, IndexWriter, VideoIndex, skipped_list
+from formats.video_index import IndexFileError, IndexWriter, VideoIndex, embeddings_file_pattern, skipped_list
 from formats.video_io import READ_ERRORS, VideoReadError
 from vop import VoP, VoPConfig
 
@@ -336,6 +338,7 @@ def load_model(checkpoint=None, clip=None, device="cpu", num_frames: int = 12,
         model = VoP(backbone, VoPConfig(tune="zero-shot", num_frames=num_frames)).to(device).eval()
         model.source = {"clip": backbone.source["clip"], "activation": backbone.source["activation"],
                         "num_frames": num_frames}
+    model.check_vocabulary()  # a backbone too small for CLIP's tokenizer, said now rather than at a caption
     return model
 
 
@@ -373,9 +376,11 @@ def _hash_tensors(digest, tensors: dict) -> None:
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
-def _describe(model: VoP) -> str:
+def _describe(model: VoP, folders: bool = True) -> str:
     source = getattr(model, "source", None) or {}
     where = source.get("checkpoint") or source.get("clip") or "a model built in Python"
+    if not folders and os.path.isabs(where):  # a file's name only (a model's name, such as ViT-B/32, stays)
+        where = Path(where).name
     return f"{where}: {model.describe()}"
 
 
@@ -421,6 +426,8 @@ def find_videos(folders) -> dict:
 # 5. What a person reads: a page of hits with their frames (skip on a first reading)
 
 THUMBNAIL_HEIGHT = 96
+THUMBNAIL_ASPECT = 4  # a frame wider than 4:1 (or taller than 1:4) is cut to that about its centre
+PAGE_MARKER = "<!-- a page of hits written by search.py query --html -->"  # what --html may replace
 PAGE_STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 h1 { font-size: 1.4em; } .meta { color: #666; } .time { color: #666; font-size: 0.85em; margin: 0 0 0.5em 6.5em; }
@@ -434,16 +441,19 @@ li { display: flex; align-items: center; gap: 1em; margin: 0.6em 0; }
 """ % THUMBNAIL_HEIGHT
 
 
-def frame_strip(path, frames: int = 4) -> str:
+def frame_strip(path, frames: int = 4, folders: bool = True) -> str:
     """HTML: `frames` frames of a video (the segment middles, so in time order, left to right) as JPEG data
-    URIs, so the page can be mailed; a note instead if the video cannot be read."""
+    URIs, so the page can be mailed; a note instead if the video cannot be read (naming it without its folder
+    unless `folders`). Each thumbnail is THUMBNAIL_HEIGHT pixels high, its frame's aspect kept up to
+    THUMBNAIL_ASPECT (an 8000x8 frame is cut about its centre to 32x8, then 384 pixels wide)."""
     try:
         decoded = data.read_frames(path, frames, "uniform")  # (frames, H, W, 3) uint8
     except READ_ERRORS as error:
-        return f'<span class="strip">(cannot be read: {html.escape(str(error))})</span>'
+        message = str(error) if folders else str(error).replace(str(path), Path(path).name)
+        return f'<span class="strip">(cannot be read: {html.escape(printable(message))})</span>'
     images = []
     for number, frame in enumerate(decoded, 1):
-        image = Image.fromarray(frame)
+        image = Image.fromarray(_cut_to_aspect(frame, THUMBNAIL_ASPECT))
         width = max(1, round(image.width * THUMBNAIL_HEIGHT / image.height))
         buffer = io.BytesIO()
         image.resize((width, THUMBNAIL_HEIGHT), Image.BICUBIC).save(buffer, "JPEG", quality=85)
@@ -453,29 +463,74 @@ def frame_strip(path, frames: int = 4) -> str:
     return f'<span class="strip">{"".join(images)}</span>'
 
 
-def write_page(path, title: str, hits: list[dict], query_video=None, about: str = "") -> None:
+def _cut_to_aspect(frame: np.ndarray, most: float) -> np.ndarray:
+    """The central part of a frame (H, W, 3) whose width over height (or height over width) is at most `most`."""
+    height, width = frame.shape[:2]
+    if width > most * height:
+        keep = max(1, round(most * height))
+        return frame[:, (width - keep) // 2:(width - keep) // 2 + keep]
+    if height > most * width:
+        keep = max(1, round(most * width))
+        return frame[(height - keep) // 2:(height - keep) // 2 + keep]
+    return frame
+
+
+def write_page(path, title: str, hits: list[dict], query_video=None, about: str = "", folders: bool = True) -> None:
     """A self-contained HTML page: the query (its frames, for a video), then each hit with its rank, score and
-    its frames and file name (a video) or its text (a caption). `hits` as `--json` prints them."""
-    parts = [f"<h1>{html.escape(title)}</h1>", f'<p class="meta">{html.escape(about)}</p>']
+    its frames and file name (a video) or its text (a caption). `hits` as `--json` prints them. The page names
+    each video with its absolute folder, unless `folders` is False (`--no-html-folders`: file names only); the
+    caller says what `title` and `about` show."""
+    def text(value) -> str:  # escaped, a name that is not UTF-8 with \xNN escapes
+        return html.escape(printable(str(value)))
+
+    parts = [f"<h1>{text(title)}</h1>", f'<p class="meta">{text(about)}</p>']
     if query_video is not None:
-        parts.append(f"<p>{frame_strip(query_video)}</p>")
+        parts.append(f"<p>{frame_strip(query_video, folders=folders)}</p>")
     if any("video" in hit for hit in hits):
         parts.append('<p class="time">time &rarr; (4 frames per video, left to right)</p>')
     parts.append("<ol>")
     for hit in hits:
         if "video" in hit:
             video = Path(hit["video"])
-            what = (f'{frame_strip(video)}<span><span class="name">{html.escape(video.name)}</span><br>'
-                    f'<span class="folder">{html.escape(str(video.parent))}</span></span>')
+            folder = f'<br><span class="folder">{text(video.parent)}</span>' if folders else ""
+            what = (f'{frame_strip(video, folders=folders)}<span><span class="name">{text(video.name)}</span>'
+                    f'{folder}</span>')
         else:
-            what = f'<span class="caption">{html.escape(hit["caption"])}</span>'
+            what = f'<span class="caption">{text(hit["caption"])}</span>'
         parts.append(f'<li><span class="rank">{hit["rank"]}</span><span class="score">{hit["score"]:.4f}</span>'
                      f'{what}</li>')
     parts.append("</ol>")
-    page = (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}'
+    page = (f'<!DOCTYPE html>\n{PAGE_MARKER}\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{text(title)}'
             f'</title>\n<style>{PAGE_STYLE}</style>\n</head>\n<body>\n' + "\n".join(parts) + "\n</body>\n</html>\n")
     with atomic_write(path, "w", encoding="utf-8") as handle:
         handle.write(page)
+
+
+def check_page_path(path, index=None) -> None:
+    """Refuse, before any work, a --html page that would replace anything but a page this command wrote (which
+    carries PAGE_MARKER): one of the files of `index`, a folder, any other existing file; or that has no folder
+    to go into. A ConfigError naming --html and the fix."""
+    page = Path(path).expanduser()
+    where = Path(os.path.realpath(page))
+    if index is not None:
+        index = Path(os.path.realpath(Path(index).expanduser()))
+        own = {index, skipped_list(index), Path(f"{index}.lock")}
+        if where in own or (where.parent == index.parent and embeddings_file_pattern(index).fullmatch(where.name)):
+            raise ConfigError(f"--html {path} is one of the files of the index {index}: name a new page, e.g. "
+                              f"--html hits.html")
+    if where.is_dir():
+        raise ConfigError(f"--html {path} is a folder: name the page's file, e.g. --html hits.html")
+    if where.exists():
+        try:
+            with open(where, "rb") as handle:
+                ours = PAGE_MARKER.encode() in handle.read(4096)
+        except OSError:
+            ours = False
+        if not ours:
+            raise ConfigError(f"--html {path} exists and is not a page that search.py query wrote: name a new file "
+                              f"(or move that one away first)")
+    elif not where.parent.is_dir():
+        raise ConfigError(f"--html {path}: the folder {where.parent} does not exist; create it or name another")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -516,7 +571,12 @@ class QueryConfig(ModelOptions):
     video: str | None = option(None, "query with a video file instead of a text: the nearest videos")
     captions: str | None = option(None, "with --video: a text file of captions, one per line, ranked for the video")
     json: bool = option(False, "print a JSON list of {rank, score, video or caption}, best first, and nothing else")
-    html: str | None = option(None, "also write a page with each hit's frames (e.g. hits.html), thumbnails inside")
+    html: str | None = option(None, "also write a page with each hit's frames (e.g. hits.html), thumbnails inside; "
+                                    "it shows the absolute paths of the index, the model and each video's folder "
+                                    "(see --no-html-folders); an existing file is replaced only if it is such a page")
+    html_folders: bool = option(True, "with --html: show the folders of the videos, the index and the model; "
+                                      "--no-html-folders leaves every folder out (file names only), for a page "
+                                      "to mail or publish")
 
 
 def index_main(config: IndexConfig) -> dict:
@@ -527,8 +587,8 @@ def index_main(config: IndexConfig) -> dict:
     search = VideoSearch(model, config.index, device, config.precision, config.batch_size, config.num_workers)
     counts = search.update(config.folders)
     if distributed.rank_and_world_size()[0] == 0:
-        print(f"{search.index_path}: {counts['videos']} videos; {counts['new']} new, {counts['changed']} changed, "
-              f"{counts['gone']} gone, {counts['unchanged']} unchanged")
+        print(f"{printable(str(search.index_path))}: {counts['videos']} videos; {counts['new']} new, "
+              f"{counts['changed']} changed, {counts['gone']} gone, {counts['unchanged']} unchanged")
         if counts["unreadable"]:
             print(f"warning: {counts['unreadable']} videos could not be read and were skipped; they are listed in "
                   f"{skipped_list(search.index_path)}", file=sys.stderr)
@@ -543,6 +603,8 @@ def query_main(config: QueryConfig) -> list[dict]:
     if config.index is None and not (config.captions and (config.checkpoint or config.clip)):
         raise ConfigError("give a model: --checkpoint or --clip (or --index, to use the model it recorded)"
                           if config.captions else "--index: name the index to search (made by `search.py index`)")
+    if config.html:
+        check_page_path(config.html, config.index)  # before any work
     device = resolve_device(config.device)
     if config.checkpoint or config.clip:
         model = load_model(config.checkpoint, config.clip, device, config.num_frames, config.clip_activation)
@@ -563,15 +625,19 @@ def query_main(config: QueryConfig) -> list[dict]:
                                                                                                     config.k)
         key, title = "video", f"Videos for “{config.text}”" if config.text else f"Videos nearest {config.video}"
     hits = [{"rank": rank, "score": round(score, 6), key: item} for rank, (item, score) in enumerate(found, 1)]
+    # What is printed holds a name that is not UTF-8 with \xNN escapes; the hits returned keep it as it is.
     if config.json:
-        print(json.dumps(hits, indent=1, ensure_ascii=False))
+        print(json.dumps([{**hit, key: printable(hit[key])} for hit in hits], indent=1, ensure_ascii=False))
     else:
         for hit in hits:
-            print(f"{hit['rank']:4d}  {hit['score']:.4f}  {hit[key]}")
+            print(f"{hit['rank']:4d}  {hit['score']:.4f}  {printable(hit[key])}")
     if config.html:
-        about = (f"index {search.index_path} ({len(search.open_index())} videos); " if not config.captions else ""
-                 ) + f"model {_describe(model)}; scores are cosine similarities"
-        write_page(config.html, title, hits, config.video, about)
+        if config.video and not config.html_folders:
+            title = title.replace(config.video, Path(config.video).name)
+        about = (f"index {search.index_path if config.html_folders else search.index_path.name} "
+                 f"({len(search.open_index())} videos); " if not config.captions else ""
+                 ) + f"model {_describe(model, config.html_folders)}; scores are cosine similarities"
+        write_page(config.html, title, hits, config.video, about, config.html_folders)
         print(f"wrote {config.html}", file=sys.stderr)
     return hits
 

@@ -160,6 +160,7 @@ def train(config: TrainConfig) -> dict:
         clip = load_clip(config.clip, device, activation=config.clip_activation)
         with flag_errors(video_prompts="prompts"):  # e.g. --fn-layers beyond this CLIP's depth
             model = VoP(clip, model_config, grad_checkpointing=config.grad_checkpointing)
+        model.check_vocabulary()  # before any caption is tokenized
         model = model.to(device)
         run.log(f"model: VoP {model.describe()} on {config.clip}; {describe_parameters(model)}")
         # 2. The data: (video, caption) pairs, frames of CLIP's input size; unreadable videos are left out.

@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from clip_model import CLIP, from_weights
 from formats import clip_weights, modelscope
 from formats.clip_weights import state_dict_mismatch
+from utils.errors import UserError
 from prompts import ContextPrompts, FunctionPrompts, PositionPrompts, TextPrompts, VisualPrompts
 from tokenizer import tokenize
 
@@ -53,6 +54,10 @@ class SettingError(ValueError):
     def __init__(self, field: str, reason: str):
         super().__init__(f"{field}: {reason}")
         self.field, self.reason = field, reason
+
+
+class VocabularyError(UserError):
+    """A backbone whose vocabulary is smaller than the ids the tokenizer gives."""
 
 
 @dataclass(frozen=True)
@@ -325,6 +330,20 @@ class VoP(nn.Module):
         with torch.no_grad():
             for name, p in expected.items():
                 p.copy_(state_dict[name])
+
+    def check_vocabulary(self) -> None:
+        """Refuse, in one line naming the backbone's file and both sizes, a backbone whose token embedding holds
+        fewer ids than this model's tokenizer gives (`tokenize`; CLIP's BPE gives ids up to 49,407): its first
+        caption would end in an IndexError (a device assert on CUDA). The tokenizer's largest id is its [EOT],
+        which the read-out finds as the largest id of a caption; an empty caption holds it."""
+        largest = int(self.tokenize([""]).max())
+        size = self.clip.token_embedding.num_embeddings
+        if largest >= size:
+            source = getattr(self.clip, "source", None) or {}
+            where = source.get("path") or source.get("clip") or "this CLIP"
+            raise VocabularyError(f"{where}: its token embedding holds {size:,} ids, but the tokenizer gives ids up "
+                                  f"to {largest:,} (a vocabulary of {largest + 1:,}): these weights were not made "
+                                  f"for CLIP's tokenizer; use a CLIP whose vocab_size is at least {largest + 1:,}")
 
     def describe(self) -> str:
         config = self.config

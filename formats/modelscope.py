@@ -137,6 +137,12 @@ def read_release(folder) -> Release:
     return Release(weights, prompts, hyper["num_frames"], suffix, is_baseline)
 
 
+# What configuration.json may say: the release's values (224, 12, 8, 4, 4) with room to spare, and never so
+# much that a value builds tensors or reads frames by the gigabyte before anything else can refuse it.
+HYPERPARAMETER_RANGES = {"input_res": (1, 4096), "num_frames": (1, 1024), "vp_token_num": (0, 1024),
+                         "tp_prefix_token_num": (0, 1024), "tp_suffix_token_num": (0, 1024)}
+
+
 def _hyperparameters(configuration: Path, settings: dict, is_baseline: bool) -> dict:
     """The checked "hyperparam" entries the model needs (the baselines' model reads no prompt counts)."""
     hyper = settings.get("hyperparam")
@@ -148,9 +154,10 @@ def _hyperparameters(configuration: Path, settings: dict, is_baseline: bool) -> 
     if missing:
         raise WeightsError(f"{configuration}: hyperparam lacks {', '.join(missing)}")
     for name in [name for name in names if name != "pooling_type"]:
-        value, least = hyper[name], 1 if name in ("input_res", "num_frames") else 0
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise WeightsError(f"{configuration}: hyperparam {name} must be an integer >= {least}, got {value!r}")
+        value, (least, most) = hyper[name], HYPERPARAMETER_RANGES[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not least <= value <= most:
+            raise WeightsError(f"{configuration}: hyperparam {name} must be an integer from {least} to {most}, got "
+                               f"{value!r}")
     if hyper["pooling_type"] != "avg":
         raise WeightsError(f"{configuration}: pooling_type {hyper['pooling_type']!r} is not the release's only "
                            f"one, 'avg' (the mean of the frames)")

@@ -13,7 +13,8 @@ The files of an index named `my_videos.index`:
                                   rounding); scores divide by it, so they are cosines
     my_videos.index.<token>.f16   the embeddings: (rows, E) float16, row-major, no header, memory-mapped on
                                   open; row i is the video of table row i; rows past N are not committed
-    my_videos.index.skipped.txt   the videos that could not be read, one per line with why
+    my_videos.index.skipped.txt   the videos that could not be read, one per line with why (the bytes of a
+                                  name that are not UTF-8 as \\xNN escapes)
     my_videos.index.lock          held (flock) by the one process that updates the index
 
 Row i of the embeddings is video i of the table; a video that changes gets a new row and its old one dies; dead
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from utils.errors import UserError
-from utils.files import WRITE_ERRNOS, WriteError, atomic_write, remove_leftover_temporaries
+from utils.files import WRITE_ERRNOS, WriteError, atomic_write, printable, remove_leftover_temporaries
 
 FORMAT = 1
 COMMIT_COST = 0.05  # commit when the time since the last commit is 1 / COMMIT_COST times what that commit took
@@ -80,7 +81,17 @@ def _read(path: Path) -> tuple[dict, dict]:
             and (rows == 0 or arrays["path_ends"][-1] == len(arrays["path_bytes"]))
             and isinstance(header.get("embedding_size"), int) and isinstance(header.get("embeddings_file"), str)):
         raise IndexFileError(f"{path}: its table is damaged (lengths do not agree); index again into a new --index")
+    if not embeddings_file_pattern(path).fullmatch(header["embeddings_file"]):
+        # Only a file of this index, beside it, is ever read, cut short or deleted: never one a header names elsewhere
+        raise IndexFileError(f"{path}: its header names the embeddings file {header['embeddings_file']!r}, which is "
+                             f"not one of this index's own files ({path.name}.<8 hex digits>.f16 beside it): the "
+                             f"index is damaged or was renamed without its files; index again into a new --index")
     return header, arrays
+
+
+def embeddings_file_pattern(path: Path) -> re.Pattern:
+    """The names of the embeddings files of the index at `path`: `<index name>.<8 hex digits>.f16`."""
+    return re.compile(re.escape(Path(path).name) + r"\.[0-9a-f]{8}\.f16")
 
 
 def _map_embeddings(path: Path, rows: int, size: int) -> np.ndarray:
@@ -177,9 +188,16 @@ class IndexWriter:
         return self
 
     def __exit__(self, *exc_info):
-        if self.handle is not None:
-            self.handle.close()
-        self._lock.__exit__(*exc_info)
+        try:
+            if self.handle is not None:
+                self.handle.close()  # flushes rows added since the last commit, which a full disk refuses
+        except OSError as error:
+            if exc_info[0] is None:  # rows no commit counts are cut off by the next update: nothing is lost
+                self._write_failed(self.embeddings_file, error)
+            # else the error that ended the update (a WriteError saying what is kept) is the one to report
+        finally:
+            self.handle = None
+            self._lock.__exit__(*exc_info)
         return False
 
     def _open(self) -> None:
@@ -197,6 +215,9 @@ class IndexWriter:
                 self.notes.append(f"note: {self.path} was embedded with --precision {index.header['precision']}, "
                                   f"these videos with {self.precision} (embeddings differ by about 1e-3)")
             self.embeddings_file = self.path.parent / index.header["embeddings_file"]
+            if self.embeddings_file.is_symlink():  # it is cut short and appended to: never a file elsewhere
+                raise IndexFileError(f"{self.embeddings_file} is a symbolic link, not the index's own file: the "
+                                     f"index is damaged; index again into a new --index")
             self.encoded = index.encoded_paths()
             self.paths = [os.fsdecode(encoded) for encoded in self.encoded]
             self.sizes, self.mtimes_ns = index.sizes.tolist(), index.mtimes_ns.tolist()
@@ -223,7 +244,7 @@ class IndexWriter:
 
     def _remove_other_embeddings_files(self) -> None:
         """Embeddings files no commit names: left by a kill while dead rows were being removed."""
-        ours = re.compile(re.escape(self.path.name) + r"\.[0-9a-f]{8}\.f16")
+        ours = embeddings_file_pattern(self.path)
         for other in self.path.parent.iterdir():  # not glob: an index named v[1].index is not a pattern
             if other != self.embeddings_file and ours.fullmatch(other.name):
                 other.unlink(missing_ok=True)
@@ -320,10 +341,10 @@ class IndexWriter:
             listing.unlink(missing_ok=True)
             return
         with atomic_write(listing, "w", encoding="utf-8") as handle:
-            handle.write(f"# videos search.py could not read for {self.path.name}; fixed or re-encoded, the next "
-                         f"`search.py index` reads them again\n")
+            handle.write(printable(f"# videos search.py could not read for {self.path.name}; fixed or re-encoded, "
+                                   f"the next `search.py index` reads them again\n"))
             for path, (_, _, why) in sorted(self.unreadable.items()):
-                handle.write(f"{path}\t{why}\n")
+                handle.write(printable(f"{path}\t{why}\n"))  # a name that is not UTF-8 with \xNN escapes
 
     def finish(self) -> None:
         """The end of a complete update: commit, then remove the dead rows (a new embeddings file, committed)."""

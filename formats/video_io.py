@@ -12,16 +12,21 @@ Skip on a first reading: data.py says *which* frames VoP uses; this module only 
   decode; in parallel, cached, so that a run can leave unreadable videos out before it starts.
 - `write_video`: encode frames with OpenCV (tests and the synthetic demo make their clips with it).
 """
+import contextlib
 import functools
 import json
 import multiprocessing
 import os
+import shutil
+import subprocess
+import tempfile
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Callable
 
 import cv2
@@ -73,13 +78,44 @@ def _open_capture(path: Path, raw_packets: bool = False) -> cv2.VideoCapture:
     """An opened capture through OpenCV's FFmpeg backend, decoding with as many threads as OpenCV itself may
     use (cv2.getNumThreads(): 1 in a DataLoader worker; FFmpeg would otherwise start one thread per core in
     every worker). `raw_packets`: grab() reads packets without decoding them (see `scan_video`)."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        status = None  # _why_unopenable says why, below
+    if status is not None and not S_ISREG(status.st_mode):  # a named pipe would block the open for ever
+        raise VideoReadError(f"{path}: cannot open video: it is not a regular file (a named pipe, a device or a "
+                             f"socket); only video files are read")
     params = [cv2.CAP_PROP_N_THREADS, cv2.getNumThreads()] if hasattr(cv2, "CAP_PROP_N_THREADS") else []
-    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, params + ([cv2.CAP_PROP_FORMAT, -1] if raw_packets else []))
-    if not capture.isOpened() and not raw_packets:
-        capture = cv2.VideoCapture(str(path))  # an OpenCV whose FFmpeg backend refuses it: any other backend
+    with _name_for_opencv(path) as name:
+        capture = cv2.VideoCapture(name, cv2.CAP_FFMPEG, params + ([cv2.CAP_PROP_FORMAT, -1] if raw_packets else []))
+        if not capture.isOpened() and not raw_packets:
+            capture = cv2.VideoCapture(name)  # an OpenCV whose FFmpeg backend refuses it: any other backend
     if not capture.isOpened():
         raise VideoReadError(f"{path}: cannot open video: {_why_unopenable(path)}")
     return capture
+
+
+@contextlib.contextmanager
+def _name_for_opencv(path: Path):
+    """A name under which OpenCV can open `path`: its own, or, for a name that is not valid UTF-8 (os.fsdecode
+    keeps such bytes as lone surrogates, and cv2.VideoCapture crashes the process on them), a symbolic link with
+    a plain name in a private temporary folder, removed as soon as the file is open."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        yield name
+        return
+    folder = tempfile.mkdtemp(prefix="vop-video-")
+    suffix = path.suffix if path.suffix.isascii() and path.suffix[1:].isalnum() else ""  # FFmpeg's format hint
+    link = os.path.join(folder, f"video{suffix}")
+    try:
+        os.symlink(os.path.abspath(os.fsencode(path)), link)
+        yield link
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the link only; the open capture keeps the file
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -377,6 +413,7 @@ def map_in_processes(function, items: list, num_workers: int, on_crash, on_resul
     process at once (queued items are dropped) and is raised here."""
     context = multiprocessing.get_context(
         "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    start_resource_tracker_apart()
     initializer = functools.partial(_start_worker, initializer, os.getpid())
     results, pending, isolating = {}, list(range(len(items))), False
     while pending:
@@ -456,6 +493,36 @@ def exit_when_process_ends(pid: int, interval: float = 1.0) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="exit-when-main-ends", daemon=True).start()
+
+
+_TRACKER = None  # the resource tracker's Popen, when start_resource_tracker_apart started it
+
+
+def start_resource_tracker_apart() -> None:
+    """Start multiprocessing's resource tracker, if it is not running yet, in a session of its own.
+
+    Worker processes started by a fork server (DataLoader workers, `map_in_processes`) share their queues' locks
+    through named POSIX semaphores (/dev/shm/sem.mp-*), which only the resource tracker removes when the program
+    is killed. Started as usual it belongs to the program's process group, so a kill of the whole group (a job
+    scheduler's, `kill -9 -PGID`) killed it too and left about 14 semaphores behind per kill; apart,
+    it outlives the kill and removes them once every process of the program has ended."""
+    from multiprocessing import resource_tracker, util
+
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    if tracker is None or getattr(tracker, "_fd", None) is not None or not hasattr(util, "spawnv_passfds"):
+        return  # already running (then it stays where it is), or a Python whose tracker works otherwise
+    spawn = util.spawnv_passfds
+
+    def spawn_in_own_session(path, args, passfds):
+        global _TRACKER
+        _TRACKER = subprocess.Popen(args, executable=path, pass_fds=passfds, start_new_session=True)
+        return _TRACKER.pid
+
+    util.spawnv_passfds = spawn_in_own_session
+    try:
+        tracker.ensure_running()
+    finally:
+        util.spawnv_passfds = spawn
 
 
 def _read_probe_cache(cache_file) -> dict:

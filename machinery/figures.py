@@ -271,13 +271,16 @@ def _pyplot(what: str):
 
 
 def read_log(path) -> list[dict]:
-    """The records of a run's log.jsonl (lines that do not parse, e.g. one cut short by a crash, are skipped)."""
+    """The records of a run's log.jsonl: the lines that are JSON objects. Any other line (one cut short by a
+    crash, bytes that are not UTF-8, a value that is not an object such as [1, 2] or 5) is skipped."""
     records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_bytes().splitlines():
         try:
-            records.append(json.loads(line))
-        except ValueError:
+            record = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 

@@ -270,12 +270,17 @@ def run_identity(config, clip, train_set, steps_per_epoch: int, base_lr: float, 
 
 def forget_log_after(path: Path, step: int) -> None:
     """Keep only the records of log.jsonl up to `step` (a resumed run trains, and logs, the later ones again),
-    and none cut short by a crash (the next record would be appended to it)."""
+    and no line that is not a record of the run: one cut short by a crash (the next record would be appended to
+    it), bytes that are not UTF-8, a value that is not a JSON object, a step that is not a number."""
     if not path.is_file():
         return
-    lines, records = path.read_text(encoding="utf-8").splitlines(keepends=True), read_log(path)
-    kept = [record for record in records if record.get("step", 0) <= step]
-    if len(kept) < len(lines) or (lines and not lines[-1].endswith("\n")):
+    lines, records = path.read_bytes().splitlines(keepends=True), read_log(path)
+
+    def up_to_step(record: dict) -> bool:  # a step that is not a number ({"step": null}) is not the run's
+        at = record.get("step", 0)
+        return isinstance(at, (int, float)) and not isinstance(at, bool) and at <= step
+    kept = [record for record in records if up_to_step(record)]
+    if len(kept) < len(lines) or (lines and not lines[-1].endswith(b"\n")):
         with atomic_write(path, "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(record) + "\n" for record in kept)
 

@@ -2,6 +2,7 @@
 folders, mismatched resumes, bad flags. Every test asserts what is written, refused or counted."""
 import contextlib
 import dataclasses
+import json
 import os
 import resource
 import shutil
@@ -224,6 +225,21 @@ def test_resume_refuses_another_backbone_batch_or_dataset_and_a_finished_run_say
     assert len([r for r in read_log(tmp_path) if "loss" in r]) == 32 // 8  # nothing trained again
 
 
+@pytest.mark.parametrize("line", [b"[1, 2]", b"5", b'{"step": null, "loss": 1.0}', b'{"step": 3, "loss": "\xff\xfe"}',
+                                  b'{"step": "2"}'], ids=["a list", "a number", "step null", "not UTF-8",
+                                                          "step a string"])
+def test_resume_forgets_log_lines_that_are_not_records_of_the_run(tmp_path, line):
+    """forget_log_after, as --resume auto calls it: a line of log.jsonl that is not a record this project writes
+    is dropped with the records after the checkpoint's step, never a traceback."""
+    log = tmp_path / "log.jsonl"
+    records = [json.dumps({"step": step, "loss": 1.0 / step}).encode() for step in (1, 2, 3, 4)]
+    log.write_bytes(b"\n".join(records[:2] + [line] + records[2:] + [b'{"epoch": 1, "eval": {}}']) + b"\n")
+    runs.forget_log_after(log, 3)
+    assert log.read_bytes().decode("utf-8").count("\n") == 4  # UTF-8 JSON lines only
+    assert read_log(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 1 / 3},
+                                  {"epoch": 1, "eval": {}}]
+
+
 # -- flags ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flag,value", [("--grad-clip", "-1"), ("--grad-clip", "0"), ("--batch-size", "0"),
@@ -233,6 +249,17 @@ def test_resume_refuses_another_backbone_batch_or_dataset_and_a_finished_run_say
 def test_bad_flags_are_refused_at_start_naming_the_flag(flag, value, capsys):
     assert exit_status(train.parse_train_config, [flag, value]) == 2
     assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["examples", "examples.txt", "a folder", "nowhere/examples.png"])
+def test_an_examples_image_pillow_cannot_write_is_refused_before_any_work(tmp_path, monkeypatch, capsys, name):
+    examples = tmp_path if name == "a folder" else tmp_path / name
+    monkeypatch.setattr(ev.data, "build_dataset", lambda *args, **kwargs: pytest.fail("the evaluation started"))
+    arguments = ["--zero-shot", "--data", "synthetic", "--data-root", str(tmp_path), "--examples", str(examples)]
+    assert exit_status(cli.run_command, ev.main, arguments, "evaluate.py") == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert f"--examples {examples}" in line and ("examples.png" in line or "does not exist" in line)
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_flags_that_need_the_model_are_named(small_setup, tmp_path):

@@ -323,7 +323,9 @@ def configured(tmp_path, **hyperparam) -> Path:
                                  r"text_prompt_learner.text_prompts \(2, 8, 128\) instead of \(2, 6, 128\)"),
     ({"vp_token_num": 4}, r"visual_prompt_learner.visual_prompts \(3, 1, 8, 128\) instead of \(3, 1, 4, 128\)"),
     ({"input_res": 224}, r"configuration.json: input_res 224 does not fit the backbone"),
-    ({"num_frames": 0}, r"configuration.json: hyperparam num_frames must be an integer >= 1"),
+    ({"num_frames": 0}, r"configuration.json: hyperparam num_frames must be an integer from 1 to 1024, got 0"),
+    ({"num_frames": 10 ** 12}, r"configuration.json: hyperparam num_frames must be an integer from 1 to 1024"),
+    ({"vp_token_num": 10 ** 9}, r"configuration.json: hyperparam vp_token_num must be an integer from 0 to 1024"),
     ({"pooling_type": "seqTransf"}, r"configuration.json: pooling_type 'seqTransf'"),
     ({"tp_prefix_token_num": 40, "tp_suffix_token_num": 40}, r"configuration.json: 40 \+ 40 text prompts leave"),
 ])

@@ -7,9 +7,11 @@ import html.parser
 import io
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,8 +25,11 @@ import data
 import evaluate
 import search
 import train
-from formats import video_index
-from helpers import free_port, small_config, start_python
+from formats import video_index, video_io
+import vop
+from clip_model import CLIP, CLIPConfig
+from helpers import (fake_tokenize, free_port, message_lines, place_videos, small_config, start_python,
+                     write_tiny_video)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -570,3 +575,236 @@ def test_an_openai_model_name_is_recorded_as_a_name(monkeypatch, trained):
     model = search.load_model(trained[0], clip="ViT-B/32")
     assert model.source["clip"] == "ViT-B/32" and loaded == ["ViT-B/32"]
     assert search.load_model(trained[0], clip="weights.pt").source["clip"] == str(Path("weights.pt").absolute())
+
+
+# -- off the happy path: crafted indexes, names no codec expects, full disks, pages that replace files ---------
+
+def _rewrite_header(index, **changes):
+    """Change fields of an index's JSON header in place, as a crafted or damaged index would have them."""
+    with np.load(index, allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    header = json.loads(arrays["header"].tobytes().decode("utf-8"))
+    arrays["header"] = np.frombuffer(json.dumps({**header, **changes}).encode("utf-8"), np.uint8)
+    with open(index, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def test_a_crafted_header_never_points_the_index_at_another_file(model, trained, tmp_path, capsys):
+    folder = tmp_path / "videos"
+    clips = copy_clips(trained[1], folder, 2)
+    index = tmp_path / "index" / "my.index"
+    search.VideoSearch(model, index, num_workers=0, show_progress=False).update([folder])
+    victim = tmp_path / "victims" / "b.txt"
+    victim.parent.mkdir()
+    victim.write_bytes(b"precious\n" * 1600)  # 14,400 bytes
+    clips[1].unlink()  # the update would drop its row: a new embeddings file, the old one deleted
+    checkpoint = str(trained[0])
+    for named in (str(victim), "../victims/b.txt", "my.index.0123abcd.f16/../../victims/b.txt",
+                  "other.index.0123abcd.f16"):
+        _rewrite_header(index, embeddings_file=named)
+        line = one_line_error(capsys, ["index", str(folder), "--checkpoint", checkpoint, "--index", str(index),
+                                       "--num-workers", "0"])
+        assert "not one of this index's own files" in line and repr(named) in line, line
+        line = one_line_error(capsys, ["query", "a red circle", "--index", str(index)])
+        assert "not one of this index's own files" in line
+        assert victim.read_bytes() == b"precious\n" * 1600  # neither truncated nor deleted
+    # The index's own embeddings file as a link to a file elsewhere is refused too.
+    own = index.with_name("my.index.0123abcd.f16")
+    own.symlink_to(victim)
+    _rewrite_header(index, embeddings_file=own.name)
+    line = one_line_error(capsys, ["index", str(folder), "--checkpoint", checkpoint, "--index", str(index),
+                                   "--num-workers", "0"])
+    assert "symbolic link" in line and victim.read_bytes() == b"precious\n" * 1600
+
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["in the main process", "in a DataLoader worker"])
+def test_video_names_that_are_not_utf8_are_indexed_listed_and_printed(model, trained, tmp_path, capsys, workers):
+    """cv2.VideoCapture crashes the process on a name that is not valid UTF-8: such a video is read all the same,
+    and every output prints its name with \\xNN escapes."""
+    folder = tmp_path / "videos"
+    [plain, other] = copy_clips(trained[1], folder, 2)
+    odd = Path(os.fsdecode(bytes(folder) + b"/caf\xe9.mp4"))  # Latin-1 bytes, not UTF-8
+    other.rename(odd)
+    broken = Path(os.fsdecode(bytes(folder) + b"/bro\xffken.mp4"))
+    broken.write_bytes(b"\x00not a video" * 100)
+    index = tmp_path / "x.index"
+    counts = search.main(["index", str(folder), "--checkpoint", str(trained[0]), "--index", str(index),
+                          "--num-workers", str(workers)])
+    assert counts["videos"] == 2 and counts["unreadable"] == 1
+    videos = search.VideoSearch(model, index)
+    assert sorted(path for path, _ in videos.search_text("a red circle", k=5)) == sorted([str(plain), str(odd)])
+    assert videos.embed_videos([odd]).shape == (1, 32)
+    listed = (tmp_path / "x.index.skipped.txt").read_bytes().decode("utf-8")  # UTF-8 throughout
+    assert f"{folder}/bro\\xffken.mp4\t" in listed
+    capsys.readouterr()
+    search.main(["query", "a red circle", "--index", str(index)])
+    printed = capsys.readouterr().out.splitlines()
+    assert sorted(line.split()[2] for line in printed) == sorted([str(plain), f"{folder}/caf\\xe9.mp4"])
+    hits = query_json(capsys, "a red circle", "--index", str(index))
+    assert sorted(hit["video"] for hit in hits) == sorted([str(plain), f"{folder}/caf\\xe9.mp4"])
+    page = tmp_path / "hits.html"
+    query_json(capsys, "a red circle", "--index", str(index), "--html", str(page))
+    assert any("caf\\xe9.mp4" in item["text"] for item in parse_page(page).items)
+
+
+def test_a_full_disk_while_indexing_is_one_line_and_a_rerun_completes(tmp_path):
+    """RLIMIT_FSIZE (ulimit -f, SIGXFSZ ignored) fails every write past its size as a full disk does (EFBIG):
+    here the embeddings file, 2 KB a row (a CLIP of 1,024-d embeddings), reaches it at the fourth video."""
+    torch.manual_seed(0)
+    clip = tmp_path / "wide_clip.pt"
+    torch.save(CLIP(CLIPConfig(embed_dim=1024, image_resolution=32, vision_layers=1, vision_width=64,
+                               vision_patch_size=16, transformer_width=64, transformer_heads=1,
+                               transformer_layers=1)).state_dict(), clip)
+    place_videos(write_tiny_video(tmp_path), tmp_path / "videos", [f"v{i}.mp4" for i in range(6)])
+    index = tmp_path / "x.index"
+    argv = [sys.executable, "search.py", "index", str(tmp_path / "videos"), "--clip", str(clip), "--num-frames", "2",
+            "--index", str(index), "--num-workers", "0", "--batch-size", "2"]
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
+
+    completed = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr, completed.stderr
+    [line] = message_lines(completed.stderr)
+    assert "could not write" in line and ".f16: File too large" in line and "keeps what its last commit holds" in line
+    assert len(video_index.VideoIndex(index)) < 6  # it opens, with what its last commit holds
+    completed = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0 and len(video_index.VideoIndex(index)) == 6, completed.stderr
+
+
+def test_html_replaces_only_a_page_it_wrote_and_is_checked_before_any_work(test_index, tmp_path, capsys,
+                                                                           monkeypatch):
+    index, _ = test_index
+    own_files = [index, *index.parent.glob(f"{index.name}.*.f16"), index.parent / f"{index.name}.lock"]
+    before = {path: path.read_bytes() for path in own_files}
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    (tmp_path / "pages").mkdir()
+    monkeypatch.setattr(search, "load_recorded_model", lambda *args: pytest.fail("the model was loaded first"))
+    for page, says in [(path, "one of the files of the index") for path in own_files] + [
+            (tmp_path / "pages", "is a folder"), (notes, "not a page that search.py query wrote"),
+            (tmp_path / "nowhere" / "hits.html", "does not exist")]:
+        line = one_line_error(capsys, ["query", "a red circle", "--index", str(index), "--html", str(page)])
+        assert says in line and f"--html {page}" in line, line
+    assert {path: path.read_bytes() for path in own_files} == before and notes.read_text() == "my notes\n"
+    monkeypatch.undo()
+    page = tmp_path / "hits.html"
+    query_json(capsys, "a red circle", "--index", str(index), "-k", "2", "--html", str(page))
+    query_json(capsys, "a blue square", "--index", str(index), "-k", "3", "--html", str(page))  # its own page
+    assert search.PAGE_MARKER in page.read_text() and len(parse_page(page).items) == 3
+
+
+def test_a_named_pipe_among_the_videos_is_listed_as_unreadable_and_never_waited_for(trained, tmp_path):
+    folder = tmp_path / "videos"
+    copy_clips(trained[1], folder, 2)
+    os.mkfifo(folder / "pipe.mp4")  # opening it would wait for a writer for ever
+    index = tmp_path / "x.index"
+    code = (f"import search, cli; cli.run_command(search.main, ['index', {str(folder)!r}, '--checkpoint', "
+            f"{str(trained[0])!r}, '--index', {str(index)!r}, '--num-workers', '0'], 'search.py')")
+    running = start_python(code, REPO)
+    try:
+        out, err = running.communicate(timeout=120)
+    finally:
+        running.kill()
+    assert running.returncode == 0, err
+    assert "2 videos; 3 new" in out and "1 videos could not be read" in err
+    [listed] = [line for line in (tmp_path / "x.index.skipped.txt").read_text().splitlines() if line[0] != "#"]
+    assert listed.startswith(f"{folder / 'pipe.mp4'}\t") and "not a regular file" in listed
+
+
+def test_a_backbone_with_a_smaller_vocabulary_than_the_tokenizer_is_refused_when_built(trained, small_setup,
+                                                                                       tmp_path, capsys,
+                                                                                       monkeypatch):
+    tiny = REPO / "tests" / "fixtures" / "tiny_clip_openai_jit.pt"  # a vocabulary of 1,000 ids
+    folder = tmp_path / "videos"
+    copy_clips(trained[1], folder, 1)
+    line = one_line_error(capsys, ["index", str(folder), "--clip", str(tiny), "--index", str(tmp_path / "x.index")])
+    assert str(tiny) in line and "1,000 ids" in line and "49,407" in line and "49,408" in line
+    assert not (tmp_path / "x.index").exists()
+    with pytest.raises(vop.VocabularyError, match="tiny_clip_openai_jit.pt: its token embedding holds 1,000 ids"):
+        train.train(small_config(small_setup, tmp_path / "run", clip=str(tiny)))
+    assert not (tmp_path / "run" / "last.pt").exists()
+    monkeypatch.setattr(vop.VoP, "tokenize", fake_tokenize)  # a tokenizer of the tiny CLIP's own ids: accepted
+    assert search.load_model(clip=tiny, num_frames=4).clip.token_embedding.num_embeddings == 1000
+
+
+def test_a_very_wide_clip_among_the_hits_gets_a_thumbnail_of_bounded_width(trained, tmp_path):
+    frames = np.zeros((8, 8, 8000, 3), np.uint8)
+    frames[:, :, 3984:4016] = 255  # a white bar in the middle
+    wide = video_io.write_video(tmp_path / "wide.mp4", frames, 10)
+    tall = video_io.write_video(tmp_path / "tall.mp4", frames.transpose(0, 2, 1, 3).copy(), 10)
+    clip = copy_clips(trained[1], tmp_path, 1)[0]
+    height, width = data.read_frames(clip, 1).shape[1:3]
+    hits = [{"rank": rank, "score": 0.5, "video": str(path)} for rank, path in enumerate((wide, clip, tall), 1)]
+    search.write_page(tmp_path / "hits.html", "wide", hits)
+    [wide_item, clip_item, tall_item] = parse_page(tmp_path / "hits.html").items
+    clip_width = round(width * search.THUMBNAIL_HEIGHT / height)  # an ordinary clip keeps its aspect
+    for item, width in ((wide_item, 4 * search.THUMBNAIL_HEIGHT), (clip_item, clip_width), (tall_item, 24)):
+        assert len(item["images"]) == 4
+        for image in item["images"]:
+            with Image.open(io.BytesIO(base64.b64decode(image["src"].split(",", 1)[1]))) as thumbnail:
+                assert thumbnail.size == (width, search.THUMBNAIL_HEIGHT) == (int(image["width"]),
+                                                                              int(image["height"]))
+                if item is wide_item:  # the middle of the frame, where the bar is, is kept
+                    assert np.asarray(thumbnail.convert("L"))[:, width // 2].mean() > 200
+
+
+def _named_semaphores(pid: int) -> set:
+    """The named POSIX semaphores (/dev/shm/sem.NAME) process `pid` has open. /proc/PID/maps shows each under
+    the temporary name glibc created it with, since removed, so they are found by their inode."""
+    inodes = {int(line.split()[4]) for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+              if "/dev/shm/sem." in line}
+    return {entry.name for entry in os.scandir("/dev/shm") if entry.inode() in inodes}
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir() or not Path("/proc/self/maps").exists(),
+                    reason="named semaphores in /dev/shm, found through /proc")
+def test_killing_the_whole_index_process_group_leaves_no_semaphores(trained, tmp_path):
+    folder = tmp_path / "videos"
+    copy_clips(trained[1], folder, 8)
+    # Videos that take a second each to read, in the workers too (which import the class from its module).
+    (tmp_path / "slow_videos.py").write_text("import time, data\n\nclass SlowVideoFiles(data.VideoFiles):\n"
+                                             "    def __getitem__(self, i):\n        time.sleep(1)\n"
+                                             "        return super().__getitem__(i)\n")
+    code = (f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(tmp_path)!r}]\n"
+            f"import cli, data, search, slow_videos; data.VideoFiles = slow_videos.SlowVideoFiles\n"
+            f"cli.run_command(search.main, ['index', {str(folder)!r}, '--checkpoint', {str(trained[0])!r}, "
+            f"'--index', {str(tmp_path / 'x.index')!r}, '--num-workers', '2', '--batch-size', '1'], 'search.py')")
+    running = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, start_new_session=True)  # a process group of its own
+    try:
+        deadline, semaphores = time.time() + 120, set()
+        while len(semaphores) < 10:  # the DataLoader's queues and events: 14 with 2 workers
+            assert running.poll() is None and time.time() < deadline, running.communicate()[1][-2000:]
+            time.sleep(0.2)
+            semaphores = _named_semaphores(running.pid)
+        time.sleep(1)  # its workers at work
+    finally:
+        os.killpg(running.pid, signal.SIGKILL)  # the whole group: the program, its fork server and its workers
+        running.communicate()
+    deadline = time.time() + 20
+    while any(os.path.exists(f"/dev/shm/{name}") for name in semaphores) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [name for name in semaphores if os.path.exists(f"/dev/shm/{name}")]
+    for name in left:  # so that a failure here does not fill /dev/shm
+        os.unlink(f"/dev/shm/{name}")
+    assert not left and all(name.startswith("sem.mp-") for name in semaphores)
+
+
+def test_the_page_can_leave_every_folder_out_and_help_says_what_it_shows(test_index, trained, tmp_path, capsys):
+    index, checkpoint = test_index
+    query = str(sorted((trained[1] / "test").glob("*.mp4"))[0])
+    for folders, page in (([], tmp_path / "full.html"), (["--no-html-folders"], tmp_path / "names.html")):
+        query_json(capsys, "--video", query, "--index", str(index), "-k", "3", "--html", str(page), *folders)
+    full, names = (tmp_path / "full.html").read_text(), (tmp_path / "names.html").read_text()
+    for folder in (index.parent, checkpoint.parent, trained[1] / "test"):
+        assert str(folder) in full and str(folder) not in names
+    items = parse_page(tmp_path / "names.html").items
+    assert len(items) == 3 and all(Path(query).name not in item["text"] for item in items)
+    assert Path(query).name in names and checkpoint.name in names and index.name in names
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        search.main(["query", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "absolute paths" in shown and "--no-html-folders" in shown

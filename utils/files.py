@@ -61,6 +61,16 @@ def atomic_write(path, mode: str = "wb", encoding: str | None = None):
             temporary.unlink()
 
 
+def printable(text: str) -> str:
+    """`text` (a file name, or a message naming one) as text every output can hold: the bytes of a name that are
+    not UTF-8, which os.fsdecode keeps as lone surrogates, become \\xNN escapes (b"caf\\xe9.mp4" prints as
+    caf\\xe9.mp4); any other text is returned as it is."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate os.fsdecode never makes
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _previous(path: Path) -> str:
     return "; its previous version is intact" if path.exists() else ""
 
