@@ -19,10 +19,12 @@ An epoch is every (video, caption) pair once (180k pairs on MSR-VTT-9k, as in CL
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import multiprocessing
 import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -35,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from formats.annotations import read_annotations
 from formats.clip_weights import CLIP_MEAN, CLIP_STD
 from formats.video_io import (READ_ERRORS, VideoReadError, decode_frames, default_num_workers,
-                              exit_when_process_ends)
+                              exit_when_process_ends, opened_a_video)
 from machinery.frame_store import FrameRule
 
 
@@ -401,7 +403,7 @@ def build_dataset(name: str, root, split: str, num_frames: int = 12, image_size:
 def worker_init_fn(worker_id: int, main_process: int | None = None) -> None:
     """DataLoader worker setup: one OpenCV thread per worker, so that workers do not fight over the cores
     (video_io also gives FFmpeg's decoder that many threads), and an exit of its own when the main process is
-    killed (a fork server is the workers' parent, so they would not notice). No random seeding: every draw
+    killed (when a fork server is the workers' parent, they would not notice). No random seeding: every draw
     comes from VideoTextDataset.item_rng, a function of (seed, epoch, item) alone."""
     cv2.setNumThreads(1)
     if main_process is not None:
@@ -441,16 +443,52 @@ class EpochSampler(Sampler):
 def make_loader(dataset, batch_size: int, num_workers: int | None = None, **kwargs) -> DataLoader:
     """A DataLoader set up for video: `num_workers` defaults to `default_num_workers()`; the workers stay alive
     from one epoch to the next (persistent) and each keeps 2 batches ready (prefetch); one OpenCV thread per
-    worker; workers started by a fork server rather than forked from a parent that has already decoded video
-    (FFmpeg's thread pools do not survive fork(): 2 forked workers can hang once the parent has read 720p clips).
-    Stop its workers with `stop_workers` when done with it (or when stopped: they outlive an exception)."""
+    worker; started as `worker_start_method` says. Stop its workers with `stop_workers` when done with it (or
+    when stopped: they outlive an exception)."""
     num_workers = default_num_workers() if num_workers is None else num_workers
     if num_workers > 0:
         kwargs = {"persistent_workers": True, "prefetch_factor": 2, **kwargs}
-        if "forkserver" in multiprocessing.get_all_start_methods():
-            kwargs.setdefault("multiprocessing_context", "forkserver")
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                      worker_init_fn=functools.partial(worker_init_fn, main_process=os.getpid()), **kwargs)
+        if worker_start_method() is not None:
+            kwargs.setdefault("multiprocessing_context", worker_start_method())
+    return _VideoLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        worker_init_fn=functools.partial(worker_init_fn, main_process=os.getpid()), **kwargs)
+
+
+def worker_start_method() -> str | None:
+    """How worker processes start. Forked (on Linux) while this process has not opened a video: a forked
+    worker does not import the program's main file again, as a fork server or spawn does, so a user's script
+    without an `if __name__ == "__main__":` guard runs once. Once this process has opened a video, from a fork
+    server: FFmpeg's thread pools do not survive fork() (2 forked workers can hang once the parent has read
+    720p clips). None: the platform's default (spawn)."""
+    methods = multiprocessing.get_all_start_methods()
+    if sys.platform.startswith("linux") and "fork" in methods and not opened_a_video():
+        return "fork"
+    return "forkserver" if "forkserver" in methods else None
+
+
+class _VideoLoader(DataLoader):
+    """A DataLoader whose workers start even where the main module has no file to import again (below)."""
+
+    def _get_iterator(self):
+        with _unimportable_main_hidden():
+            return super()._get_iterator()
+
+
+@contextlib.contextmanager
+def _unimportable_main_hidden():
+    """A program piped into Python (`python - < script.py`) has the main module '<stdin>', which a fork server or
+    a spawned worker tries to import again as a file, and fails (FileNotFoundError). The workers need nothing
+    from it (they run this module's code), so while they start, such a name is hidden from multiprocessing."""
+    main = sys.modules.get("__main__")
+    name = getattr(main, "__file__", None)
+    if name is None or getattr(main, "__spec__", None) is not None or os.path.isfile(name):
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = name
 
 
 def stop_workers(loader: DataLoader) -> None:

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -518,12 +519,53 @@ def test_the_readme_example_runs(trained, tmp_path, capsys):
     assert len(example.strip().splitlines()) < 15
     example = (example.replace("runs/demo/last.pt", str(checkpoint)).replace("demo.index", str(tmp_path / "demo.index"))
                .replace("~/.cache/vop/demo/world/test", str(world / "test")))
-    namespace = {}
+    namespace = {"__name__": "__main__"}  # as a script runs it
     exec(compile(example, "README.md", "exec"), namespace)
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 5 and all(Path(line.split()[1]).is_file() for line in printed)
     assert len(namespace["nearest"]) == 5 and len(namespace["captions"]) == 2
     assert namespace["vectors"].shape == namespace["texts"].shape == (1, 32)
+
+
+def python_example() -> str:
+    """The Python example of the documentation (README.md or docs/*.md): the block that builds a VideoSearch."""
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for block in page.read_text(encoding="utf-8").split("```python\n")[1:]:
+            if "VideoSearch(" in block:
+                return block.split("```", 1)[0]
+    raise AssertionError("no Python example with VideoSearch in README.md or docs/")
+
+
+@pytest.mark.slow
+def test_the_python_example_runs_as_a_saved_script_and_piped_into_python(trained, tmp_path):
+    """The documented Python example, as printed, saved as try_api.py in a copy of the repository's folder (its
+    files linked) and run there as a new user would: `python try_api.py`, then `python - < try_api.py`. Its
+    DataLoader workers must not run the script a second time (which would find the index busy), nor look for a
+    file named '<stdin>'. HOME is a folder whose ~/.cache/vop/demo/world is the small world, and runs/demo/last.pt
+    this module's checkpoint."""
+    checkpoint, world = trained
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for entry in REPO.iterdir():
+        if not entry.name.startswith(".") and entry.name not in ("runs", "tests"):
+            (clone / entry.name).symlink_to(entry)
+    (clone / "runs" / "demo").mkdir(parents=True)
+    (clone / "runs" / "demo" / "last.pt").symlink_to(checkpoint)
+    home = tmp_path / "home"
+    (home / ".cache" / "vop" / "demo").mkdir(parents=True)
+    (home / ".cache" / "vop" / "demo" / "world").symlink_to(world)
+    (clone / "try_api.py").write_text(python_example(), encoding="utf-8")
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    environment["HOME"] = str(home)
+    for how in (["try_api.py"], ["-"]):
+        for leftover in clone.glob("demo.index*"):
+            leftover.unlink()  # each run indexes afresh, so each starts its workers
+        with open(clone / "try_api.py", encoding="utf-8") as script:
+            completed = subprocess.run([sys.executable, *how], cwd=clone, env=environment, capture_output=True,
+                                       text=True, timeout=300, stdin=script if how == ["-"] else None)
+        assert completed.returncode == 0 and "Traceback" not in completed.stderr, (how, completed.stderr[-3000:])
+        printed = completed.stdout.strip().splitlines()
+        assert len(printed) == 5 and all(Path(line.split()[1]).is_file() for line in printed), completed.stdout
 
 
 # -- a video has one name; an index stays whole; a model's name stays a name -------------------------------
