@@ -52,6 +52,9 @@ def read_annotations(name: str, root, split: str, video_dir=None, skip_missing: 
     if not root.exists():
         raise FileNotFoundError(f"data root {root} does not exist: pass the dataset's folder (the CSV file for "
                                 f"csv); the README shows each dataset's layout")
+    if name not in ("csv", "synthetic") and root.is_file():
+        raise AnnotationError(f"--data {name} takes the dataset's folder, and {root} is a file: pass the folder that "
+                              f"holds it (--data csv reads a CSV file of your own)")
     video_dir = Path(video_dir) if video_dir is not None else root / "videos"
     if name in ("msrvtt-9k", "msrvtt-7k"):
         train_csv = "MSRVTT_train.9k.csv" if name == "msrvtt-9k" else "MSRVTT_train.7k.csv"
@@ -72,6 +75,9 @@ def read_annotations(name: str, root, split: str, video_dir=None, skip_missing: 
         entries, locate, annotation_file = _csv_entries(root, split)
     else:
         _check_split("synthetic", split, {"train", "test", "stills"})
+        if root.is_file():
+            raise AnnotationError(f"--data synthetic takes the world's folder (demo.make_synthetic_world), and "
+                                  f"{root} is a file; for a CSV of your own, use --data csv")
         entries, locate, annotation_file = _csv_entries(root / f"{split}.csv", None)
     return _assemble(entries, locate, annotation_file, skip_missing)
 

@@ -2,9 +2,9 @@
 
 Skip on a first reading: train.py's `train` builds the model, the optimizer and the loader and runs the loop;
 this module makes a real run safe, through one `Run` per call of `train`:
-- `Run(config, video_prompts, rank, world_size)` as a context manager locks the output folder
-  (checkpoints.RunFolder), refusing one that holds another run unless --resume or --overwrite, and releases it
-  however the run ends;
+- `Run(config, video_prompts, rank, world_size)` checks the flags and reads the annotations first (`check_flags`,
+  `check_data`), then, as a context manager, locks the output folder (checkpoints.RunFolder), refusing one that
+  holds another run unless --resume or --overwrite, and releases it however the run ends;
 - `check_videos` probes every listed video once (cached in out_dir/video_probe.json): unreadable training
   videos are left out and listed in out_dir/skipped_videos.txt, an unreadable test video stops the run
   (out_dir/unreadable_test_videos.txt);
@@ -15,6 +15,7 @@ this module makes a real run safe, through one `Run` per call of `train`:
 """
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ import torch
 from machinery import checkpoints
 from utils import distributed
 from formats import video_io
+from formats.annotations import read_annotations
+from formats.clip_weights import OPENAI_MODELS
 from utils.cli import ConfigError
 from machinery.figures import draw_curves, read_log
 from utils.files import WriteError, atomic_write, remove_leftover_temporaries
@@ -34,6 +37,7 @@ class Run:
     def __init__(self, config, video_prompts: tuple = (), rank: int = 0, world_size: int = 1):
         self.config, self.rank, self.world_size = config, rank, world_size
         check_flags(config, world_size)  # before any folder is made or anything downloaded
+        check_data(config, self.trains)  # before an earlier run's files are deleted (--overwrite)
         self.out_dir = Path(config.out_dir or default_out_dir(config.data, config.tune, video_prompts))
         self.checkpoint_path = self.out_dir / "last.pt"
         self.num_workers = config.num_workers if config.num_workers is not None else video_io.default_num_workers(
@@ -219,14 +223,36 @@ class Run:
 
 
 def check_flags(config, world_size: int) -> None:
-    """What the flags alone can tell is wrong: a --data-root that does not exist, a batch that does not split."""
+    """What the flags alone can tell is wrong: a --data-root, --clip or --resume that does not exist, a batch that
+    does not split."""
     if not Path(config.data_root).expanduser().exists():
         what = "the CSV file itself" if config.data == "csv" else f"the folder that holds {config.data}"
         raise ConfigError(f"--data-root {config.data_root} does not exist: pass {what} (the README shows each "
                           f"layout); to try VoP with no weights and no data, run the demo: python demo.py --prompts "
                           f"pos,ctx")
+    if str(config.clip) not in OPENAI_MODELS and not Path(config.clip).expanduser().exists():
+        raise FileNotFoundError(f"--clip {config.clip} does not exist: pass a model name ({', '.join(OPENAI_MODELS)}), "
+                                f"or a weights file or folder")
+    if config.resume not in (None, "auto") and not Path(config.resume).expanduser().is_file():
+        raise FileNotFoundError(f"--resume {config.resume} does not exist: pass a checkpoint file (a run's last.pt), "
+                                f"or --resume auto for out_dir/last.pt")
     if config.batch_size % world_size:
         raise ConfigError(f"--batch-size {config.batch_size} must divide evenly over {world_size} processes")
+
+
+def check_data(config, trains: bool) -> None:
+    """Read the annotations of the splits the run uses (every file, column and listed video checked; nothing is
+    decoded), so that a wrong --data-root (a folder for --data csv, a file for a benchmark), a missing file or
+    video, or a training split smaller than one batch is refused before anything slow or destructive."""
+    splits = [config.test_split] + ([config.train_split] if trains else [])
+    for split in dict.fromkeys(splits):
+        with warnings.catch_warnings():  # --skip-missing's warning: said once, when the dataset is built
+            warnings.simplefilter("ignore")
+            annotations = read_annotations(config.data, config.data_root, split, skip_missing=config.skip_missing)
+        items = len(annotations.video_ids) if config.one_caption_per_video else len(annotations.captions)
+        if trains and split == config.train_split and items < config.batch_size:
+            raise ConfigError(f"{config.data} {split} has {items} items, fewer than one batch of --batch-size "
+                              f"{config.batch_size}")
 
 
 def results_title(config, when: str, test_set) -> str:

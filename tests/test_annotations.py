@@ -107,6 +107,13 @@ def test_csv_without_split_column_has_only_training_rows(tmp_path, tiny_video):
     assert annotations.read_annotations("csv", tmp_path / "plain.csv", "train").captions == ["a clip"]
 
 
+def test_a_benchmark_given_a_file_asks_for_its_folder(tmp_path):
+    (tmp_path / "my_data.csv").write_text("video,caption\n")
+    for name in ("msrvtt-9k", "didemo", "synthetic"):
+        with pytest.raises(annotations.AnnotationError, match=rf"--data {name} takes the .*folder.*my_data.csv is a"):
+            annotations.read_annotations(name, tmp_path / "my_data.csv", "test")
+
+
 def test_csv_split_column_selects_rows_and_unknown_splits_are_named(tmp_path, tiny_video):
     place_videos(tiny_video, tmp_path, ["one.mp4", "two.mp4", "three.mp4"])
     rows = [["one.mp4", "first", "train"], ["two.mp4", "second", "test"], ["three.mp4", "third", "train"],
