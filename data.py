@@ -232,8 +232,9 @@ class VideoTextDataset(Dataset):
 
     def __init__(self, name, video_ids, video_paths, captions, caption_video_index, *, num_frames=12,
                  image_size=224, train=False, augment=None, hflip=True, one_caption_per_video=False, seed=0,
-                 frame_store=None):
+                 frame_store=None, unsplit=False):
         self.name = name
+        self.unsplit = unsplit  # read from a CSV without a split column: its rows are the training rows
         self.video_ids = list(video_ids)  # (V,) unique, in evaluation order
         self.video_paths = [Path(p) for p in video_paths]  # (V,)
         self.num_frames = num_frames
@@ -329,7 +330,7 @@ class VideoTextDataset(Dataset):
                                   [c for c, _ in pairs], [j for _, j in pairs], num_frames=self.num_frames,
                                   image_size=self.image_size, train=self.train, augment=self.augment,
                                   hflip=self.hflip, one_caption_per_video=self.one_caption_per_video, seed=self.seed,
-                                  frame_store=self.frame_store)
+                                  frame_store=self.frame_store, unsplit=self.unsplit)
         return subset
 
 
@@ -394,7 +395,7 @@ def build_dataset(name: str, root, split: str, num_frames: int = 12, image_size:
     return VideoTextDataset(name, annotations.video_ids, annotations.video_paths, annotations.captions,
                             annotations.caption_video_index, num_frames=num_frames, image_size=image_size,
                             train=train, augment=augment, hflip=hflip, one_caption_per_video=one_caption_per_video,
-                            seed=seed, frame_store=frame_store)
+                            seed=seed, frame_store=frame_store, unsplit=annotations.unsplit)
 
 
 # ----------------------------------------------------------------------------------------------------------

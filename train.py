@@ -51,7 +51,8 @@ class TrainConfig:
     data: str = option("msrvtt-9k", "dataset", choices=DATASET_NAMES)
     data_root: str = option("data/msrvtt", "the dataset's folder (the CSV file for --data csv)")
     train_split: str = option("train", "split to train on")
-    test_split: str = option("test", "split evaluated after each epoch")
+    test_split: str = option("test", "split evaluated after each epoch (of a CSV without a split column: all its "
+                                     "rows, which are the training rows)")
     prompts: str = option("", "video prompts: a comma list of pos, ctx, fn; empty = plain VoP")
     tune: str = option("prompts", "what learns: prompts, or a baseline", choices=TUNE_MODES)
     num_frames: int = option(12, "frames sampled per video", at_least(1))

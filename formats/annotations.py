@@ -37,6 +37,7 @@ class Annotations:
     captions: list  # (T,) str
     caption_video_index: list  # (T,) int into video_ids
     annotation_file: Path
+    unsplit: bool = False  # a CSV without a split column: every split is all its rows, the training rows
 
 
 def read_annotations(name: str, root, split: str, video_dir=None, skip_missing: bool = False) -> Annotations:
@@ -79,7 +80,9 @@ def read_annotations(name: str, root, split: str, video_dir=None, skip_missing: 
             raise AnnotationError(f"--data synthetic takes the world's folder (demo.make_synthetic_world), and "
                                   f"{root} is a file; for a CSV of your own, use --data csv")
         entries, locate, annotation_file = _csv_entries(root / f"{split}.csv", None)
-    return _assemble(entries, locate, annotation_file, skip_missing)
+    annotations = _assemble(entries, locate, annotation_file, skip_missing)
+    annotations.unsplit = name == "csv" and not _has_split_column(root)
+    return annotations
 
 
 # --- the layouts: each reader returns (entries, locate, annotation_file), where entries are
@@ -316,18 +319,13 @@ CSV_SPLITS = ("train", "val", "test")
 def _csv_entries(csv_path: Path, split: str | None):
     """The generic format: a headed CSV with `video,caption` rows, video paths relative to the CSV's folder;
     rows naming the same video give it several captions. An optional `split` column (train, val or test)
-    says where each row belongs. Without it every row is a training row: evaluating on them must be asked
-    for (split "train"), so that nobody reports training rows as test results by accident.
-    `split` None (the synthetic world, one file per split) takes every row."""
+    says where each row belongs. Without it every split is every row: training rows, also evaluated on (the
+    callers say "training rows" wherever such results are printed). `split` None (the synthetic world, one
+    file per split) takes every row."""
     rows = list(_read_csv_rows(csv_path, ["video", "caption"]))
     if not rows:
         raise AnnotationError(f"{csv_path} has a header but no rows: add one row per (video, caption) pair")
     has_split_column = "split" in rows[0][1]
-    if split is not None and not has_split_column and split != "train":
-        raise AnnotationError(
-            f"{csv_path} has no 'split' column, so all its rows are training rows and there is no {split!r} "
-            f"split: add a column split (train/val/test), or evaluate on the training rows by asking for split "
-            f"'train' (--test-split train / --split train)")
     entries = []
     for line, row in rows:
         if split is not None and has_split_column:
@@ -341,6 +339,12 @@ def _csv_entries(csv_path: Path, split: str | None):
         present = sorted({(row["split"] or "").strip() for _, row in rows})
         raise AnnotationError(f"{csv_path}: no row of split {split!r}; the file has {', '.join(present)}")
     return entries, (lambda video_id: csv_path.parent / video_id), csv_path
+
+
+def _has_split_column(csv_path: Path) -> bool:
+    """Whether a CSV's header has a `split` column (the file was read already: it exists and parses)."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        return "split" in (next(csv.reader(handle), None) or [])
 
 
 def _assemble(entries, locate, annotation_file, skip_missing) -> Annotations:

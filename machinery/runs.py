@@ -44,6 +44,7 @@ class Run:
             distributed.processes_per_machine())
         self.folder, self.identity, self.replaced_videos = None, {}, 0
         self.start_step, self.saved_step, self.wrote = 0, None, False
+        self.evaluated_on = f"{config.data} {config.test_split}"  # what the results describe (check_videos)
         self.clock = Progress("training", total=0, unit="samples", enabled=False)  # rate and ETA of log_step
 
     @property
@@ -87,7 +88,12 @@ class Run:
         """The training set without its unreadable videos (None stays None), after one probe of every listed
         video (`check_videos` below); a training set smaller than one batch is refused."""
         config = self.config
-        if config.test_split == config.train_split:
+        self.evaluated_on = evaluated_on(config, test_set)
+        if getattr(test_set, "unsplit", False):
+            self.log(f"note: {config.data_root} has no 'split' column, so every row is a training row, and "
+                     f"evaluation runs on the training rows: the results describe training rows, not held-out ones "
+                     f"(a column split, train/val/test, holds rows out)")
+        elif config.test_split == config.train_split:
             self.log(f"note: evaluating on the training split {config.train_split!r}: the results describe "
                      f"training rows, not held-out ones")
         train_set = check_videos(test_set, train_set, self.out_dir, self.num_workers, self.rank, self.log)
@@ -255,11 +261,17 @@ def check_data(config, trains: bool) -> None:
                               f"{config.batch_size}")
 
 
+def evaluated_on(config, test_set) -> str:
+    """'msrvtt-9k test', or 'csv test (training rows)' when the evaluated rows are the training rows (the test
+    split is the training split, or the CSV has no split column)."""
+    training_rows = config.test_split == config.train_split or getattr(test_set, "unsplit", False)
+    return f"{config.data} {config.test_split}{' (training rows)' if training_rows else ''}"
+
+
 def results_title(config, when: str, test_set) -> str:
     """'epoch 3 (msrvtt-9k test, 1000 captions)': what a results table shows, saying "training rows" when the
-    test split is the training split."""
-    label = " (training rows)" if config.test_split == config.train_split else ""
-    return f"{when} ({config.data} {config.test_split}{label}, {len(test_set.captions)} captions)"
+    evaluated rows are the training rows."""
+    return f"{when} ({evaluated_on(config, test_set)}, {len(test_set.captions)} captions)"
 
 
 def run_identity(config, clip, train_set, steps_per_epoch: int, base_lr: float, model_config) -> dict:
