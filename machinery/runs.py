@@ -176,11 +176,11 @@ class Run:
     # -- logs -----------------------------------------------------------------------------------------------
 
     def draw_curves(self) -> None:
-        """out_dir/curves.png: the loss and learning rate, and the test split's recall, so far (figures.py). A
-        picture that cannot be drawn is noted, never allowed to stop the run."""
+        """out_dir/curves.png: the loss and learning rate, and the recall on the evaluated split, so far
+        (figures.py). A picture that cannot be drawn is noted, never allowed to stop the run."""
         try:
             if self.rank == 0:
-                draw_curves(self.out_dir / "log.jsonl", self.out_dir / "curves.png")
+                draw_curves(self.out_dir / "log.jsonl", self.out_dir / "curves.png", self.evaluated_on)
         except Exception as error:  # noqa: BLE001  (a by-product: the checkpoint and the log hold the numbers)
             self.log(f"note: {self.out_dir / 'curves.png'} was not drawn: {type(error).__name__}: {error}")
 
