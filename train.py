@@ -77,7 +77,7 @@ class TrainConfig:
                                      at_least(0))
     frame_store: str | None = option(None, "decode each video once into this folder and train/evaluate from it")
     device: str = option("auto", "cuda, cpu, ...; auto picks cuda when available")
-    out_dir: str | None = option(None, "where last.pt and log.jsonl go; default runs/<data>/<method>")
+    out_dir: str | None = option(None, "where last.pt, log.jsonl and curves.png go; default runs/<data>/<method>")
     resume: str | None = option(None, "a checkpoint to continue from, or auto for out_dir/last.pt if present")
     overwrite: bool = option(False, "start afresh in an out_dir that holds an earlier run (deletes its files)")
     log_every: int = option(20, "steps between progress lines", at_least(1))
