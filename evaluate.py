@@ -446,8 +446,11 @@ class EvalConfig:
 
 def main(argv=None) -> dict:
     config = parse_config(EvalConfig, argv, __doc__.split("\n\n")[0])
-    if config.zero_shot == (config.checkpoint is not None):
-        raise ConfigError("give either --checkpoint PATH or --zero-shot (with --clip), not both")
+    if config.zero_shot and config.checkpoint is not None:
+        raise ConfigError("give --checkpoint PATH or --zero-shot, not both")
+    if not config.zero_shot and config.checkpoint is None:
+        raise ConfigError("give --checkpoint PATH or --zero-shot: a train.py run's last.pt to evaluate, or zero-shot "
+                          "CLIP (--clip, with --data and --data-root)")
     device = resolve_device(config.device)
     model, trained = None, {}  # trained: train.py's settings (the authors' release folder names no dataset)
     release = config.checkpoint is not None and Path(config.checkpoint).expanduser().is_dir()

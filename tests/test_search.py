@@ -234,9 +234,10 @@ def test_an_unreadable_video_is_skipped_listed_and_not_read_again_until_it_chang
     checkpoint = str(trained[0])
     counts = search.main(["index", str(folder), "--checkpoint", checkpoint, "--index", str(index),
                           "--num-workers", "0"])
-    assert counts["unreadable"] == 1 and counts["videos"] == 2
+    assert counts["unreadable"] == 1 and counts["videos"] == 2 and counts["new"] == 2  # the broken one is not new
     captured = capsys.readouterr()
-    assert "1 videos could not be read" in captured.err and "x.index.skipped.txt" in captured.err
+    assert f"{index}: 2 videos; 2 new, 0 changed, 0 gone, 0 unchanged, 1 unreadable" in captured.out
+    assert "1 video could not be read and was skipped" in captured.err and "x.index.skipped.txt" in captured.err
     listed = [line.split("\t") for line in (tmp_path / "x.index.skipped.txt").read_text().splitlines()
               if not line.startswith("#")]
     assert [path for path, _ in listed] == [str(broken)] and "broken.mp4" in listed[0][1]
@@ -252,7 +253,7 @@ def test_an_unreadable_video_is_skipped_listed_and_not_read_again_until_it_chang
     shutil.copy(sorted((world / "train").glob("*.mp4"))[7], broken)  # repaired
     counts = search.main(["index", str(folder), "--checkpoint", checkpoint, "--index", str(index),
                           "--num-workers", "0"])
-    assert read == ["broken.mp4"] and counts["unreadable"] == 0 and counts["videos"] == 3
+    assert read == ["broken.mp4"] and counts["unreadable"] == 0 and counts["videos"] == 3 and counts["new"] == 1
     assert not (tmp_path / "x.index.skipped.txt").exists()
 
 
@@ -441,9 +442,17 @@ def test_folders_without_videos_and_bad_queries_are_one_line(trained, tmp_path, 
     (tmp_path / "fake.index").write_text("hello")
     line = one_line_error(capsys, ["query", "a dog", "--index", str(tmp_path / "fake.index")])
     assert "not a search index" in line
+    clip = copy_clips(trained[1], tmp_path / "clips", 1)[0]
+    for not_an_index in (clip, trained[0]):  # numpy reads a video as a pickle, a checkpoint as a zip
+        line = one_line_error(capsys, ["query", "a dog", "--index", str(not_an_index)])
+        assert f"{not_an_index} is not a search index" in line and "pickle" not in line and "Error" not in line
     assert "--index" in one_line_error(capsys, ["index", str(papers), "--checkpoint", checkpoint])
     assert "not both" in one_line_error(capsys, ["query", "a dog", "--video", "x.mp4", "--index", str(index)])
     assert "--video" in one_line_error(capsys, ["query", "a dog", "--captions", "c.txt", "--index", str(index)])
+    line = one_line_error(capsys, ["query", "--captions", "c.txt", "--index", str(index)])
+    assert "--captions c.txt ranks captions for a video: give --video FILE too" in line and "both" not in line
+    line = one_line_error(capsys, ["query", "--index", str(index)])
+    assert "give a text to search for" in line and "--video FILE" in line and "both" not in line
     assert "command" in one_line_error(capsys, ["find", "a dog"])
     assert "give a model: --checkpoint or --clip" in one_line_error(capsys, ["query", "--video", "x.mp4",
                                                                              "--captions", "c.txt"])
@@ -566,6 +575,17 @@ def test_the_python_example_runs_as_a_saved_script_and_piped_into_python(trained
         assert completed.returncode == 0 and "Traceback" not in completed.stderr, (how, completed.stderr[-3000:])
         printed = completed.stdout.strip().splitlines()
         assert len(printed) == 5 and all(Path(line.split()[1]).is_file() for line in printed), completed.stdout
+
+
+def test_a_video_query_leaves_the_video_itself_out_and_says_so(test_index, trained, capsys):
+    index, _ = test_index
+    clips = sorted((trained[1] / "test").glob("*.mp4"))
+    capsys.readouterr()
+    search.main(["query", "--video", str(clips[0]), "--index", str(index), "-k", str(len(clips))])
+    shown = capsys.readouterr()
+    rows = shown.out.strip().splitlines()
+    assert len(rows) == len(clips) - 1 and str(clips[0]) not in shown.out
+    assert f"the query video itself is left out of the {len(clips) - 1} hits" in shown.err
 
 
 # -- a video has one name; an index stays whole; a model's name stays a name -------------------------------
