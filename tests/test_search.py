@@ -408,7 +408,7 @@ def test_the_html_page_is_valid_and_shows_every_hit(test_index, capsys, tmp_path
 
 
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
-                    reason="no headless chromium here (.ci/run installs Debian's)")
+                    reason="needs a headless chromium on PATH: installing one (Debian: apt install chromium) runs it")
 def test_a_browser_renders_every_hit_and_thumbnail(test_index, capsys, tmp_path):
     index, _ = test_index
     page_path = tmp_path / "hits.html"
