@@ -19,10 +19,12 @@ An epoch is every (video, caption) pair once (180k pairs on MSR-VTT-9k, as in CL
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import multiprocessing
 import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -35,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from formats.annotations import read_annotations
 from formats.clip_weights import CLIP_MEAN, CLIP_STD
 from formats.video_io import (READ_ERRORS, VideoReadError, decode_frames, default_num_workers,
-                              exit_when_process_ends, start_resource_tracker_apart)
+                              exit_when_process_ends, opened_a_video, start_resource_tracker_apart)
 from machinery.frame_store import FrameRule
 
 
@@ -230,8 +232,9 @@ class VideoTextDataset(Dataset):
 
     def __init__(self, name, video_ids, video_paths, captions, caption_video_index, *, num_frames=12,
                  image_size=224, train=False, augment=None, hflip=True, one_caption_per_video=False, seed=0,
-                 frame_store=None):
+                 frame_store=None, unsplit=False):
         self.name = name
+        self.unsplit = unsplit  # read from a CSV without a split column: its rows are the training rows
         self.video_ids = list(video_ids)  # (V,) unique, in evaluation order
         self.video_paths = [Path(p) for p in video_paths]  # (V,)
         self.num_frames = num_frames
@@ -327,7 +330,7 @@ class VideoTextDataset(Dataset):
                                   [c for c, _ in pairs], [j for _, j in pairs], num_frames=self.num_frames,
                                   image_size=self.image_size, train=self.train, augment=self.augment,
                                   hflip=self.hflip, one_caption_per_video=self.one_caption_per_video, seed=self.seed,
-                                  frame_store=self.frame_store)
+                                  frame_store=self.frame_store, unsplit=self.unsplit)
         return subset
 
 
@@ -393,7 +396,7 @@ def build_dataset(name: str, root, split: str, num_frames: int = 12, image_size:
     return VideoTextDataset(name, annotations.video_ids, annotations.video_paths, annotations.captions,
                             annotations.caption_video_index, num_frames=num_frames, image_size=image_size,
                             train=train, augment=augment, hflip=hflip, one_caption_per_video=one_caption_per_video,
-                            seed=seed, frame_store=frame_store)
+                            seed=seed, frame_store=frame_store, unsplit=annotations.unsplit)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -402,7 +405,7 @@ def build_dataset(name: str, root, split: str, num_frames: int = 12, image_size:
 def worker_init_fn(worker_id: int, main_process: int | None = None) -> None:
     """DataLoader worker setup: one OpenCV thread per worker, so that workers do not fight over the cores
     (video_io also gives FFmpeg's decoder that many threads), and an exit of its own when the main process is
-    killed (a fork server is the workers' parent, so they would not notice). No random seeding: every draw
+    killed (when a fork server is the workers' parent, they would not notice). No random seeding: every draw
     comes from VideoTextDataset.item_rng, a function of (seed, epoch, item) alone."""
     cv2.setNumThreads(1)
     if main_process is not None:
@@ -442,17 +445,53 @@ class EpochSampler(Sampler):
 def make_loader(dataset, batch_size: int, num_workers: int | None = None, **kwargs) -> DataLoader:
     """A DataLoader set up for video: `num_workers` defaults to `default_num_workers()`; the workers stay alive
     from one epoch to the next (persistent) and each keeps 2 batches ready (prefetch); one OpenCV thread per
-    worker; workers started by a fork server rather than forked from a parent that has already decoded video
-    (FFmpeg's thread pools do not survive fork(): 2 forked workers can hang once the parent has read 720p clips).
-    Stop its workers with `stop_workers` when done with it (or when stopped: they outlive an exception)."""
+    worker; started as `worker_start_method` says. Stop its workers with `stop_workers` when done with it (or
+    when stopped: they outlive an exception)."""
     num_workers = default_num_workers() if num_workers is None else num_workers
     if num_workers > 0:
         kwargs = {"persistent_workers": True, "prefetch_factor": 2, **kwargs}
-        if "forkserver" in multiprocessing.get_all_start_methods():
-            kwargs.setdefault("multiprocessing_context", "forkserver")
+        if worker_start_method() is not None:
+            kwargs.setdefault("multiprocessing_context", worker_start_method())
         start_resource_tracker_apart()
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                      worker_init_fn=functools.partial(worker_init_fn, main_process=os.getpid()), **kwargs)
+    return _VideoLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        worker_init_fn=functools.partial(worker_init_fn, main_process=os.getpid()), **kwargs)
+
+
+def worker_start_method() -> str | None:
+    """How worker processes start. Forked (on Linux) while this process has not opened a video: a forked
+    worker does not import the program's main file again, as a fork server or spawn does, so a user's script
+    without an `if __name__ == "__main__":` guard runs once. Once this process has opened a video, from a fork
+    server: FFmpeg's thread pools do not survive fork() (2 forked workers can hang once the parent has read
+    720p clips). None: the platform's default (spawn)."""
+    methods = multiprocessing.get_all_start_methods()
+    if sys.platform.startswith("linux") and "fork" in methods and not opened_a_video():
+        return "fork"
+    return "forkserver" if "forkserver" in methods else None
+
+
+class _VideoLoader(DataLoader):
+    """A DataLoader whose workers start even where the main module has no file to import again (below)."""
+
+    def _get_iterator(self):
+        with _unimportable_main_hidden():
+            return super()._get_iterator()
+
+
+@contextlib.contextmanager
+def _unimportable_main_hidden():
+    """A program piped into Python (`python - < script.py`) has the main module '<stdin>', which a fork server or
+    a spawned worker tries to import again as a file, and fails (FileNotFoundError). The workers need nothing
+    from it (they run this module's code), so while they start, such a name is hidden from multiprocessing."""
+    main = sys.modules.get("__main__")
+    name = getattr(main, "__file__", None)
+    if name is None or getattr(main, "__spec__", None) is not None or os.path.isfile(name):
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = name
 
 
 def stop_workers(loader: DataLoader) -> None:

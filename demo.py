@@ -27,11 +27,12 @@ import data
 import evaluate
 from machinery import runs
 import train
-from utils.cli import build_parser, resolve_device, run_command
+from utils.cli import (build_parser, check_config, flag_errors, resolve_device, resolve_precision, run_command)
 from machinery.figures import draw_comparison
 from utils.files import atomic_write, read_torch_file, temporary_path
+from formats.clip_weights import OPENAI_MODELS
 from formats.video_io import write_video
-from vop import VoP, VoPConfig
+from vop import VoP, VoPConfig, parse_video_prompts
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,9 +244,27 @@ def link_tiny_clip(path: Path) -> Path:
     return link
 
 
+def check_settings(config: train.TrainConfig) -> None:
+    """What train.py would refuse in the demo's settings, refused before the world is built or anything is
+    trained: each flag's value, the video prompts and the model's settings, the device and precision, a
+    --clip or --resume that does not exist."""
+    check_config(config)
+    with flag_errors(video_prompts="prompts"):
+        VoPConfig(config.prompts, num_frames=config.num_frames, tune=config.tune,
+                  num_text_prompts=config.num_text_prompts, num_visual_prompts=config.num_visual_prompts,
+                  video_prompt_length=config.video_prompt_length, fn_layers=config.fn_layers)
+    resolve_precision(config.precision, resolve_device(config.device))
+    for flag, path in (("--clip", config.clip), ("--resume", config.resume)):
+        if path and path != "auto" and path not in OPENAI_MODELS and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"{flag} {path} does not exist")
+
+
 def run(overrides: dict, evaluate_before: bool = True) -> dict:
     """The demo; `overrides` are the TrainConfig fields the user set (`parse_options`)."""
     started = time.time()
+    demo_settings = {**dataclasses.asdict(train.TrainConfig()), **TUNE, "out_dir": "runs/demo",
+                     "overwrite": not overrides.get("resume")}
+    check_settings(train.TrainConfig(**{**demo_settings, "clip": "", **overrides}))
     root = DEMO_ROOT
     root.mkdir(parents=True, exist_ok=True)
     print("[demo] the synthetic demo (see demo.py): it makes its own data and its own tiny CLIP, so it needs no "
@@ -254,12 +273,11 @@ def run(overrides: dict, evaluate_before: bool = True) -> dict:
     world = make_synthetic_world(root / "world", **WORLD)
     clip_path = pretrained_tiny_clip(world, root, overrides)
     print(f"[demo] to train this tiny CLIP on your own videos: python train.py --clip {link_tiny_clip(clip_path)} "
-          f"--data csv --data-root my_data.csv (it sees 32 x 32 px frames)")
+          f"--data csv --data-root my_data.csv --no-flip (it sees 32 x 32 px frames; --no-flip, since a mirrored "
+          f"clip would contradict captions that say left or right)")
 
     # The demo's runs are disposable: each starts afresh in runs/demo, unless asked to --resume.
-    tuned = train.TrainConfig(**{**dataclasses.asdict(train.TrainConfig()), **TUNE,
-                                 "clip": str(clip_path), "data_root": str(world), "out_dir": "runs/demo",
-                                 "overwrite": not overrides.get("resume"), **overrides})
+    tuned = train.TrainConfig(**{**demo_settings, "clip": str(clip_path), "data_root": str(world), **overrides})
     device = resolve_device(tuned.device)
     if evaluate_before or tuned.tune == "zero-shot":
         print(f"[demo] step 3: the tiny CLIP before any tuning. The test split is {WORLD['num_test_pairs']} "
@@ -273,7 +291,9 @@ def run(overrides: dict, evaluate_before: bool = True) -> dict:
     what = f"VoP with video prompts {tuned.prompts!r}" if tuned.prompts else "plain VoP (text + visual prompts)"
     print(f"[demo] step 4: {tuned.tune} tuning of {what} on the moving clips; CLIP stays frozen.")
     results = train.train(tuned)
-    out_dir = Path(tuned.out_dir or runs.default_out_dir(tuned))
+    out_dir = Path(tuned.out_dir or runs.default_out_dir(tuned.data, tuned.tune, parse_video_prompts(tuned.prompts)))
+    if (out_dir / "curves.png").is_file():
+        print(f"[demo] wrote {out_dir / 'curves.png'}: the training loss and learning rate, and the test recall")
     model, _ = evaluate.load_model_from_checkpoint(out_dir / "last.pt", device)
     results["pairs"] = score_reversal_pairs(model, world, device)
     print(f"[demo] done in {time.time() - started:.0f} s. Every configuration, as in the README's table: "
@@ -312,10 +332,15 @@ def run_all(overrides: dict, figure: Path = Path("runs/demo-all/comparison.png")
 def parse_options(argv=None) -> tuple[dict, bool]:
     """(the TrainConfig fields set on the command line, whether --all was asked for): the demo keeps its own
     settings for every field not given."""
-    parser = build_parser(train.TrainConfig, __doc__.split("\n\n")[0], only_given=True)
-    parser.prog = "demo.py"
+    help_of = {f.name: f"{f.metadata['help']} (the demo's setting: {TUNE[f.name]})"
+               for f in dataclasses.fields(train.TrainConfig) if f.name in TUNE}
+    help_of.update(clip="CLIP to prompt-tune; default: the demo's tiny CLIP, pretrained on the world's stills",
+                   out_dir="where last.pt, log.jsonl and curves.png go; default runs/demo",
+                   overwrite="the demo starts afresh in --out-dir unless --resume is given (default)")
+    parser = build_parser(train.TrainConfig, __doc__.split("\n\n")[0], only_given=True, prog="demo.py",
+                          leave_out=("data", "data_root"), help_of=help_of)
     parser.epilog = ("Any of train.py's flags above overrides the demo's own setting, e.g. --prompts pos,ctx or "
-                     "--epochs 4.")
+                     "--epochs 4. The data is the demo's synthetic world (~/.cache/vop/demo/world).")
     parser.add_argument("--all", action="store_true", default=False,
                         help="train and evaluate every row of the README's table (about 10 minutes on 2 cores) and "
                              "draw runs/demo-all/comparison.png")

@@ -433,8 +433,11 @@ def check_image_path(path, flag: str) -> None:
 
 def main(argv=None) -> dict:
     config = parse_config(EvalConfig, argv, __doc__.split("\n\n")[0])
-    if config.zero_shot == (config.checkpoint is not None):
-        raise ConfigError("give either --checkpoint PATH or --zero-shot (with --clip), not both")
+    if config.zero_shot and config.checkpoint is not None:
+        raise ConfigError("give --checkpoint PATH or --zero-shot, not both")
+    if not config.zero_shot and config.checkpoint is None:
+        raise ConfigError("give --checkpoint PATH or --zero-shot: a train.py run's last.pt to evaluate, or zero-shot "
+                          "CLIP (--clip, with --data and --data-root)")
     if config.examples:
         check_image_path(config.examples, "--examples")  # before any work, not after the whole evaluation
     device = resolve_device(config.device)
@@ -467,13 +470,17 @@ def main(argv=None) -> dict:
     dataset.image_size = model.clip.visual.input_resolution
     print(f"{model_name} on {name} {config.split}: {len(dataset.captions)} captions, "
           f"{len(dataset.video_ids)} videos", file=sys.stderr)
+    if dataset.unsplit:
+        print(f"note: {root} has no 'split' column, so every split is all its rows, the training rows: the results "
+              f"describe training rows, not held-out ones", file=sys.stderr)
     if store is not None:
         store.build(dataset, config.num_workers, log=lambda line: print(line, file=sys.stderr))
     text_embeddings, video_embeddings = embed(model, dataset, config.batch_size, config.num_workers, device,
                                               resolve_precision(config.precision, device), show_progress=True)
     results = metrics_from_embeddings(text_embeddings, video_embeddings, dataset.caption_video_index, config.dsl,
                                       config.dsl_temperature, score_device=device)
-    rows = " (training rows)" if config.split == trained.get("train_split", "train") else ""
+    training_rows = config.split == trained.get("train_split", "train") or dataset.unsplit
+    rows = " (training rows)" if training_rows else ""
     print(format_results(results, f"{name} {config.split}{rows}"))
     if config.examples:
         draw_examples(dataset, text_embeddings, video_embeddings, config.examples,

@@ -218,7 +218,9 @@ class VideoSearch:
 
     def update(self, folders) -> dict:
         """Bring the index up to date with the videos under `folders`: embed the new and changed ones, drop the
-        gone ones. Returns the counts {"new", "changed", "gone", "unchanged", "unreadable", "videos"}.
+        gone ones. Returns the counts {"new", "changed", "gone", "unchanged", "unreadable", "videos"}: "new" and
+        "changed" the videos embedded now, "unreadable" those skipped (now, or earlier and unchanged since),
+        "videos" those the index holds.
         Under torchrun every process calls this: each embeds its share, rank 0 writes the index."""
         self._require_index()
         rank, _ = distributed.rank_and_world_size()
@@ -239,11 +241,14 @@ class VideoSearch:
                 raise error
             progress = Progress(f"embedding videos for {self.index_path.name}", len(todo), "videos",
                                 stream=sys.stderr, enabled=self.show_progress and rank == 0)
-            done, failed = 0, 0
+            done, failed, failed_changed = 0, 0, 0
             try:
                 for indices, embeddings, errors in self._embedded_batches([path for path, _ in todo]):
                     done += len(indices)
                     failed += sum(1 for error in errors if error)
+                    # writer.plan lists the changed videos first, then the new ones
+                    failed_changed += sum(1 for index, error in zip(indices, errors)
+                                          if error and index < counts["changed"])
                     if writer is not None:
                         _write_batch(writer, [todo[index] for index in indices], embeddings, errors)
                     if done < len(todo):  # the last line is finish's
@@ -260,6 +265,8 @@ class VideoSearch:
             if todo:
                 progress.finish(f"{failed} unreadable" if failed else "")
             counts["unreadable"] += failed
+            counts["changed"] -= failed_changed
+            counts["new"] -= failed - failed_changed
         return distributed.from_first_process(counts)  # rank 0's, which alone knows how many the index holds
 
     def _embedded_batches(self, paths: list[str]):
@@ -568,7 +575,8 @@ class QueryConfig(ModelOptions):
     text: str | None = option(None, "what to search for (or --video)", positional="?")
     index: str | None = option(None, "the index to search (its model is loaded from what it recorded)")
     k: int = option(10, "how many hits", at_least(1), short="-k")
-    video: str | None = option(None, "query with a video file instead of a text: the nearest videos")
+    video: str | None = option(None, "query with a video file instead of a text: the nearest videos (the video "
+                                     "itself left out, so a query of an indexed video shows the k others)")
     captions: str | None = option(None, "with --video: a text file of captions, one per line, ranked for the video")
     json: bool = option(False, "print a JSON list of {rank, score, video or caption}, best first, and nothing else")
     html: str | None = option(None, "also write a page with each hit's frames (e.g. hits.html), thumbnails inside; "
@@ -587,19 +595,25 @@ def index_main(config: IndexConfig) -> dict:
     search = VideoSearch(model, config.index, device, config.precision, config.batch_size, config.num_workers)
     counts = search.update(config.folders)
     if distributed.rank_and_world_size()[0] == 0:
-        print(f"{printable(str(search.index_path))}: {counts['videos']} videos; {counts['new']} new, "
-              f"{counts['changed']} changed, {counts['gone']} gone, {counts['unchanged']} unchanged")
+        print(f"{printable(str(search.index_path))}: {_count(counts['videos'], 'video')}; {counts['new']} new, "
+              f"{counts['changed']} changed, {counts['gone']} gone, {counts['unchanged']} unchanged, "
+              f"{counts['unreadable']} unreadable")
         if counts["unreadable"]:
-            print(f"warning: {counts['unreadable']} videos could not be read and were skipped; they are listed in "
+            print(f"warning: {_count(counts['unreadable'], 'video')} could not be read and "
+                  f"{'was' if counts['unreadable'] == 1 else 'were'} skipped; listed in "
                   f"{skipped_list(search.index_path)}", file=sys.stderr)
     return counts
 
 
 def query_main(config: QueryConfig) -> list[dict]:
-    if (config.text is None) == (config.video is None):
-        raise ConfigError("give a text to search for, or --video FILE (not both)")
     if config.captions and not config.video:
-        raise ConfigError("--captions ranks captions for a video: give --video FILE too")
+        raise ConfigError(f"--captions {config.captions} ranks captions for a video: give --video FILE too"
+                          + (", instead of a text" if config.text is not None else ""))
+    if config.text is not None and config.video is not None:
+        raise ConfigError("give a text to search for or --video FILE, not both")
+    if config.text is None and config.video is None:
+        raise ConfigError('give a text to search for (in quotes: search.py query "a dog runs" --index ...), or '
+                          '--video FILE')
     if config.index is None and not (config.captions and (config.checkpoint or config.clip)):
         raise ConfigError("give a model: --checkpoint or --clip (or --index, to use the model it recorded)"
                           if config.captions else "--index: name the index to search (made by `search.py index`)")
@@ -631,6 +645,8 @@ def query_main(config: QueryConfig) -> list[dict]:
     else:
         for hit in hits:
             print(f"{hit['rank']:4d}  {hit['score']:.4f}  {printable(hit[key])}")
+    if config.video and not config.captions:
+        print(f"note: the query video itself is left out of the {len(hits)} hits", file=sys.stderr)
     if config.html:
         if config.video and not config.html_folders:
             title = title.replace(config.video, Path(config.video).name)
@@ -640,6 +656,11 @@ def query_main(config: QueryConfig) -> list[dict]:
         write_page(config.html, title, hits, config.video, about, config.html_folders)
         print(f"wrote {config.html}", file=sys.stderr)
     return hits
+
+
+def _count(number: int, noun: str) -> str:
+    """'1 video', '2 videos'."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _read_captions(path) -> list[str]:
@@ -666,10 +687,13 @@ def main(argv=None):
             print(f"{summary}\n\n{usage}\n\nThe flags of each command: python search.py index --help, python search.py "
                   f"query --help")
             return None
-        raise ConfigError(f"the first word must be a command, index or query (got {argv[0] if argv else 'none'}); "
-                          f"see python search.py --help")
+        if not argv:
+            raise ConfigError('give a command: python search.py index FOLDER --checkpoint last.pt --index my.index, '
+                              'then python search.py query "a text" --index my.index (python search.py --help)')
+        raise ConfigError(f"the first word must be a command, index or query (got {argv[0]}); see python search.py "
+                          f"--help")
     config_class, command, description = COMMANDS[argv[0]]
-    return command(parse_config(config_class, argv[1:], description))
+    return command(parse_config(config_class, argv[1:], description, prog=f"search.py {argv[0]}"))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ class TrainConfig:
     data: str = option("msrvtt-9k", "dataset", choices=DATASET_NAMES)
     data_root: str = option("data/msrvtt", "the dataset's folder (the CSV file for --data csv)")
     train_split: str = option("train", "split to train on")
-    test_split: str = option("test", "split evaluated after each epoch")
+    test_split: str = option("test", "split evaluated after each epoch (of a CSV without a split column: all its "
+                                     "rows, which are the training rows)")
     prompts: str = option("", "video prompts: a comma list of pos, ctx, fn; empty = plain VoP")
     tune: str = option(VoPConfig.tune, "what learns: prompts, or a baseline", choices=TUNE_MODES)
     num_frames: int = option(VoPConfig.num_frames, "frames sampled per video", at_least(1))
@@ -78,7 +79,7 @@ class TrainConfig:
                                      at_least(0))
     frame_store: str | None = option(None, "decode each video once into this folder and train/evaluate from it")
     device: str = option("auto", "cuda, cpu, ...; auto picks cuda when available")
-    out_dir: str | None = option(None, "where last.pt and log.jsonl go; default runs/<data>/<method>")
+    out_dir: str | None = option(None, "where last.pt, log.jsonl and curves.png go; default runs/<data>/<method>")
     resume: str | None = option(None, "a checkpoint to continue from, or auto for out_dir/last.pt if present")
     overwrite: bool = option(False, "start afresh in an out_dir that holds an earlier run (deletes its files)")
     log_every: int = option(20, "steps between progress lines", at_least(1))

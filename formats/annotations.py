@@ -37,6 +37,7 @@ class Annotations:
     captions: list  # (T,) str
     caption_video_index: list  # (T,) int into video_ids
     annotation_file: Path
+    unsplit: bool = False  # a CSV without a split column: every split is all its rows, the training rows
 
 
 def read_annotations(name: str, root, split: str, video_dir=None, skip_missing: bool = False) -> Annotations:
@@ -52,6 +53,9 @@ def read_annotations(name: str, root, split: str, video_dir=None, skip_missing: 
     if not root.exists():
         raise FileNotFoundError(f"data root {root} does not exist: pass the dataset's folder (the CSV file for "
                                 f"csv); the README shows each dataset's layout")
+    if name not in ("csv", "synthetic") and root.is_file():
+        raise AnnotationError(f"--data {name} takes the dataset's folder, and {root} is a file: pass the folder that "
+                              f"holds it (--data csv reads a CSV file of your own)")
     video_dir = Path(video_dir) if video_dir is not None else root / "videos"
     if name in ("msrvtt-9k", "msrvtt-7k"):
         train_csv = "MSRVTT_train.9k.csv" if name == "msrvtt-9k" else "MSRVTT_train.7k.csv"
@@ -72,8 +76,13 @@ def read_annotations(name: str, root, split: str, video_dir=None, skip_missing: 
         entries, locate, annotation_file = _csv_entries(root, split)
     else:
         _check_split("synthetic", split, {"train", "test", "stills"})
+        if root.is_file():
+            raise AnnotationError(f"--data synthetic takes the world's folder (demo.make_synthetic_world), and "
+                                  f"{root} is a file; for a CSV of your own, use --data csv")
         entries, locate, annotation_file = _csv_entries(root / f"{split}.csv", None)
-    return _assemble(entries, locate, annotation_file, skip_missing)
+    annotations = _assemble(entries, locate, annotation_file, skip_missing)
+    annotations.unsplit = name == "csv" and not _has_split_column(root)
+    return annotations
 
 
 # --- the layouts: each reader returns (entries, locate, annotation_file), where entries are
@@ -310,18 +319,13 @@ CSV_SPLITS = ("train", "val", "test")
 def _csv_entries(csv_path: Path, split: str | None):
     """The generic format: a headed CSV with `video,caption` rows, video paths relative to the CSV's folder;
     rows naming the same video give it several captions. An optional `split` column (train, val or test)
-    says where each row belongs. Without it every row is a training row: evaluating on them must be asked
-    for (split "train"), so that nobody reports training rows as test results by accident.
-    `split` None (the synthetic world, one file per split) takes every row."""
+    says where each row belongs. Without it every split is every row: training rows, also evaluated on (the
+    callers say "training rows" wherever such results are printed). `split` None (the synthetic world, one
+    file per split) takes every row."""
     rows = list(_read_csv_rows(csv_path, ["video", "caption"]))
     if not rows:
         raise AnnotationError(f"{csv_path} has a header but no rows: add one row per (video, caption) pair")
     has_split_column = "split" in rows[0][1]
-    if split is not None and not has_split_column and split != "train":
-        raise AnnotationError(
-            f"{csv_path} has no 'split' column, so all its rows are training rows and there is no {split!r} "
-            f"split: add a column split (train/val/test), or evaluate on the training rows by asking for split "
-            f"'train' (--test-split train / --split train)")
     entries = []
     for line, row in rows:
         if split is not None and has_split_column:
@@ -335,6 +339,12 @@ def _csv_entries(csv_path: Path, split: str | None):
         present = sorted({(row["split"] or "").strip() for _, row in rows})
         raise AnnotationError(f"{csv_path}: no row of split {split!r}; the file has {', '.join(present)}")
     return entries, (lambda video_id: csv_path.parent / video_id), csv_path
+
+
+def _has_split_column(csv_path: Path) -> bool:
+    """Whether a CSV's header has a `split` column (the file was read already: it exists and parses)."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        return "split" in (next(csv.reader(handle), None) or [])
 
 
 def _assemble(entries, locate, annotation_file, skip_missing) -> Annotations:

@@ -69,9 +69,9 @@ def _read(path: Path) -> tuple[dict, dict]:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in ("header", "path_bytes", "path_ends", "sizes", "mtimes_ns", "norms")}
         header = json.loads(arrays.pop("header").tobytes().decode("utf-8"))
-    except Exception as error:  # not a zip, a foreign .npz, bad JSON: all mean "not an index"
-        raise IndexFileError(f"{path} is not a search index written by search.py ({type(error).__name__}: "
-                             f"{str(error).splitlines()[0] if str(error) else ''}); pass a new --index") from None
+    except Exception:  # not a zip, a foreign .npz, bad JSON: all mean "not an index" (numpy's reason would mislead)
+        raise IndexFileError(f"{path} is not a search index (the file `search.py index` writes): pass the index "
+                             f"you made, or a new --index name to make one") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         found = header.get("format") if isinstance(header, dict) else None
         raise IndexFileError(f"{path} is an index of format {found!r}; this code reads format {FORMAT}: index "

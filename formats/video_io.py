@@ -44,6 +44,15 @@ if "OPENCV_LOG_LEVEL" not in os.environ:
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
+# Whether this process has opened a video with FFmpeg (to read or to write one): FFmpeg's thread pools do not
+# survive fork(), so from then on worker processes are started by a fork server instead (data.make_loader).
+_opened_a_video = False
+
+
+def opened_a_video() -> bool:
+    """Whether this process (or the process it was forked from) has opened a video file with FFmpeg."""
+    return _opened_a_video
+
 
 class VideoReadError(UserError):
     """A video file that OpenCV cannot open or from which no frame decodes."""
@@ -85,6 +94,8 @@ def _open_capture(path: Path, raw_packets: bool = False) -> cv2.VideoCapture:
     if status is not None and not S_ISREG(status.st_mode):  # a named pipe would block the open for ever
         raise VideoReadError(f"{path}: cannot open video: it is not a regular file (a named pipe, a device or a "
                              f"socket); only video files are read")
+    global _opened_a_video
+    _opened_a_video = True
     params = [cv2.CAP_PROP_N_THREADS, cv2.getNumThreads()] if hasattr(cv2, "CAP_PROP_N_THREADS") else []
     with _name_for_opencv(path) as name:
         capture = cv2.VideoCapture(name, cv2.CAP_FFMPEG, params + ([cv2.CAP_PROP_FORMAT, -1] if raw_packets else []))
@@ -557,6 +568,8 @@ def _write_json_atomically(path: Path, content) -> None:
 
 def write_video(path, frames_rgb: np.ndarray, fps: float = 8.0, fourcc: str = "mp4v") -> Path:
     """Encode (T, H, W, 3) uint8 RGB frames with cv2.VideoWriter. Raises if OpenCV cannot encode them."""
+    global _opened_a_video
+    _opened_a_video = True
     path = Path(path)
     height, width = frames_rgb.shape[1:3]
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (width, height))

@@ -200,11 +200,11 @@ class RunFolder:
         earlier, checkpoint = self.existing_run(), self.out_dir / "last.pt"
         resuming_here = resume == "auto" or (resume and Path(resume).resolve() == checkpoint.resolve())
         if earlier and overwrite:
-            log(f"--overwrite: deleting the earlier run's {', '.join(earlier)} in {self.out_dir}")
+            log(f"--overwrite: deleting the earlier run's {', '.join(self.run_files())} in {self.out_dir}")
             self.clear()
         elif earlier and resume == "auto" and not checkpoint.is_file():
             log(f"--resume auto: {self.out_dir} holds no checkpoint (the earlier run stopped before its first "
-                f"save): starting afresh")
+                f"save): starting afresh, deleting its {', '.join(self.run_files())}")
             self.clear()
         elif earlier and not resuming_here and trains:
             return (f"{self.out_dir} holds an earlier run ({', '.join(earlier)}): pass --resume auto to continue it, "
@@ -215,6 +215,10 @@ class RunFolder:
         """The files of an earlier run that trained in this folder (a run that stopped before training, e.g. on
         an unreadable test video, leaves only lists, which do not count)."""
         return [name for name in RUN_EVIDENCE if (self.out_dir / name).exists()]
+
+    def run_files(self) -> list[str]:
+        """The files of a run in this folder, all that `clear` deletes."""
+        return [name for name in RUN_FILES if (self.out_dir / name).exists()]
 
     def clear(self) -> None:
         """--overwrite: remove an earlier run's files (not the probe or frame caches, which stay valid)."""

@@ -2,9 +2,9 @@
 
 Skip on a first reading: train.py's `train` builds the model, the optimizer and the loader and runs the loop;
 this module makes a real run safe, through one `Run` per call of `train`:
-- `Run(config, video_prompts, rank, world_size)` as a context manager locks the output folder
-  (checkpoints.RunFolder), refusing one that holds another run unless --resume or --overwrite, and releases it
-  however the run ends;
+- `Run(config, video_prompts, rank, world_size)` checks the flags and reads the annotations first (`check_flags`,
+  `check_data`), then, as a context manager, locks the output folder (checkpoints.RunFolder), refusing one that
+  holds another run unless --resume or --overwrite, and releases it however the run ends;
 - `check_videos` probes every listed video once (cached in out_dir/video_probe.json): unreadable training
   videos are left out and listed in out_dir/skipped_videos.txt, an unreadable test video stops the run
   (out_dir/unreadable_test_videos.txt);
@@ -16,6 +16,7 @@ this module makes a real run safe, through one `Run` per call of `train`:
 import dataclasses
 import json
 import signal
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ import torch
 from machinery import checkpoints
 from utils import distributed
 from formats import video_io
+from formats.annotations import read_annotations
+from formats.clip_weights import OPENAI_MODELS
 from utils.cli import ConfigError
 from utils.errors import Stopped, TrainingDiverged
 from machinery.figures import draw_curves, read_log
@@ -36,12 +39,14 @@ class Run:
     def __init__(self, config, video_prompts: tuple = (), rank: int = 0, world_size: int = 1):
         self.config, self.rank, self.world_size = config, rank, world_size
         check_flags(config, world_size)  # before any folder is made or anything downloaded
+        check_data(config, self.trains)  # before an earlier run's files are deleted (--overwrite)
         self.out_dir = Path(config.out_dir or default_out_dir(config.data, config.tune, video_prompts))
         self.checkpoint_path = self.out_dir / "last.pt"
         self.num_workers = config.num_workers if config.num_workers is not None else video_io.default_num_workers(
             distributed.processes_per_machine())
         self.folder, self.identity, self.replaced_videos, self.replaced_this_epoch = None, {}, 0, []
         self.start_step, self.saved_step, self.wrote = 0, None, False
+        self.evaluated_on = f"{config.data} {config.test_split}"  # what the results describe (check_videos)
         self.clock = Progress("training", total=0, unit="samples", enabled=False)  # rate and ETA of log_step
 
     @property
@@ -85,7 +90,12 @@ class Run:
         """The training set without its unreadable videos (None stays None), after one probe of every listed
         video (`check_videos` below); a training set smaller than one batch is refused."""
         config = self.config
-        if config.test_split == config.train_split:
+        self.evaluated_on = evaluated_on(config, test_set)
+        if getattr(test_set, "unsplit", False):
+            self.log(f"note: {config.data_root} has no 'split' column, so every row is a training row, and "
+                     f"evaluation runs on the training rows: the results describe training rows, not held-out ones "
+                     f"(a column split, train/val/test, holds rows out)")
+        elif config.test_split == config.train_split:
             self.log(f"note: evaluating on the training split {config.train_split!r}: the results describe "
                      f"training rows, not held-out ones")
         train_set = check_videos(test_set, train_set, self.out_dir, self.num_workers, self.rank, self.log)
@@ -179,11 +189,11 @@ class Run:
     # -- logs -----------------------------------------------------------------------------------------------
 
     def draw_curves(self) -> None:
-        """out_dir/curves.png: the loss and learning rate, and the test split's recall, so far (figures.py). A
-        picture that cannot be drawn is noted, never allowed to stop the run."""
+        """out_dir/curves.png: the loss and learning rate, and the recall on the evaluated split, so far
+        (figures.py). A picture that cannot be drawn is noted, never allowed to stop the run."""
         try:
             if self.rank == 0:
-                draw_curves(self.out_dir / "log.jsonl", self.out_dir / "curves.png")
+                draw_curves(self.out_dir / "log.jsonl", self.out_dir / "curves.png", self.evaluated_on)
         except Exception as error:  # noqa: BLE001  (a by-product: the checkpoint and the log hold the numbers)
             self.log(f"note: {self.out_dir / 'curves.png'} was not drawn: {type(error).__name__}: {error}")
 
@@ -236,21 +246,49 @@ class Run:
 
 
 def check_flags(config, world_size: int) -> None:
-    """What the flags alone can tell is wrong: a --data-root that does not exist, a batch that does not split."""
+    """What the flags alone can tell is wrong: a --data-root, --clip or --resume that does not exist, a batch that
+    does not split."""
     if not Path(config.data_root).expanduser().exists():
         what = "the CSV file itself" if config.data == "csv" else f"the folder that holds {config.data}"
-        raise ConfigError(f"--data-root {config.data_root} does not exist: pass {what} (the README shows each "
+        raise ConfigError(f"--data-root {config.data_root} does not exist: pass {what} (docs/data.md shows each "
                           f"layout); to try VoP with no weights and no data, run the demo: python demo.py --prompts "
                           f"pos,ctx")
+    if str(config.clip) not in OPENAI_MODELS and not Path(config.clip).expanduser().exists():
+        raise FileNotFoundError(f"--clip {config.clip} does not exist: pass a model name "
+                                f"({', '.join(OPENAI_MODELS)}), or a weights file or folder")
+    if config.resume not in (None, "auto") and not Path(config.resume).expanduser().is_file():
+        raise FileNotFoundError(f"--resume {config.resume} does not exist: pass a checkpoint file (a run's last.pt), "
+                                f"or --resume auto for out_dir/last.pt")
     if config.batch_size % world_size:
         raise ConfigError(f"--batch-size {config.batch_size} must divide evenly over {world_size} processes")
 
 
+def check_data(config, trains: bool) -> None:
+    """Read the annotations of the splits the run uses (every file, column and listed video checked; nothing is
+    decoded), so that a wrong --data-root (a folder for --data csv, a file for a benchmark), a missing file or
+    video, or a training split smaller than one batch is refused before anything slow or destructive."""
+    splits = [config.test_split] + ([config.train_split] if trains else [])
+    for split in dict.fromkeys(splits):
+        with warnings.catch_warnings():  # --skip-missing's warning: said once, when the dataset is built
+            warnings.simplefilter("ignore")
+            annotations = read_annotations(config.data, config.data_root, split, skip_missing=config.skip_missing)
+        items = len(annotations.video_ids) if config.one_caption_per_video else len(annotations.captions)
+        if trains and split == config.train_split and items < config.batch_size:
+            raise ConfigError(f"{config.data} {split} has {items} items, fewer than one batch of --batch-size "
+                              f"{config.batch_size}")
+
+
+def evaluated_on(config, test_set) -> str:
+    """'msrvtt-9k test', or 'csv test (training rows)' when the evaluated rows are the training rows (the test
+    split is the training split, or the CSV has no split column)."""
+    training_rows = config.test_split == config.train_split or getattr(test_set, "unsplit", False)
+    return f"{config.data} {config.test_split}{' (training rows)' if training_rows else ''}"
+
+
 def results_title(config, when: str, test_set) -> str:
     """'epoch 3 (msrvtt-9k test, 1000 captions)': what a results table shows, saying "training rows" when the
-    test split is the training split."""
-    label = " (training rows)" if config.test_split == config.train_split else ""
-    return f"{when} ({config.data} {config.test_split}{label}, {len(test_set.captions)} captions)"
+    evaluated rows are the training rows."""
+    return f"{when} ({evaluated_on(config, test_set)}, {len(test_set.captions)} captions)"
 
 
 def run_identity(config, clip, train_set, steps_per_epoch: int, base_lr: float, model_config) -> dict:

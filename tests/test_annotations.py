@@ -98,13 +98,51 @@ def test_generic_csv_resolves_paths_relative_to_the_csv_and_groups_captions(tmp_
     assert dataset.caption_video_index == [0, 1, 0] and dataset.captions[2] == "first again"
 
 
-def test_csv_without_split_column_has_only_training_rows(tmp_path, tiny_video):
-    place_videos(tiny_video, tmp_path, ["one.mp4"])
-    write_csv(tmp_path / "plain.csv", ["video", "caption"], [["one.mp4", "a clip"]])
-    for split in ("test", "val"):  # evaluating on training rows must be asked for, as split "train"
-        with pytest.raises(annotations.AnnotationError, match=rf"plain.csv.*split.*'{split}'"):
-            annotations.read_annotations("csv", tmp_path / "plain.csv", split)
-    assert annotations.read_annotations("csv", tmp_path / "plain.csv", "train").captions == ["a clip"]
+def test_csv_without_split_column_is_every_row_in_every_split(tmp_path, tiny_video):
+    """The README's own-data CSV ("video,caption"): each split is all its rows, marked as training rows."""
+    place_videos(tiny_video, tmp_path, ["one.mp4", "two.mp4"])
+    write_csv(tmp_path / "plain.csv", ["video", "caption"], [["one.mp4", "a clip"], ["two.mp4", "another"]])
+    for split in ("train", "val", "test"):
+        read = annotations.read_annotations("csv", tmp_path / "plain.csv", split)
+        assert read.captions == ["a clip", "another"] and read.unsplit, split
+    assert data.build_dataset("csv", tmp_path / "plain.csv", "test").unsplit
+    assert data.build_dataset("csv", tmp_path / "plain.csv", "test").without_videos([0]).unsplit
+    (tmp_path / "split.csv").write_text("\ufeffvideo,caption,split\none.mp4,a clip,test\n", encoding="utf-8")
+    assert not annotations.read_annotations("csv", tmp_path / "split.csv", "test").unsplit  # a split column (Excel)
+    assert not annotations.read_annotations("synthetic", _world(tmp_path, tiny_video), "test").unsplit
+
+
+def _world(tmp_path, tiny_video):
+    world = tmp_path / "world"
+    place_videos(tiny_video, world, ["a.mp4"])
+    write_csv(world / "test.csv", ["video", "caption"], [["a.mp4", "a clip"]])
+    return world
+
+
+def test_a_benchmark_given_a_file_asks_for_its_folder(tmp_path):
+    (tmp_path / "my_data.csv").write_text("video,caption\n")
+    for name in ("msrvtt-9k", "didemo", "synthetic"):
+        with pytest.raises(annotations.AnnotationError, match=rf"--data {name} takes the .*folder.*my_data.csv is a"):
+            annotations.read_annotations(name, tmp_path / "my_data.csv", "test")
+
+
+def test_the_own_data_command_trains_and_evaluates_a_csv_without_a_split_column(small_setup, tmp_path, capsys):
+    """`train.py --clip TINY --data csv --data-root my_data.csv --no-flip` on a "video,caption" CSV trains and
+    evaluates, saying that the results describe training rows; evaluate.py then needs no --split."""
+    import evaluate
+    import train
+    clip_path, world = small_setup
+    lines = (world / "train.csv").read_text().splitlines()
+    rows = [[str(world / line.split(",")[0]), line.split(",", 1)[1]] for line in lines[1:17]]
+    write_csv(tmp_path / "my_data.csv", ["video", "caption"], rows)
+    train.main(["--clip", str(clip_path), "--data", "csv", "--data-root", str(tmp_path / "my_data.csv"), "--no-flip",
+                "--num-frames", "4", "--batch-size", "8", "--epochs", "1", "--num-workers", "0", "--out-dir",
+                str(tmp_path / "run")])
+    output = capsys.readouterr().out
+    assert "no 'split' column" in output and "epoch 1 (csv test (training rows), 16 captions)" in output
+    evaluate.main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--num-workers", "0"])
+    shown = capsys.readouterr()
+    assert shown.out.startswith("csv test (training rows)") and "no 'split' column" in shown.err
 
 
 def test_csv_split_column_selects_rows_and_unknown_splits_are_named(tmp_path, tiny_video):

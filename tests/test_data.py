@@ -1,6 +1,9 @@
 """Tests for data.py: frame sampling, CLIP's preprocessing (against its arithmetic written out here), the
 dataset (determinism, broken videos, leaving videos out) and the loader. Decoding is tested in
 test_video_io.py, the frame store in test_frame_store.py."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,7 @@ from torch.utils.data import default_collate
 
 import data
 from formats import video_io
-from helpers import msrvtt_root, place_videos, write_csv, write_tiny_video
+from helpers import msrvtt_root, place_videos, python_env, write_csv, write_tiny_video
 
 # --- sampler ----------------------------------------------------------------------------------------------
 
@@ -217,6 +220,26 @@ def test_persistent_workers_follow_the_epoch_in_each_key(tmp_path, tiny_video):
                 assert torch.equal(batch["video"][row], dataset[(epoch, item)]["video"])
     finally:
         data.stop_workers(loader)
+
+
+def test_workers_fork_until_the_process_opens_a_video_then_come_from_a_fork_server(monkeypatch):
+    """Forked workers do not import the main script again (a script without a __main__ guard runs once); once
+    FFmpeg has run in this process, whose thread pools do not survive fork(), a fork server starts them."""
+    monkeypatch.setattr(video_io, "_opened_a_video", False)
+    assert data.worker_start_method() == ("fork" if sys.platform.startswith("linux") else "forkserver")
+    monkeypatch.setattr(video_io, "_opened_a_video", True)
+    assert data.worker_start_method() == "forkserver"
+
+
+def test_workers_start_for_a_program_piped_into_python(tiny_video):
+    """`python - < script.py` names the main module '<stdin>', which a fork server would try to import again as
+    a file: after decoding a video (so that the workers come from the fork server) a loader still runs."""
+    script = (f"import data\nfiles = data.VideoFiles([{str(tiny_video)!r}] * 4, 4, 32)\nfiles[0]\n"
+              f"assert data.worker_start_method() == 'forkserver'\nloader = data.make_loader(files, 2, 2)\n"
+              f"print(sum(len(batch['index']) for batch in loader))\ndata.stop_workers(loader)\n")
+    completed = subprocess.run([sys.executable, "-"], input=script, cwd=tiny_video.parent, env=python_env(),
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0 and completed.stdout.split() == ["4"], completed.stderr[-2000:]
 
 
 def test_epoch_order_depends_on_seed_and_epoch_and_a_resumed_epoch_skips_its_done_batches():

@@ -5,6 +5,7 @@ import torch
 
 import data
 import demo
+from utils.errors import UserError
 
 
 @pytest.mark.slow
@@ -21,11 +22,45 @@ def test_demo_runs_end_to_end_and_caches_its_clip(tmp_path, monkeypatch, capsys)
     assert results["trainable"] > 0 and (tmp_path / "run" / "last.pt").is_file()
     assert (tmp_path / "run" / "curves.png").is_file() or "matplotlib is not installed" in output
     link = tmp_path / "cache" / "tiny_clip.pt"  # the stable name the demo prints for training on one's own data
-    assert link.is_file() and f"--clip {link}" in output
+    assert link.is_file() and f"--clip {link} --data csv --data-root my_data.csv --no-flip" in output
+    assert f"wrote {tmp_path / 'run' / 'curves.png'}" in output or "matplotlib is not installed" in output
     assert demo.clip_model.load(link).config.vision_width == 128
 
     demo.run({"prompts": "fn", "out_dir": str(tmp_path / "run2")}, evaluate_before=False)  # the second run reuses the pretrained tiny CLIP
     assert "using the tiny CLIP pretrained earlier" in capsys.readouterr().out
+
+
+def test_a_bad_flag_is_refused_before_anything_is_built_or_trained(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "DEMO_ROOT", tmp_path / "cache")
+    monkeypatch.setattr(demo, "make_synthetic_world", lambda *args, **kwargs: pytest.fail("the world was built"))
+    for argv, error, says in ((["--prompts", "position"], UserError, "--prompts: unknown \\['position'\\]"),
+                              (["--prompts", "pos", "--tune", "full"], UserError, "--prompts"),
+                              (["--lr", "0"], UserError, "--lr"),
+                              (["--precision", "fp8"], SystemExit, None),  # argparse's choices: exit status 2
+                              (["--clip", str(tmp_path / "none.pt")], FileNotFoundError, "--clip")):
+        with pytest.raises(error, match=says):
+            demo.main(argv)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_demo_prints_the_own_data_command_with_no_flip(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "DEMO_ROOT", tmp_path)
+    monkeypatch.setattr(demo, "make_synthetic_world", lambda root, **settings: root)
+    clip = tmp_path / "tiny_clip_0123.pt"
+    clip.write_bytes(b"")
+    monkeypatch.setattr(demo, "pretrained_tiny_clip", lambda world, root, overrides: clip)
+
+    class Trained(Exception):
+        pass
+
+    def train(config):
+        raise Trained
+
+    monkeypatch.setattr(demo.train, "train", train)
+    with pytest.raises(Trained):
+        demo.main(["--prompts", "pos"])
+    assert (f"python train.py --clip {tmp_path / 'tiny_clip.pt'} --data csv --data-root my_data.csv --no-flip"
+            in capsys.readouterr().out)
 
 
 def test_demo_options_take_all_and_train_py_flags():

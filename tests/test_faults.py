@@ -160,6 +160,41 @@ def test_a_used_folder_is_refused_unless_resumed_or_overwritten(small_setup, tmp
     assert (tmp_path / "last.pt").read_bytes() != first
 
 
+def test_overwrite_checks_flags_and_data_before_it_deletes_anything(small_setup, tmp_path, capsys):
+    """--overwrite over an earlier run with a wrong --data-root (a folder for --data csv), --clip or --resume:
+    the mistake is named and the earlier run's files stay; without --overwrite the same mistake is named too,
+    not hidden behind "holds an earlier run"."""
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    earlier = {name: f"the earlier run's {name}".encode() for name in ("last.pt", "log.jsonl", "curves.png")}
+    for name, content in earlier.items():
+        (out_dir / name).write_bytes(content)
+    config = small_config(small_setup, out_dir, epochs=1)
+    (tmp_path / "nc").mkdir()
+    mistakes = [(dict(data="csv", data_root=str(tmp_path / "nc")), UserError, "takes the CSV file itself"),
+                (dict(clip=str(tmp_path / "no_clip.pt")), FileNotFoundError, "--clip"),
+                (dict(resume=str(tmp_path / "no_run.pt")), FileNotFoundError, "--resume"),
+                (dict(batch_size=64), UserError, "fewer than one batch")]
+    for overwrite in (True, False):
+        for change, error, says in mistakes:
+            with pytest.raises(error, match=says):
+                train.train(dataclasses.replace(config, overwrite=overwrite, **change))
+    assert {name: (out_dir / name).read_bytes() for name in earlier} == earlier
+    assert "deleting" not in capsys.readouterr().out
+
+
+def test_overwrite_names_every_file_it_deletes(tmp_path):
+    for name in checkpoints.RUN_FILES:
+        (tmp_path / name).write_text("earlier")
+    (tmp_path / "video_probe.json").write_text("{}")  # a cache, which stays
+    said = []
+    with checkpoints.RunFolder(tmp_path) as folder:
+        assert folder.settle_earlier_run(None, overwrite=True, trains=True, log=said.append) is None
+    assert len(said) == 1 and all(name in said[0] for name in checkpoints.RUN_FILES)
+    assert "curves.png" in said[0] and not any((tmp_path / name).exists() for name in checkpoints.RUN_FILES)
+    assert (tmp_path / "video_probe.json").exists()
+
+
 def test_a_folder_in_use_is_refused_and_a_stale_lock_is_cleared(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

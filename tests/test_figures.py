@@ -7,13 +7,13 @@ import json
 import pytest
 from PIL import Image
 
-from machinery import figures
+from machinery import figures, runs
 import train
 from helpers import small_config
 
 # The pictures are optional: .ci/run installs matplotlib to test them; the note without it is tested everywhere.
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
-                                      reason="matplotlib is not installed")
+                                      reason="matplotlib is not installed: pip install matplotlib runs it")
 
 
 @needs_matplotlib
@@ -21,9 +21,10 @@ def test_a_run_draws_its_curves_after_every_epoch(small_setup, tmp_path, monkeyp
     drawn = []
     real = figures.draw_curves
 
-    def recording(log_path, path):
+    def recording(log_path, path, evaluated_on):
         drawn.append(sum(1 for line in open(log_path) if '"eval"' in line))  # evaluations logged so far
-        return real(log_path, path)
+        assert evaluated_on == "synthetic test"  # the recall panel names the split it shows
+        return real(log_path, path, evaluated_on)
 
     monkeypatch.setattr("machinery.runs.draw_curves", recording)
     train.train(small_config(small_setup, tmp_path, epochs=2, eval_each_epoch=True))
@@ -41,6 +42,33 @@ def test_an_epoch_that_logged_nothing_yet_still_gets_its_curves(small_setup, tmp
     assert len([r for r in figures.read_log(tmp_path / "log.jsonl") if "loss" in r]) == 1  # the last step only
     with Image.open(tmp_path / "curves.png") as image:
         assert image.width > 1000
+
+
+@needs_matplotlib
+def test_the_curves_of_a_run_that_evaluated_once_are_readable():
+    """One logged step and one evaluation (the demo's curves): every point visible, t2v and v2t told apart by
+    their markers and named in a legend, the mean rank on an axis that shows 1 (the best rank), the recall panel
+    naming the rows it was measured on."""
+    import matplotlib.pyplot as plt
+    result = {"t2v": {"R@1": 12.5, "R@5": 62.5, "MnR": 6.0}, "v2t": {"R@1": 10.0, "R@5": 50.0, "MnR": 6.25}}
+    records = [{"epoch": 1, "step": 4, "loss": 2.1, "lr": 1e-3}, {"epoch": 1, "step": 4, "eval": result}]
+    figure = figures.curves_figure(plt, records, "csv test (training rows)")
+    loss_axis, recall_axis, rank_axis = figure.axes[:3]
+    assert loss_axis.lines[0].get_marker() not in (None, "None", "", " ")  # the one step is a point
+    low, high = loss_axis.get_xlim()
+    assert low < 4 < high
+    for axis in (recall_axis, rank_axis):
+        marker_of = {line.get_label(): line.get_marker() for line in axis.lines}
+        metric = "R@1" if axis is recall_axis else "MnR"
+        assert marker_of[f"t2v {metric}"] != marker_of[f"v2t {metric}"]
+        assert {text.get_text() for text in axis.get_legend().get_texts()} >= {f"t2v {metric}", f"v2t {metric}"}
+    low, high = rank_axis.get_ylim()
+    assert low <= 1 and high > 6.25 and high - low > 5  # not 5.8-6.3 around the one value
+    assert recall_axis.get_ylim()[0] <= 0 and recall_axis.get_ylim()[1] >= 100
+    assert "csv test (training rows)" in recall_axis.get_title()
+    plt.close(figure)
+    assert runs.evaluated_on(train.TrainConfig(data="synthetic", train_split="stills", test_split="stills"),
+                             None) == "synthetic stills (training rows)"
 
 
 @needs_matplotlib

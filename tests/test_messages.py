@@ -15,6 +15,10 @@ import pytest
 from formats import annotations
 from machinery import checkpoints
 import data
+import demo
+import evaluate
+import search
+from utils import cli
 from utils import files
 from utils import progress
 import train
@@ -165,6 +169,56 @@ def test_every_scripts_help_describes_it_and_returns_at_once(script):
         assert "--all" in completed.stdout
     if script == "train.py":  # the learning rates per --tune, not an internal name
         assert "DEFAULT_LR" not in completed.stdout and "prompts 0.001" in " ".join(completed.stdout.split())
+
+
+def in_process_error(capsys, main, argv, program) -> str:
+    """What a script's main prints for a user error, run in this process: one line on stderr, exit status 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        cli.run_command(main, argv, program)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(lines) == 1, lines
+    return lines[0]
+
+
+def test_evaluate_says_what_is_missing_or_too_much(capsys):
+    line = in_process_error(capsys, evaluate.main, [], "evaluate.py")
+    assert "give --checkpoint PATH or --zero-shot" in line and "not both" not in line
+    line = in_process_error(capsys, evaluate.main, ["--zero-shot", "--checkpoint", "last.pt"], "evaluate.py")
+    assert "not both" in line
+
+
+def help_text(capsys, main, argv) -> str:
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_gives_each_default_once_and_each_command_its_usage(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse's width: each flag's help on one line
+    for main, argv in ((train.main, []), (evaluate.main, []), (search.main, ["index"]), (search.main, ["query"]),
+                       (demo.main, [])):
+        for line in help_text(capsys, main, [*argv, "--help"]).splitlines():
+            assert "(default: None)" not in line and "(default: )" not in line, line
+            assert line.lower().count("default") <= 1, line  # a text that gives its default gets no second one
+    train_help = help_text(capsys, train.main, ["--help"])
+    assert "default runs/<data>/<method>" in train_help and "(default: 12)" in train_help
+    assert help_text(capsys, search.main, ["index", "--help"]).startswith("usage: search.py index [-h]")
+    query_help = help_text(capsys, search.main, ["query", "--help"])
+    assert query_help.startswith("usage: search.py query [-h]") and "itself left out" in query_help
+    demo_help = help_text(capsys, demo.main, ["--help"])
+    assert "--data-root" not in demo_help and "--data " not in demo_help
+    assert "where last.pt, log.jsonl and curves.png go; default runs/demo" in demo_help
+    assert "(the demo's setting: 8)" in demo_help  # its own settings, not train.py's defaults
+
+
+def test_an_unquoted_text_of_several_words_gets_a_hint_to_quote_it(capsys):
+    line = in_process_error(capsys, search.main, ["query", "a", "red", "cup", "--index", "x.index"], "search.py")
+    assert line == ('search.py: error: unrecognized arguments: red cup; a text of several words goes in quotes, as '
+                    'one argument: "a red cup"')
+    line = in_process_error(capsys, search.main, [], "search.py")
+    assert "give a command" in line and "python search.py index" in line
 
 
 def test_no_flip_keeps_left_and_right(tmp_path):

@@ -238,9 +238,10 @@ def test_an_unreadable_video_is_skipped_listed_and_not_read_again_until_it_chang
     checkpoint = str(trained[0])
     counts = search.main(["index", str(folder), "--checkpoint", checkpoint, "--index", str(index),
                           "--num-workers", "0"])
-    assert counts["unreadable"] == 1 and counts["videos"] == 2
+    assert counts["unreadable"] == 1 and counts["videos"] == 2 and counts["new"] == 2  # the broken one is not new
     captured = capsys.readouterr()
-    assert "1 videos could not be read" in captured.err and "x.index.skipped.txt" in captured.err
+    assert f"{index}: 2 videos; 2 new, 0 changed, 0 gone, 0 unchanged, 1 unreadable" in captured.out
+    assert "1 video could not be read and was skipped" in captured.err and "x.index.skipped.txt" in captured.err
     listed = [line.split("\t") for line in (tmp_path / "x.index.skipped.txt").read_text().splitlines()
               if not line.startswith("#")]
     assert [path for path, _ in listed] == [str(broken)] and "broken.mp4" in listed[0][1]
@@ -256,7 +257,7 @@ def test_an_unreadable_video_is_skipped_listed_and_not_read_again_until_it_chang
     shutil.copy(sorted((world / "train").glob("*.mp4"))[7], broken)  # repaired
     counts = search.main(["index", str(folder), "--checkpoint", checkpoint, "--index", str(index),
                           "--num-workers", "0"])
-    assert read == ["broken.mp4"] and counts["unreadable"] == 0 and counts["videos"] == 3
+    assert read == ["broken.mp4"] and counts["unreadable"] == 0 and counts["videos"] == 3 and counts["new"] == 1
     assert not (tmp_path / "x.index.skipped.txt").exists()
 
 
@@ -411,7 +412,7 @@ def test_the_html_page_is_valid_and_shows_every_hit(test_index, capsys, tmp_path
 
 
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
-                    reason="no headless chromium here (.ci/run installs Debian's)")
+                    reason="needs a headless chromium on PATH: installing one (Debian: apt install chromium) runs it")
 def test_a_browser_renders_every_hit_and_thumbnail(test_index, capsys, tmp_path):
     index, _ = test_index
     page_path = tmp_path / "hits.html"
@@ -445,9 +446,17 @@ def test_folders_without_videos_and_bad_queries_are_one_line(trained, tmp_path, 
     (tmp_path / "fake.index").write_text("hello")
     line = one_line_error(capsys, ["query", "a dog", "--index", str(tmp_path / "fake.index")])
     assert "not a search index" in line
+    clip = copy_clips(trained[1], tmp_path / "clips", 1)[0]
+    for not_an_index in (clip, trained[0]):  # numpy reads a video as a pickle, a checkpoint as a zip
+        line = one_line_error(capsys, ["query", "a dog", "--index", str(not_an_index)])
+        assert f"{not_an_index} is not a search index" in line and "pickle" not in line and "Error" not in line
     assert "--index" in one_line_error(capsys, ["index", str(papers), "--checkpoint", checkpoint])
     assert "not both" in one_line_error(capsys, ["query", "a dog", "--video", "x.mp4", "--index", str(index)])
     assert "--video" in one_line_error(capsys, ["query", "a dog", "--captions", "c.txt", "--index", str(index)])
+    line = one_line_error(capsys, ["query", "--captions", "c.txt", "--index", str(index)])
+    assert "--captions c.txt ranks captions for a video: give --video FILE too" in line and "both" not in line
+    line = one_line_error(capsys, ["query", "--index", str(index)])
+    assert "give a text to search for" in line and "--video FILE" in line and "both" not in line
     assert "command" in one_line_error(capsys, ["find", "a dog"])
     assert "give a model: --checkpoint or --clip" in one_line_error(capsys, ["query", "--video", "x.mp4",
                                                                              "--captions", "c.txt"])
@@ -523,12 +532,64 @@ def test_the_search_page_example_runs(trained, tmp_path, capsys):
     assert len(example.strip().splitlines()) < 15
     example = (example.replace("runs/demo/last.pt", str(checkpoint)).replace("demo.index", str(tmp_path / "demo.index"))
                .replace("~/.cache/vop/demo/world/test", str(world / "test")))
-    namespace = {}
+    namespace = {"__name__": "__main__"}  # as a script runs it
     exec(compile(example, "docs/search.md", "exec"), namespace)
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 5 and all(Path(line.split()[1]).is_file() for line in printed)
     assert len(namespace["nearest"]) == 5 and len(namespace["captions"]) == 2
     assert namespace["vectors"].shape == namespace["texts"].shape == (1, 32)
+
+
+def python_example() -> str:
+    """The Python example of the documentation (README.md or docs/*.md): the block that builds a VideoSearch."""
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for block in page.read_text(encoding="utf-8").split("```python\n")[1:]:
+            if "VideoSearch(" in block:
+                return block.split("```", 1)[0]
+    raise AssertionError("no Python example with VideoSearch in README.md or docs/")
+
+
+@pytest.mark.slow
+def test_the_python_example_runs_as_a_saved_script_and_piped_into_python(trained, tmp_path):
+    """The documented Python example, as printed, saved as try_api.py in a copy of the repository's folder (its
+    files linked) and run there as a new user would: `python try_api.py`, then `python - < try_api.py`. Its
+    DataLoader workers must not run the script a second time (which would find the index busy), nor look for a
+    file named '<stdin>'. HOME is a folder whose ~/.cache/vop/demo/world is the small world, and runs/demo/last.pt
+    this module's checkpoint."""
+    checkpoint, world = trained
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for entry in REPO.iterdir():
+        if not entry.name.startswith(".") and entry.name not in ("runs", "tests"):
+            (clone / entry.name).symlink_to(entry)
+    (clone / "runs" / "demo").mkdir(parents=True)
+    (clone / "runs" / "demo" / "last.pt").symlink_to(checkpoint)
+    home = tmp_path / "home"
+    (home / ".cache" / "vop" / "demo").mkdir(parents=True)
+    (home / ".cache" / "vop" / "demo" / "world").symlink_to(world)
+    (clone / "try_api.py").write_text(python_example(), encoding="utf-8")
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    environment["HOME"] = str(home)
+    for how in (["try_api.py"], ["-"]):
+        for leftover in clone.glob("demo.index*"):
+            leftover.unlink()  # each run indexes afresh, so each starts its workers
+        with open(clone / "try_api.py", encoding="utf-8") as script:
+            completed = subprocess.run([sys.executable, *how], cwd=clone, env=environment, capture_output=True,
+                                       text=True, timeout=300, stdin=script if how == ["-"] else None)
+        assert completed.returncode == 0 and "Traceback" not in completed.stderr, (how, completed.stderr[-3000:])
+        printed = completed.stdout.strip().splitlines()
+        assert len(printed) == 5 and all(Path(line.split()[1]).is_file() for line in printed), completed.stdout
+
+
+def test_a_video_query_leaves_the_video_itself_out_and_says_so(test_index, trained, capsys):
+    index, _ = test_index
+    clips = sorted((trained[1] / "test").glob("*.mp4"))
+    capsys.readouterr()
+    search.main(["query", "--video", str(clips[0]), "--index", str(index), "-k", str(len(clips))])
+    shown = capsys.readouterr()
+    rows = shown.out.strip().splitlines()
+    assert len(rows) == len(clips) - 1 and str(clips[0]) not in shown.out
+    assert f"the query video itself is left out of the {len(clips) - 1} hits" in shown.err
 
 
 # -- a video has one name; an index stays whole; a model's name stays a name -------------------------------

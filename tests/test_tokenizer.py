@@ -86,7 +86,7 @@ def test_ignorecase_contractions_and_dropped_u0345():
 
 def test_optional_cross_check_with_regex_package():
     """Where the `regex` package is installed, compare the pre-split on every code point."""
-    regex = pytest.importorskip("regex")
+    regex = pytest.importorskip("regex", reason="the cross-check needs the regex package: pip install regex runs it")
     import unicodedata
     reference = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"
                               r"[^\s\p{L}\p{N}]+", regex.IGNORECASE)

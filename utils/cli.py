@@ -70,30 +70,56 @@ def _field_type(annotation):
     return annotation
 
 
-def build_parser(config_class, description: str, only_given: bool = False) -> argparse.ArgumentParser:
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with each flag's default, except where its text gives the default already or there is
+    none to show (None or empty: the flag does nothing unless given)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, "", argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def build_parser(config_class, description: str, only_given: bool = False, prog: str | None = None,
+                 leave_out=(), help_of: dict | None = None) -> argparse.ArgumentParser:
     """argparse from a config dataclass: each field is --field-name. With `only_given`, parsing returns just
-    the options present on the command line."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    the options present on the command line. `prog` names the program in the usage line ("search.py index");
+    `leave_out` lists fields that get no flag, and `help_of` replaces the help of some fields."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter,
                                      argument_default=argparse.SUPPRESS if only_given else None)
     for f in dataclasses.fields(config_class):
+        if f.name in leave_out:
+            continue
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f.type)
         default = {} if only_given else {"default": f.default}
         flags = [flag] if not f.metadata.get("short") else [f.metadata["short"], flag]
+        text = (help_of or {}).get(f.name, f.metadata["help"])
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, nargs=f.metadata["positional"], help=f.metadata["help"], **default)
+            parser.add_argument(f.name, nargs=f.metadata["positional"], help=text, **default)
         elif kind is bool:
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, help=f.metadata["help"], **default)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, help=text, **default)
         else:
-            parser.add_argument(*flags, type=kind, help=f.metadata["help"], choices=f.metadata.get("choices"),
-                                **default)
+            parser.add_argument(*flags, type=kind, help=text, choices=f.metadata.get("choices"), **default)
     return parser
 
 
-def parse_config(config_class, argv=None, description: str = ""):
-    """Parse argv into a `config_class`; a value that fails its field's check is argparse's error (exit 2)."""
-    parser = build_parser(config_class, description)
-    config = config_class(**vars(parser.parse_args(argv)))
+def parse_config(config_class, argv=None, description: str = "", prog: str | None = None):
+    """Parse argv into a `config_class`; a value that fails its field's check is argparse's error (exit 2).
+    Words left over after an optional text argument (`query a cup`) are a one-line ConfigError that shows the
+    text in quotes."""
+    parser = build_parser(config_class, description, prog=prog)
+    namespace, extra = parser.parse_known_args(argv)
+    if extra:
+        texts = [f.name for f in dataclasses.fields(config_class) if f.metadata.get("positional") == "?"]
+        given = getattr(namespace, texts[0]) if texts else None
+        if given is not None and not any(word.startswith("-") for word in extra):
+            quoted = " ".join([given, *extra])
+            raise ConfigError(f"unrecognized arguments: {' '.join(extra)}; a text of several words goes in quotes, "
+                              f"as one argument: \"{quoted}\"")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    config = config_class(**vars(namespace))
     try:
         check_config(config)
     except ConfigError as error:
