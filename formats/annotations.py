@@ -52,7 +52,7 @@ def read_annotations(name: str, root, split: str, video_dir=None, skip_missing: 
     root = Path(root).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"data root {root} does not exist: pass the dataset's folder (the CSV file for "
-                                f"csv); the README shows each dataset's layout")
+                                f"csv); docs/data.md shows each dataset's layout")
     if name not in ("csv", "synthetic") and root.is_file():
         raise AnnotationError(f"--data {name} takes the dataset's folder, and {root} is a file: pass the folder that "
                               f"holds it (--data csv reads a CSV file of your own)")
