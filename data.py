@@ -460,11 +460,12 @@ def make_loader(dataset, batch_size: int, num_workers: int | None = None, **kwar
 def worker_start_method() -> str | None:
     """How worker processes start. Forked (on Linux) while this process has not opened a video: a forked
     worker does not import the program's main file again, as a fork server or spawn does, so a user's script
-    without an `if __name__ == "__main__":` guard runs once. Once this process has opened a video, from a fork
-    server: FFmpeg's thread pools do not survive fork() (2 forked workers can hang once the parent has read
-    720p clips). None: the platform's default (spawn)."""
+    without an `if __name__ == "__main__":` guard runs once. Once this process has opened a video, or under
+    torchrun, from a fork server: FFmpeg's thread pools and a process group's threads do not survive fork() (2
+    forked workers can hang once the parent has read 720p clips). None: the platform's default (spawn)."""
     methods = multiprocessing.get_all_start_methods()
-    if sys.platform.startswith("linux") and "fork" in methods and not opened_a_video():
+    in_process_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if sys.platform.startswith("linux") and "fork" in methods and not opened_a_video() and not in_process_group:
         return "fork"
     return "forkserver" if "forkserver" in methods else None
 

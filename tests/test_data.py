@@ -231,6 +231,13 @@ def test_workers_fork_until_the_process_opens_a_video_then_come_from_a_fork_serv
     assert data.worker_start_method() == "forkserver"
 
 
+def test_under_torchrun_workers_come_from_a_fork_server(monkeypatch):
+    """A process group's threads do not survive fork() (a forked rank can abort at exit)."""
+    monkeypatch.setattr(video_io, "_opened_a_video", False)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert data.worker_start_method() == "forkserver"
+
+
 def test_workers_start_for_a_program_piped_into_python(tiny_video):
     """`python - < script.py` names the main module '<stdin>', which a fork server would try to import again as
     a file: after decoding a video (so that the workers come from the fork server) a loader still runs."""
