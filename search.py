@@ -11,9 +11,10 @@ captions for a video.
 What a search is (read this first): every video is embedded once, exactly as evaluation embeds a test video
 (evaluate.embed_videos's pipeline: the segment middles, CLIP's resize and center crop, `encode_video`), and the
 embeddings are kept on disk; a query is embedded the same way (`encode_text`, or `encode_video`), and the
-videos are ranked by cosine similarity, exactly: brute force over the whole index, a chunk of rows at a time
-(`top_k`), with no approximate index. The scores are the cosines the evaluation ranks by, up to the float16 in
-which the index keeps the videos' embeddings (about 1e-4).
+videos are ranked by cosine similarity, exactly: every row of the index is scored, a chunk of rows at a time
+(`top_k`: a float16 product picks the few rows that can be among the best, and those are scored again in
+float32), with no approximate index (docs/search_at_scale.md: when one is needed). The scores are the cosines
+the evaluation ranks by, up to the float16 in which the index keeps the videos' embeddings (about 1e-4).
 
     from search import VideoSearch, load_model
     videos = VideoSearch(load_model("runs/demo/last.pt"), "my_videos.index")

@@ -99,8 +99,8 @@ def _map_embeddings(path: Path, rows: int, size: int) -> np.ndarray:
 
 class VideoIndex:
     """An index opened for searching. `embeddings` (N, E) float16 memory-mapped; per row, its video's path
-    (`video_path(row)`), its length (`norms` (N,)) and whether it is live (`live` (N,) bool). `header` holds
-    the rest."""
+    (`video_path(row)`), its length (`norms` (N,)), whether it is live (`live` (N,) bool) and whether its
+    embedding is damaged (`damaged` (N,) bool: live, but its length is not finite). `header` holds the rest."""
 
     def __init__(self, path):
         self.path = Path(path).expanduser().absolute()

@@ -667,7 +667,10 @@ def test_a_float16_product_sums_in_float32_within_the_margin_top_k_allows():
     assert search._float16_margin(unit_queries * 3) is None and search._float16_margin(unit_queries * np.nan) is None
 
 
-def test_top_k_without_lengths_scores_rows_in_float32():
+def test_top_k_scores_in_float32_where_the_float16_margin_does_not_hold():
+    """Without the rows' lengths, or for queries far from unit length, every row is scored in float32 (the path
+    other devices take too); rows of unusual length among unit ones are scored in float32 whatever their
+    float16 score. The same exact answer each way."""
     generator = torch.Generator().manual_seed(4)
     stored = unit((300, 32), generator).to(torch.float16).numpy()
     stored[7] = np.nan
@@ -678,6 +681,18 @@ def test_top_k_without_lengths_scores_rows_in_float32():
         expected_scores, expected_rows = brute_force(queries, stored, 10)
         assert rows.tolist() == expected_rows and rows[2, 0] == 100
         torch.testing.assert_close(scores, expected_scores, atol=1e-6, rtol=0)
+    stored[[50, 60]] *= np.float16(8)  # lengths of 8: outside what the float16 margin covers
+    stored[70] *= np.float16(0.1)
+    norms = np.linalg.norm(stored.astype(np.float32), axis=1)
+    for some_queries in (queries, 3 * queries):  # 3: queries too long for the float16 margin
+        for rows_per_chunk in (300, 13):
+            scores, rows = search.top_k(some_queries, stored, 10, norms=norms, rows_per_chunk=rows_per_chunk)
+            expected_scores, expected_rows = brute_force(some_queries, stored, 10, norms)
+            assert rows.tolist() == expected_rows
+            torch.testing.assert_close(scores, expected_scores, atol=1e-5, rtol=0)
+    _, rows = search.top_k(torch.from_numpy(stored[[50, 70]]).float() / torch.from_numpy(norms[[50, 70], None]), stored,
+                           1, norms=norms)
+    assert rows.tolist() == [[50], [70]]  # each long or short row found by its own direction
 
 
 def test_bf16_precision_indexes_close_to_fp32(test_index, trained, model, tmp_path):
@@ -732,6 +747,40 @@ def test_the_readme_example_runs(trained, tmp_path, capsys):
     assert len(printed) == 5 and all(Path(line.split()[1]).is_file() for line in printed)
     assert len(namespace["nearest"]) == 5 and len(namespace["captions"]) == 2
     assert namespace["vectors"].shape == namespace["texts"].shape == (1, 32)
+
+
+def test_the_search_at_scale_page_runs_as_shown(model, tmp_path, capsys):
+    """docs/search_at_scale.md's code, every block in order, on an index of 3,000 videos made by this test's model
+    (random embeddings): FAISS's IVF and HNSW built from the index's rows, their recall@10 against top_k, and an
+    IVF index answering from disk with the index's paths."""
+    pytest.importorskip("faiss", reason="faiss-cpu is optional (pip install faiss-cpu): the page needs it")
+    index = tmp_path / "my.index"
+    generator = torch.Generator().manual_seed(5)
+    with video_index.IndexWriter(index, search.VideoSearch(model).model_record(), 32) as writer:
+        paths = [f"/videos/{row:04d}.mp4" for row in range(3000)]
+        writer.add(paths, [(1, 1)] * 3000, torch.nn.functional.normalize(torch.randn(3000, 32, generator=generator),
+                                                                         dim=1))
+        writer.sizes[7] = -1  # a dead row
+        writer.finish()
+    page = (REPO / "docs" / "search_at_scale.md").read_text(encoding="utf-8")
+    blocks = [block.split("```", 1)[0] for block in page.split("```python\n")[1:]]
+    assert len(blocks) == 6
+    namespace = {}
+    capsys.readouterr()
+    for block in blocks:
+        block = block.replace("my_videos.index", str(index)).replace("my_videos.ivf", str(tmp_path / "my.ivf"))
+        exec(compile(block, "docs/search_at_scale.md", "exec"), namespace)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("2,999 videos, 32-d float16")
+    recall = {line.split(":")[0]: float(line.split("recall@10 ")[1].split(",")[0]) for line in printed
+              if "recall@10" in line}
+    assert set(recall) == {"IVF, nprobe 1", "IVF, nprobe 4", "IVF, nprobe 16", "IVF, nprobe 64",
+                           "HNSW, efSearch 16", "HNSW, efSearch 64", "HNSW, efSearch 256"}
+    assert recall["IVF, nprobe 64"] >= 0.9  # 55 lists: every list searched, so all but float16's near-ties
+    answers = printed[-5:]
+    assert all(line.split()[1] in paths[:7] + paths[8:] for line in answers)  # the index's own paths
+    assert [float(line.split()[0]) for line in answers] == sorted((float(line.split()[0]) for line in answers),
+                                                                  reverse=True)
 
 
 # -- a video has one name; an index stays whole; a model's name stays a name -------------------------------
