@@ -57,8 +57,8 @@ from video_index import IndexFileError, IndexWriter, VideoIndex, skipped_list
 from video_io import READ_ERRORS, VideoReadError
 from vop import VoP, VoPConfig, config_as_dict
 
-ROWS_PER_CHUNK = 1 << 14  # index rows scored at once: 16 MB of float16 at E = 512
-QUERIES_PER_PASS = 64  # queries ranked in one top_k: its memory grows with queries x rows per chunk
+ROWS_PER_CHUNK = 1 << 16  # index rows scored at once: 64 MB of float16 at E = 512, read where it is mapped
+QUERIES_PER_PASS = 64  # queries ranked in one top_k: its memory grows as queries x rows per chunk (16 MB)
 
 
 NOT_FINITE = ("the model's embedding of it is not finite (NaN or inf), so it cannot be ranked; with --precision "
@@ -111,9 +111,10 @@ def top_k(queries: torch.Tensor, embeddings: np.ndarray, k: int, device="cpu", n
             query_index, row_index = _within_reach(scores, 0, best_scores, k).nonzero(as_tuple=True)  # (P,) each
             exact = scores[query_index, row_index]  # (P,)
         else:
-            rough = (stored @ queries16.T).T.float() / lengths  # (Q, rows), each within `margin` of the exact
+            product = (stored @ queries16[0])[None] if len(queries) == 1 else queries16 @ stored.T  # (Q, rows) float16
+            rough = product / lengths  # (Q, rows) float32, each within `margin` of the exact score
             unbounded = usable & ((lengths < 0.5) | (lengths > 2))  # rows `_float16_margin` does not cover
-            rough.nan_to_num_(nan=-torch.inf, posinf=-torch.inf).masked_fill_(~usable | unbounded, -torch.inf)
+            rough.masked_fill_(~usable | unbounded, -torch.inf)
             reach = _within_reach(rough, margin, best_scores, k)  # (Q, rows)
             if unbounded.any():
                 reach |= unbounded  # scored in float32 whatever their float16 score
@@ -147,7 +148,11 @@ def _within_reach(scores: torch.Tensor, margin, best_scores: torch.Tensor, k: in
     score reaches the k-th best so far (`best_scores` (Q, <= k), exact) and the chunk's own k-th exact score,
     which is at least the chunk's k-th of `scores` less `margin`: so its `scores` are at least the larger of
     (the k-th best so far - margin) and (the chunk's k-th - 2 margin). Ties at those bounds are kept."""
-    chunk_kth = scores.topk(min(k, scores.shape[1]), dim=1).values[:, -1]  # (Q,)
+    best_of_chunk = scores.topk(min(k, scores.shape[1]), dim=1).values  # (Q, <= k), NaN and inf first
+    if (best_of_chunk[:, 0].isnan() | (best_of_chunk[:, 0] == torch.inf)).any():  # a NaN or inf in a row whose
+        scores.nan_to_num_(-torch.inf, -torch.inf, -torch.inf)  # length did not tell (the file changed after)
+        best_of_chunk = scores.topk(min(k, scores.shape[1]), dim=1).values
+    chunk_kth = best_of_chunk[:, -1]  # (Q,)
     best_kth = best_scores[:, k - 1] if best_scores.shape[1] >= k else torch.full_like(chunk_kth, -torch.inf)
     threshold = torch.maximum(chunk_kth - 2 * margin, best_kth - margin)  # (Q,)
     return scores >= threshold.clamp(min=torch.finfo(scores.dtype).min)[:, None]  # never -inf
