@@ -89,73 +89,79 @@ def top_k(queries: torch.Tensor, embeddings: np.ndarray, k: int, device="cpu", n
     float32 copy of it: that copy, not the arithmetic, was the cost), which gives every cosine to within
     `_float16_margin`; the rows that can still be among the best k at that distance (a handful per chunk) are
     scored again in float32, and only those scores are kept. Elsewhere (another device, or no `norms`) a chunk
-    is converted and scored in float32 whole."""
+    is converted and scored in float32 whole. Which rows to keep is decided in NumPy, on one thread: a few passes
+    over (Q, rows) scores, which torch would split over threads that, on a busy machine, wait for each other."""
     queries = queries.to(device, torch.float32)  # (Q, E)
     margin = _float16_margin(queries) if norms is not None and torch.device(device).type == "cpu" else None  # (Q,)
     queries16 = queries.half() if margin is not None else None  # (Q, E)
-    best_scores = torch.empty(len(queries), 0, device=device)  # (Q, <= k), best first
-    best_rows = torch.empty(len(queries), 0, dtype=torch.long, device=device)  # (Q, <= k)
+    best_scores = torch.empty(len(queries), 0)  # (Q, <= k), best first
+    best_rows = torch.empty(len(queries), 0, dtype=torch.long)  # (Q, <= k)
     for start in range(0, len(embeddings), rows_per_chunk):
         stored = torch.from_numpy(embeddings[start:start + rows_per_chunk]).to(device)  # (rows, E) float16
         stop = start + len(stored)
-        usable = torch.from_numpy(live[start:stop]).to(device) if live is not None else torch.ones(
-            len(stored), dtype=torch.bool, device=device)  # (rows,)
-        lengths = None
-        if norms is not None:
-            lengths = torch.from_numpy(norms[start:stop]).to(device)  # (rows,)
-            usable &= lengths.isfinite() & (lengths > 0)
+        usable = live[start:stop].copy() if live is not None else np.ones(len(stored), bool)  # (rows,)
+        lengths = norms[start:stop] if norms is not None else None  # (rows,)
+        if lengths is not None:
+            usable &= np.isfinite(lengths) & (lengths > 0)
         if margin is None:  # every row of the chunk scored in float32
             scores = stored.float() @ queries.T  # (rows, Q)
-            scores = (scores / lengths[:, None] if lengths is not None else scores).T  # (Q, rows)
-            scores.masked_fill_(~(usable & scores.isfinite()), -torch.inf)
-            query_index, row_index = _within_reach(scores, 0, best_scores, k).nonzero(as_tuple=True)  # (P,) each
-            exact = scores[query_index, row_index]  # (P,)
+            if lengths is not None:
+                scores /= torch.from_numpy(lengths).to(device)[:, None]
+            scores = scores.T.cpu().numpy()  # (Q, rows)
+            scores[~(usable & np.isfinite(scores))] = -np.inf
+            query_index, row_index = np.nonzero(_within_reach(scores, 0, best_scores, k))  # (P,) each
+            exact = torch.from_numpy(scores[query_index, row_index])  # (P,)
         else:
+            bounded = usable & (lengths >= 0.5) & (lengths <= 2)  # (rows,) the rows `_float16_margin` covers
             product = (stored @ queries16[0])[None] if len(queries) == 1 else queries16 @ stored.T  # (Q, rows) float16
-            rough = product / lengths  # (Q, rows) float32, each within `margin` of the exact score
-            unbounded = usable & ((lengths < 0.5) | (lengths > 2))  # rows `_float16_margin` does not cover
-            rough.masked_fill_(~usable | unbounded, -torch.inf)
+            with np.errstate(invalid="ignore"):  # NaN or inf times 0: a row left out just below
+                rough = product.numpy() * np.reciprocal(lengths, where=bounded, out=np.zeros_like(lengths))  # (Q, rows)
+            rough[:, ~bounded] = -np.inf  # cosines to within `margin`; -inf: not rankable, or not covered
             reach = _within_reach(rough, margin, best_scores, k)  # (Q, rows)
-            if unbounded.any():
-                reach |= unbounded  # scored in float32 whatever their float16 score
-            query_index, row_index = reach.nonzero(as_tuple=True)  # (P,) each, by query, then by row
-            exact = (stored[row_index].float() * queries[query_index]).sum(dim=1) / lengths[row_index]  # (P,)
+            reach[:, usable & ~bounded] = True  # scored in float32 whatever their float16 score
+            query_index, row_index = np.nonzero(reach)  # (P,) each, by query, then by row
+            query_index, row_index = torch.from_numpy(query_index), torch.from_numpy(row_index)
+            exact = ((stored[row_index].float() * queries[query_index]).sum(dim=1)
+                     / torch.from_numpy(lengths)[row_index])  # (P,)
             exact.masked_fill_(~exact.isfinite(), -torch.inf)  # a row changed on disk since its length was taken
-        best_scores, best_rows = _merge(best_scores, best_rows, query_index, row_index + start, exact, k)
+        best_scores, best_rows = _merge(best_scores, best_rows, torch.as_tensor(query_index),
+                                        torch.as_tensor(row_index) + start, exact.cpu(), k)
     found = int(torch.isfinite(best_scores).sum(dim=1).min()) if len(queries) else 0  # -inf pads short lists
-    return best_scores[:, :found].cpu(), best_rows[:, :found].cpu()
+    return best_scores[:, :found], best_rows[:, :found]
 
 
-def _float16_margin(queries: torch.Tensor) -> torch.Tensor | None:
+def _float16_margin(queries: torch.Tensor) -> np.ndarray | None:
     """(Q,): how far the cosine from a float16 product on the CPU (the float16 row times the query rounded to
-    float16, divided by the row's length) can be from the float32 one, for a row of length 1/2 to 2. For a query
-    of length m: m 2^-11 from rounding the query to float16, m E 2^-24 from summing E exact products in float32
-    (torch sums float16 products in float32 on the CPU unless its reduced-precision switch is on; tested on
-    inputs built to show a float16 sum), m 2^-11 from rounding the sum to float16, and under (sqrt(E) + 2)
-    2^-24 from numbers below float16's normal range; the whole doubled, for safety (2.0e-3 at E = 512 for a
-    unit query). None, to score in float32 instead, for queries of length outside 1/2 to 2, or NaN."""
+    float16, times the row's reciprocal length in float32) can be from the float32 one, for a row of length 1/2
+    to 2. For a query of length m: m 2^-11 from rounding the query to float16, m E 2^-24 from summing E exact
+    products in float32 (torch sums float16 products in float32 on the CPU unless its reduced-precision switch
+    is on; tested on inputs built to show a float16 sum), m 2^-11 from rounding the sum to float16, and under
+    (sqrt(E) + 4) 2^-24 from numbers below float16's normal range and the float32 scaling; the whole doubled,
+    for safety (2.0e-3 at E = 512 for a unit query). None, to score in float32 instead, for queries of length
+    outside 1/2 to 2, or NaN."""
     allows_float16_sums = getattr(torch._C, "_get_cpu_allow_fp16_reduced_precision_reduction", lambda: False)
-    lengths = queries.norm(dim=1)  # (Q,)
-    if allows_float16_sums() or not bool(((lengths >= 0.5) & (lengths <= 2)).all()):
+    lengths = queries.norm(dim=1).cpu().numpy()  # (Q,)
+    if allows_float16_sums() or not ((lengths >= 0.5) & (lengths <= 2)).all():
         return None
     size = queries.shape[1]
-    return 2 * ((2 * 2 ** -11 + size * 2 ** -24) * 1.01 * lengths + (math.sqrt(size) + 2) * 2 ** -24)
+    return 2 * ((2 * 2 ** -11 + size * 2 ** -24) * 1.01 * lengths + (math.sqrt(size) + 4) * 2 ** -24)
 
 
-def _within_reach(scores: torch.Tensor, margin, best_scores: torch.Tensor, k: int) -> torch.Tensor:
-    """(Q, rows) bool: the rows of a chunk that can be among a query's best k, from `scores` (Q, rows) known to
-    within `margin` (Q,) of the exact ones (-inf: not rankable). A row is among the best k only if its exact
-    score reaches the k-th best so far (`best_scores` (Q, <= k), exact) and the chunk's own k-th exact score,
-    which is at least the chunk's k-th of `scores` less `margin`: so its `scores` are at least the larger of
-    (the k-th best so far - margin) and (the chunk's k-th - 2 margin). Ties at those bounds are kept."""
-    best_of_chunk = scores.topk(min(k, scores.shape[1]), dim=1).values  # (Q, <= k), NaN and inf first
-    if (best_of_chunk[:, 0].isnan() | (best_of_chunk[:, 0] == torch.inf)).any():  # a NaN or inf in a row whose
-        scores.nan_to_num_(-torch.inf, -torch.inf, -torch.inf)  # length did not tell (the file changed after)
-        best_of_chunk = scores.topk(min(k, scores.shape[1]), dim=1).values
-    chunk_kth = best_of_chunk[:, -1]  # (Q,)
-    best_kth = best_scores[:, k - 1] if best_scores.shape[1] >= k else torch.full_like(chunk_kth, -torch.inf)
-    threshold = torch.maximum(chunk_kth - 2 * margin, best_kth - margin)  # (Q,)
-    return scores >= threshold.clamp(min=torch.finfo(scores.dtype).min)[:, None]  # never -inf
+def _within_reach(scores: np.ndarray, margin, best_scores: torch.Tensor, k: int) -> np.ndarray:
+    """(Q, rows) bool: the rows of a chunk that can be among a query's best k, from `scores` (Q, rows) float32
+    known to within `margin` (Q,) of the exact ones (-inf: not rankable). A row is among the best k only if its
+    exact score reaches the k-th best so far (`best_scores` (Q, <= k), exact) and the chunk's own k-th exact
+    score, which is at least the chunk's k-th of `scores` less `margin`: so its `scores` are at least the larger
+    of (the k-th best so far - margin) and (the chunk's k-th - 2 margin). Ties at those bounds are kept."""
+    count = min(k, scores.shape[1])
+    best_of_chunk = np.partition(scores, -count, axis=1)[:, -count:]  # (Q, count), NaN and inf the largest
+    if (np.isnan(best_of_chunk) | (best_of_chunk == np.inf)).any():  # in a row whose length did not tell (the
+        np.nan_to_num(scores, copy=False, nan=-np.inf, posinf=-np.inf, neginf=-np.inf)  # file changed after)
+        best_of_chunk = np.partition(scores, -count, axis=1)[:, -count:]
+    chunk_kth = best_of_chunk.min(axis=1)  # (Q,)
+    best_kth = best_scores[:, k - 1].numpy() if best_scores.shape[1] >= k else np.full(len(scores), -np.inf)
+    threshold = np.maximum(chunk_kth - 2 * margin, best_kth - margin)  # (Q,)
+    return scores >= np.maximum(threshold, np.finfo(np.float32).min)[:, None]  # never -inf
 
 
 def _merge(best_scores: torch.Tensor, best_rows: torch.Tensor, query_index: torch.Tensor, rows: torch.Tensor,

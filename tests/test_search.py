@@ -641,7 +641,7 @@ def test_top_k_rescoring_in_float32_finds_what_the_float16_product_alone_misrank
         scores, rows = search.top_k(query, stored, 10, norms=norms, rows_per_chunk=rows_per_chunk)
         assert rows.tolist() == expected_rows
         torch.testing.assert_close(scores, expected_scores, atol=1e-6, rtol=0)
-    monkeypatch.setattr(search, "_float16_margin", lambda queries: torch.zeros(len(queries)))
+    monkeypatch.setattr(search, "_float16_margin", lambda queries: np.zeros(len(queries)))
     assert search.top_k(query, stored, 10, norms=norms, rows_per_chunk=500)[1].tolist() != expected_rows
 
 
