@@ -16,7 +16,6 @@ bf16 against fp32.
 3. bf16 against fp32 on the demo world: the demo's trained VoP (`python demo.py --prompts pos`, trained here
    if no --checkpoint is given) indexes the 160 test clips and answers every test caption in each precision;
    how many top-5 lists are unchanged, and the time of each; then ViT-B/32's video encoder in each precision.
-
 4. Past an exact scan: docs/search_at_scale.md's code (FAISS IVF and HNSW built from an index's own rows;
    recall@10 against the exact top-10), run on a synthetic index of --rows videos about 10,000 topics, with
    100 texts drawn about the same topics (`around_topics`), or with no structure at all (--at-scale random).
