@@ -3,6 +3,7 @@ captions for a video.
 
     python search.py index ~/videos --checkpoint runs/demo/last.pt --index my_videos.index
     python search.py query "a dog plays with its tail" --index my_videos.index -k 10 [--json] [--html hits.html]
+    python search.py query --queries texts.txt --index my_videos.index [--json]       # a text per line, together
     python search.py query --video clip.mp4 --index my_videos.index                  # the nearest videos
     python search.py query --video clip.mp4 --captions captions.txt --checkpoint runs/demo/last.pt  # video -> text
     torchrun --nproc_per_node 4 search.py index ~/videos --checkpoint ... --index ...  # each process a share
@@ -10,9 +11,10 @@ captions for a video.
 What a search is (read this first): every video is embedded once, exactly as evaluation embeds a test video
 (evaluate.embed_videos's pipeline: the segment middles, CLIP's resize and center crop, `encode_video`), and the
 embeddings are kept on disk; a query is embedded the same way (`encode_text`, or `encode_video`), and the
-videos are ranked by cosine similarity, exactly: brute force over the whole index, a chunk of rows at a time
-(`top_k`), with no approximate index. The scores are the cosines the evaluation ranks by, up to the float16 in
-which the index keeps the videos' embeddings (about 1e-4).
+videos are ranked by cosine similarity, exactly: every row of the index is scored, a chunk of rows at a time
+(`top_k`: a float16 product picks the few rows that can be among the best, and those are scored again in
+float32), with no approximate index (docs/search_at_scale.md: when one is needed). The scores are the cosines
+the evaluation ranks by, up to the float16 in which the index keeps the videos' embeddings (about 1e-4).
 
     from search import VideoSearch, load_model
     videos = VideoSearch(load_model("runs/demo/last.pt"), "my_videos.index")
@@ -59,7 +61,12 @@ from formats.video_index import IndexFileError, IndexWriter, VideoIndex, embeddi
 from formats.video_io import READ_ERRORS, VideoReadError
 from vop import VoP, VoPConfig
 
-ROWS_PER_CHUNK = 1 << 14  # index rows scored at once: 16 MB of float16 at E = 512, 32 MB as float32
+ROWS_PER_CHUNK = 1 << 16  # index rows scored at once: 64 MB of float16 at E = 512, read where it is mapped
+QUERIES_PER_PASS = 64  # queries ranked in one top_k: its memory grows as queries x rows per chunk (16 MB)
+
+
+NOT_FINITE = ("the model's embedding of it is not finite (NaN or inf), so it cannot be ranked; with --precision "
+              "fp16 or bf16, index with --precision fp32")
 
 
 class NoVideosError(UserError):
@@ -73,38 +80,110 @@ class NoVideosError(UserError):
 def top_k(queries: torch.Tensor, embeddings: np.ndarray, k: int, device="cpu", norms: np.ndarray | None = None,
           live: np.ndarray | None = None, rows_per_chunk: int = ROWS_PER_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores (Q, k'), rows (Q, k')): for each query, the k rows of `embeddings` with the highest cosine, best
-    first (level scores in row order), k' = min(k, live rows). Exact: every row is scored; which of several rows
-    level at the k-th place is kept is not fixed (torch.topk's choice).
+    first, a tie to the lower row; k' = min(k, rows that can be ranked). Exact: the answer is that of every
+    stored row scored in float32 (the float16 row times the query, divided by the row's length).
 
-    queries (Q, E) L2-normalised; embeddings (N, E) float16, memory-mapped: a chunk of rows is read, scored in
-    float32 on `device` and merged with the best so far, so memory stays at one chunk whatever N. `norms` (N,):
-    the rows' lengths (float16 rounding moves them off 1 by about 1e-4), divided out so that scores are cosines.
-    `live` (N,) bool leaves out dead rows (videos changed or gone since they were embedded).
-    """
+    queries (Q, E) L2-normalised; embeddings (N, E) float16, memory-mapped, read a chunk of rows at a time, so
+    memory stays at one chunk whatever N. `norms` (N,) float32: the rows' lengths (float16 rounding moves them off
+    1 by about 1e-4), divided out so that scores are cosines. `live` (N,) bool leaves out dead rows (videos
+    changed or gone since they were embedded). A row whose length is not a positive finite number (a NaN or inf
+    in it) is never ranked.
+
+    Why it is fast: on the CPU, with `norms`, each chunk is multiplied in float16 as it lies in memory (no
+    float32 copy of it: that copy, not the arithmetic, was the cost), which gives every cosine to within
+    `_float16_margin`; the rows that can still be among the best k at that distance (a handful per chunk) are
+    scored again in float32, and only those scores are kept. Elsewhere (another device, or no `norms`) a chunk
+    is converted and scored in float32 whole. Which rows to keep is decided in NumPy, on one thread: a few passes
+    over (Q, rows) scores, which torch would split over threads that, on a busy machine, wait for each other."""
     queries = queries.to(device, torch.float32)  # (Q, E)
-    best_scores = torch.empty(len(queries), 0, device=device)  # (Q, <= k)
-    best_rows = torch.empty(len(queries), 0, dtype=torch.long, device=device)  # (Q, <= k)
-    # One float32 chunk, filled again for every chunk: a fresh allocation costs more than the conversion.
-    chunk_buffer = torch.empty(min(rows_per_chunk, len(embeddings)), embeddings.shape[1], device=device)
+    margin = _float16_margin(queries) if norms is not None and torch.device(device).type == "cpu" else None  # (Q,)
+    queries16 = queries.half() if margin is not None else None  # (Q, E)
+    best_scores = torch.empty(len(queries), 0)  # (Q, <= k), best first
+    best_rows = torch.empty(len(queries), 0, dtype=torch.long)  # (Q, <= k)
     for start in range(0, len(embeddings), rows_per_chunk):
-        stored = torch.from_numpy(embeddings[start:start + rows_per_chunk])  # (rows, E) float16, read from disk
-        chunk = chunk_buffer[:len(stored)].copy_(stored)  # (rows, E) float32
-        scores = (chunk @ queries.T).T  # (Q, rows); this order is the faster product on MKL
-        if norms is not None:
-            scores /= torch.from_numpy(norms[start:start + len(chunk)]).to(device)
-        if live is not None:
-            scores.masked_fill_(~torch.from_numpy(live[start:start + len(chunk)]).to(device), -torch.inf)
-        rows = torch.arange(start, start + len(chunk), device=device).expand(len(queries), -1)  # (Q, rows)
-        scores, rows = torch.cat([best_scores, scores], dim=1), torch.cat([best_rows, rows], dim=1)
-        best_scores, picked = scores.topk(min(k, scores.shape[1]), dim=1)  # (Q, <= k)
-        best_rows = rows.gather(1, picked)
-    # Best first, a tie to the lower row: sort by row, then stably by score.
-    by_row = best_rows.argsort(dim=1)
-    best_scores, best_rows = best_scores.gather(1, by_row), best_rows.gather(1, by_row)
-    order = best_scores.sort(dim=1, descending=True, stable=True).indices
-    best_scores, best_rows = best_scores.gather(1, order).cpu(), best_rows.gather(1, order).cpu()
-    found = int(torch.isfinite(best_scores).sum(dim=1).min()) if len(queries) else 0  # dead rows score -inf
+        stored = torch.from_numpy(embeddings[start:start + rows_per_chunk]).to(device)  # (rows, E) float16
+        stop = start + len(stored)
+        usable = live[start:stop].copy() if live is not None else np.ones(len(stored), bool)  # (rows,)
+        lengths = norms[start:stop] if norms is not None else None  # (rows,)
+        if lengths is not None:
+            usable &= np.isfinite(lengths) & (lengths > 0)
+        if margin is None:  # every row of the chunk scored in float32
+            scores = stored.float() @ queries.T  # (rows, Q)
+            if lengths is not None:
+                scores /= torch.from_numpy(lengths).to(device)[:, None]
+            scores = scores.T.cpu().numpy()  # (Q, rows)
+            scores[~(usable & np.isfinite(scores))] = -np.inf
+            query_index, row_index = np.nonzero(_within_reach(scores, 0, best_scores, k))  # (P,) each
+            exact = torch.from_numpy(scores[query_index, row_index])  # (P,)
+        else:
+            bounded = usable & (lengths >= 0.5) & (lengths <= 2)  # (rows,) the rows `_float16_margin` covers
+            product = queries16 @ stored.T  # (Q, rows) float16; faster than torch.mv for one query
+            with np.errstate(invalid="ignore"):  # NaN or inf times 0: a row left out just below
+                rough = product.numpy() * np.reciprocal(lengths, where=bounded, out=np.zeros_like(lengths))  # (Q, rows)
+            rough[:, ~bounded] = -np.inf  # cosines to within `margin`; -inf: not rankable, or not covered
+            reach = _within_reach(rough, margin, best_scores, k)  # (Q, rows)
+            reach[:, usable & ~bounded] = True  # scored in float32 whatever their float16 score
+            query_index, row_index = np.nonzero(reach)  # (P,) each, by query, then by row
+            query_index, row_index = torch.from_numpy(query_index), torch.from_numpy(row_index)
+            exact = ((stored[row_index].float() * queries[query_index]).sum(dim=1)
+                     / torch.from_numpy(lengths)[row_index])  # (P,)
+            exact.masked_fill_(~exact.isfinite(), -torch.inf)  # a row changed on disk since its length was taken
+        best_scores, best_rows = _merge(best_scores, best_rows, torch.as_tensor(query_index),
+                                        torch.as_tensor(row_index) + start, exact.cpu(), k)
+    found = int(torch.isfinite(best_scores).sum(dim=1).min()) if len(queries) else 0  # -inf pads short lists
     return best_scores[:, :found], best_rows[:, :found]
+
+
+def _float16_margin(queries: torch.Tensor) -> np.ndarray | None:
+    """(Q,): how far the cosine from a float16 product on the CPU (the float16 row times the query rounded to
+    float16, times the row's reciprocal length in float32) can be from the float32 one, for a row of length 1/2
+    to 2. For a query of length m: m 2^-11 from rounding the query to float16, m E 2^-24 from summing E exact
+    products in float32 (torch sums float16 products in float32 on the CPU unless its reduced-precision switch
+    is on; tested on inputs built to show a float16 sum), m 2^-11 from rounding the sum to float16, and under
+    (sqrt(E) + 4) 2^-24 from numbers below float16's normal range and the float32 scaling; the whole doubled,
+    for safety (2.0e-3 at E = 512 for a unit query). None, to score in float32 instead, for queries of length
+    outside 1/2 to 2, or NaN."""
+    allows_float16_sums = getattr(torch._C, "_get_cpu_allow_fp16_reduced_precision_reduction", lambda: False)
+    lengths = queries.norm(dim=1).cpu().numpy()  # (Q,)
+    if allows_float16_sums() or not ((lengths >= 0.5) & (lengths <= 2)).all():
+        return None
+    size = queries.shape[1]
+    return 2 * ((2 * 2 ** -11 + size * 2 ** -24) * 1.01 * lengths + (math.sqrt(size) + 4) * 2 ** -24)
+
+
+def _within_reach(scores: np.ndarray, margin, best_scores: torch.Tensor, k: int) -> np.ndarray:
+    """(Q, rows) bool: the rows of a chunk that can be among a query's best k, from `scores` (Q, rows) float32
+    known to within `margin` (Q,) of the exact ones (-inf: not rankable). A row is among the best k only if its
+    exact score reaches the k-th best so far (`best_scores` (Q, <= k), exact) and the chunk's own k-th exact
+    score, which is at least the chunk's k-th of `scores` less `margin`: so its `scores` are at least the larger
+    of (the k-th best so far - margin) and (the chunk's k-th - 2 margin). Ties at those bounds are kept."""
+    count = min(k, scores.shape[1])
+    best_of_chunk = np.partition(scores, -count, axis=1)[:, -count:]  # (Q, count), NaN and inf the largest
+    if (np.isnan(best_of_chunk) | (best_of_chunk == np.inf)).any():  # in a row whose length did not tell (the
+        np.nan_to_num(scores, copy=False, nan=-np.inf, posinf=-np.inf, neginf=-np.inf)  # file changed after)
+        best_of_chunk = np.partition(scores, -count, axis=1)[:, -count:]
+    chunk_kth = best_of_chunk.min(axis=1)  # (Q,)
+    best_kth = best_scores[:, k - 1].numpy() if best_scores.shape[1] >= k else np.full(len(scores), -np.inf)
+    threshold = np.maximum(chunk_kth - 2 * margin, best_kth - margin)  # (Q,)
+    return scores >= np.maximum(threshold, np.finfo(np.float32).min)[:, None]  # never -inf
+
+
+def _merge(best_scores: torch.Tensor, best_rows: torch.Tensor, query_index: torch.Tensor, rows: torch.Tensor,
+           scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best k of each query's best so far (Q, <= k) and of a chunk's scored rows: (P,) each of query_index,
+    rows (ascending for each query, all above the rows so far) and their exact scores. Best first, a tie to the
+    lower row: the new rows come after the old and in row order, and the sort is stable."""
+    counts = torch.bincount(query_index, minlength=len(best_scores))  # (Q,)
+    width = int(counts.max()) if len(query_index) else 0
+    if width == 0:
+        return best_scores, best_rows
+    position = torch.arange(len(query_index), device=rows.device) - (counts.cumsum(0) - counts)[query_index]  # (P,)
+    new_scores = best_scores.new_full((len(best_scores), width), -torch.inf)  # (Q, width), -inf pads
+    new_rows = best_rows.new_full((len(best_scores), width), -1)
+    new_scores[query_index, position], new_rows[query_index, position] = scores, rows
+    scores, rows = torch.cat([best_scores, new_scores], dim=1), torch.cat([best_rows, new_rows], dim=1)
+    order = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, order), rows.gather(1, order)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,6 +262,12 @@ class VideoSearch:
             index = VideoIndex(self.index_path)
             index.check_model(self.fingerprint, "query it with the model that made it, or index your videos with "
                                                 "this model into a new --index")
+            damaged = np.flatnonzero(index.damaged)
+            if len(damaged):  # top_k never ranks them (their length is not finite): say so once per opening
+                print(f"warning: {len(damaged)} of the {len(index)} videos in {self.index_path} have embeddings that "
+                      f"are not finite (NaN or inf) and are left out of every search (the first: "
+                      f"{index.video_path(damaged[0])}); `search.py index` on their folder embeds them again",
+                      file=sys.stderr)
             self._opened = (key, index)
         return self._opened[1]
 
@@ -206,12 +291,15 @@ class VideoSearch:
         return [(captions[i], float(scores[i])) for i in order.tolist()]
 
     def _search(self, queries: torch.Tensor, k: int, leave_out: str | None = None) -> list[list[tuple[str, float]]]:
-        """The k best hits of each query (Q, E), without the video `leave_out` (a real path)."""
+        """The k best hits of each query (Q, E), without the video `leave_out` (a real path); one pass over the
+        index for each QUERIES_PER_PASS queries."""
         index = self.open_index()
-        scores, rows = top_k(queries, index.embeddings, k + (leave_out is not None), self.device, index.norms,
-                             index.live)
-        hits = [[(index.video_path(row), score) for row, score in zip(query_rows.tolist(), query_scores.tolist())]
-                for query_rows, query_scores in zip(rows, scores)]
+        hits = []
+        for start in range(0, len(queries), QUERIES_PER_PASS):
+            scores, rows = top_k(queries[start:start + QUERIES_PER_PASS], index.embeddings, k + (leave_out is not None),
+                                 self.device, index.norms, index.live)
+            hits += [[(index.video_path(row), score) for row, score in zip(query_rows.tolist(), query_scores.tolist())]
+                     for query_rows, query_scores in zip(rows, scores)]
         return [[hit for hit in query_hits if hit[0] != leave_out][:k] for query_hits in hits]
 
     # -- indexing -------------------------------------------------------------------------------------------
@@ -244,6 +332,8 @@ class VideoSearch:
             done, failed, failed_changed = 0, 0, 0
             try:
                 for indices, embeddings, errors in self._embedded_batches([path for path, _ in todo]):
+                    errors = [error or ("" if finite else NOT_FINITE) for error, finite in
+                              zip(errors, embeddings.isfinite().all(dim=1).tolist())]  # never an unrankable row
                     done += len(indices)
                     failed += sum(1 for error in errors if error)
                     # writer.plan lists the changed videos first, then the new ones
@@ -572,7 +662,9 @@ class IndexConfig(ModelOptions):
 @dataclass
 class QueryConfig(ModelOptions):
     """search.py query: each field is the flag --field-name (the text comes first, without a flag)."""
-    text: str | None = option(None, "what to search for (or --video)", positional="?")
+    text: str | None = option(None, "what to search for (or --queries, or --video)", positional="?")
+    queries: str | None = option(None, "a text file of texts to search for, one per line, searched together: each "
+                                       "text, then its hits (with --json, one JSON object per line)")
     index: str | None = option(None, "the index to search (its model is loaded from what it recorded)")
     k: int = option(10, "how many hits", at_least(1), short="-k")
     video: str | None = option(None, "query with a video file instead of a text: the nearest videos (the video "
@@ -609,11 +701,15 @@ def query_main(config: QueryConfig) -> list[dict]:
     if config.captions and not config.video:
         raise ConfigError(f"--captions {config.captions} ranks captions for a video: give --video FILE too"
                           + (", instead of a text" if config.text is not None else ""))
-    if config.text is not None and config.video is not None:
-        raise ConfigError("give a text to search for or --video FILE, not both")
-    if config.text is None and config.video is None:
-        raise ConfigError('give a text to search for (in quotes: search.py query "a dog runs" --index ...), or '
-                          '--video FILE')
+    if sum(given is not None for given in (config.text, config.queries, config.video)) > 1:
+        raise ConfigError("give one thing to search for: a text, --queries FILE (texts, one per line) or --video "
+                          "FILE, not several")
+    if config.text is None and config.queries is None and config.video is None:
+        raise ConfigError('give a text to search for (in quotes: search.py query "a dog runs" --index ...), '
+                          '--queries FILE (texts, one per line) or --video FILE')
+    if config.queries and config.html:
+        raise ConfigError("--html writes the page of one query: leave it out with --queries, or give one text")
+    texts = _read_lines(config.queries, "--queries", "text") if config.queries else None
     if config.index is None and not (config.captions and (config.checkpoint or config.clip)):
         raise ConfigError("give a model: --checkpoint or --clip (or --index, to use the model it recorded)"
                           if config.captions else "--index: name the index to search (made by `search.py index`)")
@@ -630,8 +726,10 @@ def query_main(config: QueryConfig) -> list[dict]:
         model = load_recorded_model(source, device)
     search = VideoSearch(model, config.index if not config.captions else None, device, config.precision,
                          show_progress=False)
+    if texts is not None:
+        return _search_many(search, texts, config.k, config.json)
     if config.captions:
-        captions = _read_captions(config.captions)
+        captions = _read_lines(config.captions, "--captions", "caption")
         found, key = search.rank_captions(config.video, captions, config.k), "caption"
         title = f"Captions for {Path(config.video).name}"
     else:
@@ -663,14 +761,35 @@ def _count(number: int, noun: str) -> str:
     return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
-def _read_captions(path) -> list[str]:
+def _search_many(search: VideoSearch, texts: list[str], k: int, as_json: bool) -> list[dict]:
+    """--queries: each text's hits, printed as soon as its pass is done; QUERIES_PER_PASS texts are embedded and
+    ranked together (one pass over the index). Returns [{"query", "hits"}], hits as for one text."""
+    results = []
+    for start in range(0, len(texts), QUERIES_PER_PASS):
+        group = texts[start:start + QUERIES_PER_PASS]
+        for text, found in zip(group, search.search_text(group, k)):
+            hits = [{"rank": rank, "score": round(score, 6), "video": path} for rank, (path, score) in
+                    enumerate(found, 1)]
+            if as_json:  # a name that is not UTF-8 printed with \xNN escapes, as for one text
+                print(json.dumps({"query": text, "hits": [{**hit, "video": printable(hit["video"])} for hit in hits]},
+                                 ensure_ascii=False))
+            else:
+                lines = [f"{hit['rank']:4d}  {hit['score']:.4f}  {printable(hit['video'])}" for hit in hits]
+                print("\n".join([text, *lines]) + "\n")  # the text, its hits, a blank line
+            results.append({"query": text, "hits": hits})
+        sys.stdout.flush()
+    return results
+
+
+def _read_lines(path, flag: str, what: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file given by `flag`, stripped: one `what` each."""
     try:
-        captions = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"--captions {path}: cannot be read ({error})") from None
-    if not captions:
-        raise ConfigError(f"--captions {path} holds no captions: write one caption per line")
-    return captions
+        raise ConfigError(f"{flag} {path}: cannot be read ({error})") from None
+    if not lines:
+        raise ConfigError(f"{flag} {path} holds no {what}s: write one {what} per line")
+    return lines
 
 
 COMMANDS = {"index": (IndexConfig, index_main, "search.py index: embed the videos under folders into an index "

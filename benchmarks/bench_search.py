@@ -3,22 +3,33 @@ bf16 against fp32.
 
 1. A million videos: synthetic L2-normalised embeddings (E = 512, ViT-B/32's size) written as an index by
    formats/video_index.py's IndexWriter. Size on disk; writing it; one commit of its table; then, in a fresh
-   process, opening it, its memory (resident anonymous memory, and the file pages mapped), and the latency of an
-   exact top-10 query: with the embeddings file out of the page cache (cold: read from disk) and in it (warm).
+   process, opening it, its memory (resident anonymous memory, and the file pages mapped), and the latency of
+   an exact top-10 query: with the embeddings file out of the page cache (cold: read from disk) and in it
+   (warm). Then, on 2 threads and in rounds that take turns (so a busy neighbour slows each alike), the exact
+   top-10 of 1 and of 10 queries by `search.top_k` beside FAISS's exact indexes over the same rows, when
+   faiss-cpu is installed: `IndexScalarQuantizer(QT_fp16)` (the same float16 bytes) and `IndexFlatIP`
+   (float32), and the floor, one pass over the 1 GB (torch's max of it as int16, on 2 threads: a read and next
+   to nothing else); medians and the ratios to FAISS float16, from one run. And queries per second,
+   QUERIES_PER_PASS (or more) queries per top_k.
 2. `index` on MSR-VTT-like clips (320x240, 30 fps, 15 s, H.264, from ffmpeg's testsrc2; see bench_data.py):
    videos per second for the demo's tiny CLIP and for ViT-B/32 (random weights, plain VoP, 12 frames), end to
    end (VideoSearch.update: decode in DataLoader workers + encode + write), and each part alone.
 3. bf16 against fp32 on the demo world: the demo's trained VoP (`python demo.py --prompts pos`, trained here
    if no --checkpoint is given) indexes the 160 test clips and answers every test caption in each precision;
    how many top-5 lists are unchanged, and the time of each; then ViT-B/32's video encoder in each precision.
+4. Past an exact scan: docs/search_at_scale.md's code (FAISS IVF and HNSW built from an index's own rows;
+   recall@10 against the exact top-10), run on a synthetic index of --rows videos about 10,000 topics, with
+   100 texts drawn about the same topics (`around_topics`), or with no structure at all (--at-scale random).
+   Needs faiss-cpu.
 
-    python benchmarks/bench_search.py [--rows 1000000] [--clips 16] [--checkpoint runs/demo/last.pt]
+    python benchmarks/bench_search.py [--rows 1000000] [--clips 16] [--checkpoint runs/demo/last.pt] [--parts 1234]
 """
 import argparse
 import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -35,7 +46,6 @@ from common import REPO, argument_parser, machine_line, timed_median  # noqa: E4
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import clip_model  # noqa: E402
 from formats import annotations  # noqa: E402
-from formats import clip_weights  # noqa: E402
 import data  # noqa: E402
 import search  # noqa: E402
 from formats import video_index  # noqa: E402
@@ -46,8 +56,27 @@ EMBEDDING_SIZE = 512
 
 # -- 1. a million videos ----------------------------------------------------------------------------------
 
-def write_synthetic_index(path: Path, rows: int) -> float:
-    """An index of `rows` random unit vectors under MSR-VTT-like paths; returns the seconds it took."""
+TOPICS = 10_000  # part 4's synthetic videos: about 100 a topic in a million
+VIDEO_CLOSENESS, TEXT_CLOSENESS = 0.7, 0.5  # cosine of a video, and of a text, to its topic's centre
+
+
+def topic_centres() -> torch.Tensor:
+    """(TOPICS, E) unit vectors: what part 4's synthetic videos and texts are about."""
+    return torch.nn.functional.normalize(torch.randn(TOPICS, EMBEDDING_SIZE, generator=torch.Generator()
+                                                     .manual_seed(10)), dim=1)
+
+
+def around_topics(count: int, closeness: float, generator) -> torch.Tensor:
+    """(count, E) unit vectors, each at cosine about `closeness` to a random topic's centre (the rest random):
+    a text and a video of the same topic then meet at about 0.7 x 0.5 = 0.35, as CLIP's texts and videos do."""
+    centres = topic_centres()[torch.randint(TOPICS, (count,), generator=generator)]
+    noise = torch.nn.functional.normalize(torch.randn(count, EMBEDDING_SIZE, generator=generator), dim=1)
+    return torch.nn.functional.normalize(centres + (1 / closeness ** 2 - 1) ** 0.5 * noise, dim=1)
+
+
+def write_synthetic_index(path: Path, rows: int, topics: bool = False) -> float:
+    """An index of `rows` unit vectors under MSR-VTT-like paths: random (no structure at all), or about topics
+    (`around_topics`); returns the seconds it took."""
     record = {"fingerprint": "synthetic", "description": "synthetic embeddings", "source": None,
               "num_frames": 12, "image_size": 224}
     generator = torch.Generator().manual_seed(0)
@@ -55,7 +84,8 @@ def write_synthetic_index(path: Path, rows: int) -> float:
     with video_index.IndexWriter(path, record, EMBEDDING_SIZE) as writer:
         for start in range(0, rows, 65536):
             count = min(65536, rows - start)
-            embeddings = torch.nn.functional.normalize(torch.randn(count, EMBEDDING_SIZE, generator=generator), dim=1)
+            embeddings = (around_topics(count, VIDEO_CLOSENESS, generator) if topics else
+                          torch.nn.functional.normalize(torch.randn(count, EMBEDDING_SIZE, generator=generator), dim=1))
             paths = [f"/data/videos/collection_{row // 1000:04d}/video{row:07d}.mp4" for row in range(start,
                                                                                                  start + count)]
             writer.add(paths, [(12_345_678, 1_700_000_000_000_000_000)] * count, embeddings)
@@ -66,6 +96,103 @@ def write_synthetic_index(path: Path, rows: int) -> float:
               f"its last commit makes this at most {100 * video_index.COMMIT_COST:.0f}% of it): "
               f"{time.perf_counter() - commit:.2f} s")
     return time.perf_counter() - started
+
+
+def faiss_or_none(left_out: str):
+    """The faiss module, or None (with a line saying what is `left_out`) where faiss-cpu is not installed: the
+    project runs without it."""
+    try:
+        import faiss
+    except ImportError:
+        print(f"faiss-cpu is not installed (pip install faiss-cpu): {left_out}", flush=True)
+        return None
+    return faiss
+
+
+def take_turns(runs: dict, rounds: int) -> dict:
+    """{name: (median, min, max) seconds} of each callable in `runs`, after one warm-up each, over `rounds`
+    rounds in which each runs once in turn: a neighbour's load then falls on all of them alike."""
+    for run in runs.values():
+        run()
+    seconds = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - started)
+    return {name: (statistics.median(times), min(times), max(times)) for name, times in seconds.items()}
+
+
+def exact_top_10_beside_faiss(index, queries: torch.Tensor, rounds: int = 7) -> dict:
+    """Median seconds of the exact top-10 of 1 and of 10 queries: search.top_k, FAISS's exact float16 and float32
+    indexes over the same rows (when faiss-cpu is installed), and one pass over the embeddings' bytes; then
+    queries per second of top_k for more queries at once."""
+    torch.set_num_threads(2)
+    embeddings, rows_at_once = index.embeddings, 65536
+
+    def one_pass():  # the floor: read every byte once and do next to nothing with it (the largest int16), 2 threads
+        torch.from_numpy(embeddings).view(torch.int16).max()
+
+    runs = {"floor": one_pass}
+    for count in (1, 10):
+        runs[f"top_k {count}"] = lambda count=count: search.top_k(queries[:count], embeddings, 10, norms=index.norms,
+                                                                  live=index.live)
+    faiss = faiss_or_none("FAISS is left out of the comparison")
+    if faiss is not None:
+        faiss.omp_set_num_threads(2)
+        size = embeddings.shape[1]
+        exact16 = faiss.IndexScalarQuantizer(size, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        exact32 = faiss.IndexFlatIP(size)
+        for start in range(0, len(embeddings), rows_at_once):
+            rows = np.asarray(embeddings[start:start + rows_at_once], np.float32)
+            exact16.add(rows)
+            exact32.add(rows)
+        for name, faiss_index in (("FAISS float16", exact16), ("FAISS float32", exact32)):
+            for count in (1, 10):
+                runs[f"{name} {count}"] = lambda count=count, faiss_index=faiss_index: faiss_index.search(
+                    queries[:count].numpy(), 10)
+    figures = take_turns(runs, rounds)
+    if faiss is not None:  # the same answers, up to the lengths top_k divides by
+        _, ours = search.top_k(queries, embeddings, 10, norms=index.norms, live=index.live)
+        _, theirs = exact16.search(queries.numpy(), 10)
+        figures["same top-10 as FAISS float16"] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in
+                                                                 zip(ours.tolist(), theirs.tolist())]))
+    many = torch.nn.functional.normalize(torch.randn(256, embeddings.shape[1], generator=torch.Generator()
+                                                     .manual_seed(2)), dim=1)
+    for count in (search.QUERIES_PER_PASS, 256):
+        seconds = timed_median(lambda: search.top_k(many[:count], embeddings, 10, norms=index.norms,
+                                                    live=index.live), 3)[0]
+        figures[f"queries/s {count}"] = count / seconds
+    return figures
+
+
+def print_comparison(figures: dict, rows: int) -> None:
+    """The comparison as a Markdown table: milliseconds (median, min-max) and the ratio to FAISS float16."""
+    names = [("top_k", "this project, `search.top_k`"), ("FAISS float16", "FAISS `IndexScalarQuantizer(QT_fp16)`"),
+             ("FAISS float32", "FAISS `IndexFlatIP` (float32)")]
+    print(f"\nthe exact top-10 of {rows:,} x {EMBEDDING_SIZE} float16 rows in the page cache, 2 threads, ms: median "
+          f"(min-max) of rounds taken in turn; x: the ratio to FAISS float16's median in this run")
+    if "FAISS float16 1" not in figures:
+        print("(faiss-cpu is not installed here, so FAISS is left out: pip install faiss-cpu to compare)")
+    print("| | 1 query | 10 queries |\n|---|---:|---:|")
+    for key, label in names:
+        if f"{key} 1" not in figures:
+            continue
+        cells = []
+        for count in (1, 10):
+            median, low, high = figures[f"{key} {count}"]
+            ratio = (f" ({median / figures[f'FAISS float16 {count}'][0]:.2f}x)" if "FAISS float16 1" in figures
+                     else "")
+            cells.append(f"{1000 * median:,.0f} ({1000 * low:,.0f}-{1000 * high:,.0f}){ratio}")
+        print(f"| {label} | {cells[0]} | {cells[1]} |")
+    median, low, high = figures["floor"]
+    print(f"| floor: one read of the {rows * EMBEDDING_SIZE * 2 / 1e9:.2f} GB | {1000 * median:,.0f} "
+          f"({1000 * low:,.0f}-{1000 * high:,.0f}) | the same |")
+    if "same top-10 as FAISS float16" in figures:
+        print(f"top_k and FAISS float16 agree on {100 * figures['same top-10 as FAISS float16']:.1f}% of the top-10 "
+              f"(FAISS ranks by inner product, top_k by cosine: the rows' lengths are 1 +- 1e-3)")
+    print("queries per second of top_k, many at once: " + ", ".join(
+        f"{figures[name]:,.0f} with {name.split()[-1]} per call" for name in figures if name.startswith("queries/s")))
 
 
 def memory() -> dict:
@@ -104,6 +231,8 @@ def measure_queries(path: str) -> dict:
     [index.video_path(row) for row in rows[0].tolist()]
     results["paths_s"] = time.perf_counter() - started
     results["after_queries"] = memory()
+    results["compare"] = exact_top_10_beside_faiss(index, queries)
+    results["load"] = os.getloadavg()[0]
     return results
 
 
@@ -128,8 +257,45 @@ def a_million_videos(out: Path, rows: int) -> None:
     print(f"after the queries: {figures['after_queries']['RssAnon']:.0f} MB anonymous, "
           f"{figures['after_queries']['RssFile']:.0f} MB of mapped file pages (the page cache: shared, "
           f"evictable), peak {figures['after_queries']['VmHWM']:.0f} MB")
+    print_comparison(figures["compare"], rows)
+    print(f"load average at the end: {figures['load']:.1f}")
     for file in files:
         file.unlink()
+
+
+# -- 4. past an exact scan: the docs page's code on the synthetic index ----------------------------------
+
+def search_at_scale(out: Path, rows: int, topics: bool, queries: int = 100) -> None:
+    """docs/search_at_scale.md's Python blocks, in order, on a synthetic index of `rows` videos (about topics, or
+    random), with `queries` texts drawn as its videos are: the first block (which loads the index's model and
+    embeds texts) is replaced by what it defines; the others run as printed, and print their figures."""
+    if faiss_or_none("part 4 needs it, and is left out") is None:
+        return
+    torch.set_num_threads(2)
+    path = out / "at_scale.index"
+    for old in out.glob("at_scale.index*"):
+        old.unlink()
+    seconds = write_synthetic_index(path, rows, topics)
+    print(f"{rows:,} synthetic videos ({f'about {TOPICS:,} topics' if topics else 'random: no structure'}), "
+          f"written in {seconds:.0f} s", flush=True)
+    index = video_index.VideoIndex(path)
+    generator = torch.Generator().manual_seed(3)
+    texts = (around_topics(queries, TEXT_CLOSENESS, generator) if topics else
+             torch.nn.functional.normalize(torch.randn(queries, EMBEDDING_SIZE, generator=generator), dim=1))
+    namespace = {"np": np, "index": index, "rows": np.flatnonzero(index.live & ~index.damaged),
+                 "embeddings": index.embeddings, "queries": texts.numpy()}
+    for block in page_code(Path(REPO) / "docs" / "search_at_scale.md")[1:]:
+        block = block.replace("my_videos.index", str(path)).replace("my_videos.ivf", str(out / "at_scale.ivf"))
+        exec(compile(block, "docs/search_at_scale.md", "exec"), namespace)
+        sys.stdout.flush()
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    for old in [*out.glob("at_scale.index*"), out / "at_scale.ivf"]:
+        old.unlink(missing_ok=True)
+
+
+def page_code(page: Path) -> list[str]:
+    """The ```python blocks of a Markdown page, in order."""
+    return [block.split("```", 1)[0] for block in page.read_text(encoding="utf-8").split("```python\n")[1:]]
 
 
 # -- 2. index speed ---------------------------------------------------------------------------------------
@@ -258,8 +424,10 @@ def main():
     parser.add_argument("--rows", type=int, default=1_000_000, help="videos in the synthetic index")
     parser.add_argument("--clips", type=int, default=16, help="MSR-VTT-like clips to index")
     parser.add_argument("--copies", type=int, default=4, help="copies of each clip the tiny CLIP indexes")
-    parser.add_argument("--parts", default="123", help="which parts to run (1, 2, 3)")
+    parser.add_argument("--parts", default="1234", help="which parts to run (1, 2, 3, 4)")
     parser.add_argument("--checkpoint", help="the demo's checkpoint (trained here if not given)")
+    parser.add_argument("--at-scale", default="topics", help="part 4's synthetic videos: topics, random or both "
+                                                             "(topics,random)")
     parser.add_argument("--out", default="/tmp/vop_bench_search", help="where the clips and indexes go")
     parser.add_argument("--measure-queries", help=argparse.SUPPRESS)  # the fresh process of part 1
     args = parser.parse_args()
@@ -279,6 +447,11 @@ def main():
     if "3" in args.parts:
         print("\n3. bf16 autocast against fp32", flush=True)
         precisions(Path(args.checkpoint) if args.checkpoint else demo_checkpoint(out), out)
+    if "4" in args.parts:
+        for data in args.at_scale.split(","):
+            print(f"\n4. past an exact scan: docs/search_at_scale.md on {args.rows:,} synthetic videos ({data})",
+                  flush=True)
+            search_at_scale(out, args.rows, data == "topics")
 
 
 if __name__ == "__main__":

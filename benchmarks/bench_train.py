@@ -46,7 +46,6 @@ from common import Trainer, argument_parser, machine_line, random_captions, time
 import torch  # noqa: E402  (after common, which puts the repository on the path)
 
 import clip_model  # noqa: E402
-from formats import clip_weights  # noqa: E402
 import data  # noqa: E402
 from machinery import runs  # noqa: E402
 import train  # noqa: E402

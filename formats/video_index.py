@@ -10,7 +10,9 @@ The files of an index named `my_videos.index`:
         path_bytes, path_ends     the N videos' paths, file-system encoded and concatenated; (N,) int64 ends
         sizes, mtimes_ns          (N,) int64 each; a size of -1 marks a dead row (its video changed or gone)
         norms                     (N,) float32: each row's length as stored (1 +- 1e-4 after float16
-                                  rounding); scores divide by it, so they are cosines
+                                  rounding); scores divide by it, so they are cosines. A length that is not
+                                  finite marks a row with a NaN or inf: never ranked, embedded again by the
+                                  next update
     my_videos.index.<token>.f16   the embeddings: (rows, E) float16, row-major, no header, memory-mapped on
                                   open; row i is the video of table row i; rows past N are not committed
     my_videos.index.skipped.txt   the videos that could not be read, one per line with why (the bytes of a
@@ -26,6 +28,7 @@ writes a new embeddings file under a new token, commits it, and only then delete
 import contextlib
 import fcntl
 import json
+import math
 import os
 import re
 import secrets
@@ -107,8 +110,8 @@ def _map_embeddings(path: Path, rows: int, size: int) -> np.ndarray:
 
 class VideoIndex:
     """An index opened for searching. `embeddings` (N, E) float16 memory-mapped; per row, its video's path
-    (`video_path(row)`), its length (`norms` (N,)) and whether it is live (`live` (N,) bool). `header` holds
-    the rest."""
+    (`video_path(row)`), its length (`norms` (N,)), whether it is live (`live` (N,) bool) and whether its
+    embedding is damaged (`damaged` (N,) bool: live, but its length is not finite). `header` holds the rest."""
 
     def __init__(self, path):
         self.path = Path(path).expanduser().absolute()
@@ -125,6 +128,8 @@ class VideoIndex:
                     raise
                 time.sleep(0.1)
         self.live = self.sizes >= 0  # (N,)
+        # (N,) live rows that cannot be ranked: a NaN or inf in the row makes its length NaN or inf (0: all zeros)
+        self.damaged = self.live & ~(np.isfinite(self.norms) & (self.norms > 0))
 
     def __len__(self) -> int:
         """The videos in the index (live rows)."""
@@ -254,7 +259,8 @@ class IndexWriter:
     def plan(self, found: dict) -> tuple[list, dict]:
         """(the videos to embed, as [(path, (size, mtime_ns))], counts) for the videos `found` now ({path: (size,
         mtime_ns)}, from the folders asked for). Every video already in the index is checked too, under
-        whatever folder it was found: a changed one is embedded again, a gone one is dropped (its row dies)."""
+        whatever folder it was found: a changed one is embedded again, and so is one whose embedding is damaged
+        (its length is not finite), a gone one is dropped (its row dies)."""
         counts = dict.fromkeys(("new", "changed", "gone", "unchanged", "unreadable"), 0)
         todo, indexed = [], set()
         for row, path in enumerate(self.paths):
@@ -264,7 +270,8 @@ class IndexWriter:
             if stat is None:
                 counts["gone"] += 1
                 self.sizes[row] = -1
-            elif stat != (self.sizes[row], self.mtimes_ns[row]):
+            elif stat != (self.sizes[row], self.mtimes_ns[row]) or not 0 < self.norms[row] < math.inf:
+                # changed, or its embedding is damaged (a NaN or inf in it: never ranked): embedded again
                 counts["changed"] += 1
                 self.sizes[row] = -1
                 todo.append((path, stat))

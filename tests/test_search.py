@@ -354,6 +354,113 @@ def test_json_is_a_sorted_list_and_nothing_else(test_index, capsys, tmp_path):
     assert [line.split()[0] for line in lines] == ["1", "2"] and lines[0].split()[2] == hits[0]["video"]
 
 
+def test_queries_from_a_file_are_searched_together_and_each_gives_its_own_hits(test_index, capsys, tmp_path):
+    index, _ = test_index
+    texts = ["a red circle moves left", "a blue square moves up", "a green triangle moves right"]
+    queries = tmp_path / "queries.txt"
+    queries.write_text(f"{texts[0]}\n\n  {texts[1]}  \n{texts[2]}\n", encoding="utf-8")  # blank lines skipped
+    capsys.readouterr()
+    search.main(["query", "--queries", str(queries), "--index", str(index), "-k", "3", "--json"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3  # one JSON object per line
+    answers = [json.loads(line) for line in lines]
+    assert [answer["query"] for answer in answers] == texts
+    for answer in answers:  # the hits one query at a time gives
+        alone = query_json(capsys, answer["query"], "--index", str(index), "-k", "3")
+        assert [hit["video"] for hit in answer["hits"]] == [hit["video"] for hit in alone]
+        assert [hit["rank"] for hit in answer["hits"]] == [1, 2, 3]
+        assert [hit["score"] for hit in answer["hits"]] == pytest.approx([hit["score"] for hit in alone], abs=1e-5)
+    search.main(["query", "--queries", str(queries), "--index", str(index), "-k", "2"])
+    blocks = capsys.readouterr().out.split("\n\n")
+    assert [block.splitlines()[0] for block in blocks if block] == texts  # each text, then its hits
+    assert [line.split()[2] for line in blocks[1].splitlines()[1:]] == [hit["video"] for hit in answers[1]["hits"][:2]]
+    # Searched together: one pass over the index for QUERIES_PER_PASS texts.
+    passes = []
+    original = search.top_k
+    search.top_k = lambda queries, *rest, **options: passes.append(len(queries)) or original(queries, *rest, **options)
+    try:
+        search.main(["query", "--queries", str(queries), "--index", str(index), "--json"])
+    finally:
+        search.top_k = original
+    assert passes == [3]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    assert "holds no texts" in one_line_error(capsys, ["query", "--queries", str(empty), "--index", str(index)])
+    assert "one thing to search for" in one_line_error(capsys, ["query", "a dog", "--queries", str(queries), "--index",
+                                                                str(index)])
+    assert "--html" in one_line_error(capsys, ["query", "--queries", str(queries), "--index", str(index), "--html",
+                                               str(tmp_path / "hits.html")])
+    assert not (tmp_path / "hits.html").exists()
+
+
+def damage_rows(index: Path, rows: list[int], length_tells: bool = True) -> None:
+    """Write NaN into rows of an index's embeddings, as a float16 overflow on a GPU would; with `length_tells`,
+    their stored lengths too (what IndexWriter.add stores for such a row), else only the rows change."""
+    header, table = video_index._read(index)
+    embeddings = np.memmap(index.parent / header["embeddings_file"], np.float16, mode="r+",
+                           shape=(len(table["sizes"]), header["embedding_size"]))
+    embeddings[rows] = np.nan
+    embeddings.flush()
+    if length_tells:
+        table["norms"][rows] = np.nan
+        with open(index, "wb") as handle:
+            np.savez(handle, header=np.frombuffer(json.dumps(header).encode("utf-8"), np.uint8), **table)
+
+
+def test_videos_with_embeddings_that_are_not_finite_are_never_ranked_and_are_embedded_again(test_index, trained,
+                                                                                           capsys, tmp_path):
+    index, checkpoint = test_index
+    copy = tmp_path / index.name
+    for file in index.parent.glob(f"{index.name}*"):  # the table and the embeddings file its header names
+        shutil.copy(file, tmp_path / file.name)
+    total = len(video_index.VideoIndex(copy))
+    before = query_json(capsys, "a red circle moves left", "--index", str(copy), "-k", str(total))
+    damaged = [before[0]["video"], before[3]["video"]]  # the best hit and another one
+    table = video_index.VideoIndex(copy)
+    damage_rows(copy, [row for row in range(total) if table.video_path(row) in damaged])
+    capsys.readouterr()
+    search.main(["query", "a red circle moves left", "--index", str(copy), "-k", str(total), "--json"])
+    printed = capsys.readouterr()
+    hits = json.loads(printed.out, parse_constant=lambda constant: pytest.fail(f"{constant} in the JSON"))
+    assert [hit["video"] for hit in hits] == [hit["video"] for hit in before if hit["video"] not in damaged]
+    assert [hit["rank"] for hit in hits] == list(range(1, total - 1))  # no gap, nothing pushed out
+    [warning] = printed.err.strip().splitlines()
+    assert warning.startswith(f"warning: 2 of the {total} videos in {copy}") and damaged[0] in warning
+    assert "not finite" in warning and "search.py index" in warning
+    # A row damaged after its length was taken (its length does not tell): never ranked either, without a warning.
+    damage_rows(copy, [next(row for row in range(total) if table.video_path(row) == before[1]["video"])], False)
+    hits = query_json(capsys, "a red circle moves left", "--index", str(copy), "-k", "3")
+    assert before[1]["video"] not in [hit["video"] for hit in hits] and len(hits) == 3
+    # The next update embeds the videos whose length tells again; they rank where they did.
+    world = trained[1]
+    counts = search.main(["index", str(world / "test"), "--checkpoint", str(checkpoint), "--index", str(copy),
+                          "--num-workers", "0"])
+    assert counts["changed"] == 2 and counts["videos"] == total
+    capsys.readouterr()
+    again = query_json(capsys, "a red circle moves left", "--index", str(copy), "-k", "1")
+    assert again[0]["video"] == before[0]["video"] and again[0]["score"] == pytest.approx(before[0]["score"], abs=1e-4)
+
+
+def test_an_embedding_that_is_not_finite_is_listed_as_unreadable_not_indexed(model, trained, tmp_path, monkeypatch):
+    clips = copy_clips(trained[1], tmp_path / "videos", 3)
+    videos = search.VideoSearch(model, tmp_path / "mine.index", num_workers=0, show_progress=False)
+    embedded = search.VideoSearch._embedded_batches
+
+    def overflowing(self, paths):  # what fp16 autocast on a GPU can give: a NaN in one video's embedding
+        for indices, embeddings, errors in embedded(self, paths):
+            embeddings[[paths[index] == str(clips[1]) for index in indices]] = torch.nan
+            yield indices, embeddings, errors
+
+    monkeypatch.setattr(search.VideoSearch, "_embedded_batches", overflowing)
+    counts = videos.update([tmp_path / "videos"])
+    assert counts["new"] == 3 and counts["unreadable"] == 1 and counts["videos"] == 2
+    index = video_index.VideoIndex(tmp_path / "mine.index")
+    assert str(clips[1]) not in [index.video_path(row) for row in range(len(index.sizes))]
+    assert np.isfinite(np.asarray(index.embeddings)).all()
+    listed = video_index.skipped_list(tmp_path / "mine.index").read_text()
+    assert f"{clips[1]}\t{search.NOT_FINITE}" in listed and "--precision fp32" in listed
+
+
 class StrictPage(html.parser.HTMLParser):
     """Collects a page's structure and fails on what a browser would repair: unclosed or misnested tags."""
     VOID = {"meta", "img", "br", "link", "hr", "input"}
@@ -451,7 +558,8 @@ def test_folders_without_videos_and_bad_queries_are_one_line(trained, tmp_path, 
         line = one_line_error(capsys, ["query", "a dog", "--index", str(not_an_index)])
         assert f"{not_an_index} is not a search index" in line and "pickle" not in line and "Error" not in line
     assert "--index" in one_line_error(capsys, ["index", str(papers), "--checkpoint", checkpoint])
-    assert "not both" in one_line_error(capsys, ["query", "a dog", "--video", "x.mp4", "--index", str(index)])
+    assert "one thing to search for" in one_line_error(capsys, ["query", "a dog", "--video", "x.mp4", "--index",
+                                                                str(index)])
     assert "--video" in one_line_error(capsys, ["query", "a dog", "--captions", "c.txt", "--index", str(index)])
     line = one_line_error(capsys, ["query", "--captions", "c.txt", "--index", str(index)])
     assert "--captions c.txt ranks captions for a video: give --video FILE too" in line and "both" not in line
@@ -464,26 +572,141 @@ def test_folders_without_videos_and_bad_queries_are_one_line(trained, tmp_path, 
 
 # -- the pieces -------------------------------------------------------------------------------------------
 
-def test_top_k_is_exact_chunked_and_skips_dead_rows():
+def brute_force(queries, stored, k, norms=None, live=None):
+    """What top_k must return: every row scored in float32 (the float16 row times the query, over its length),
+    unrankable rows (dead, or a length that is not a positive finite number) left out, best first, a tie to the
+    lower row; as many hits for each query as rows can be ranked, at most k."""
+    rows = torch.from_numpy(np.asarray(stored)).float()  # (N, E)
+    lengths = torch.from_numpy(norms) if norms is not None else torch.ones(len(rows))
+    scores = (queries.float() @ rows.T / lengths).numpy()  # (Q, N)
+    rankable = ((live if live is not None else True) & np.isfinite(lengths.numpy()) & (lengths.numpy() > 0)
+                & np.isfinite(scores).all(axis=0))  # (N,)
+    best = [[row for row in np.lexsort((np.arange(len(rows)), -query_scores)) if rankable[row]][:k]
+            for query_scores in scores]  # by score, then by row
+    return torch.from_numpy(np.array([query_scores[rows] for query_scores, rows in zip(scores, best)])), best
+
+
+def unit(rows, generator):
+    return torch.nn.functional.normalize(torch.randn(*rows, generator=generator), dim=-1)
+
+
+def test_top_k_is_exact_on_random_rows_with_dead_damaged_and_tied_rows():
     generator = torch.Generator().manual_seed(0)
-    embeddings = torch.nn.functional.normalize(torch.randn(1000, 16, generator=generator), dim=1)
-    embeddings[700] = embeddings[300]  # a tie: the lower row comes first
+    embeddings = unit((3000, 512), generator)
+    queries = unit((70, 512), generator)
+    embeddings[2000] = embeddings[1000] = embeddings[10]  # ties, in three chunks at 1000, 333 or 64 rows a chunk
+    queries[1] = embeddings[10]  # ... at the top for query 1
     stored = embeddings.to(torch.float16).numpy()
-    queries = torch.nn.functional.normalize(torch.randn(3, 16, generator=generator), dim=1)
-    queries[2] = embeddings[300]
-    live = np.ones(1000, bool)
-    live[[5, 299]] = False
-    norms = torch.from_numpy(stored).float().norm(dim=1).numpy()  # (1000,) 1 +- 1e-3 after float16 rounding
-    dense = (queries @ torch.from_numpy(stored).float().T / torch.from_numpy(norms)).tolist()  # (3, 1000)
-    expected = [sorted((row for row in range(1000) if live[row]), key=lambda row: (-scores[row], row))[:10]
-                for scores in dense]
-    for rows_per_chunk in (1000, 64, 7):
-        scores, rows = search.top_k(queries, stored, 10, norms=norms, live=live, rows_per_chunk=rows_per_chunk)
-        assert rows.tolist() == expected and rows[2, :2].tolist() == [300, 700]
-        expected_scores = torch.tensor([[dense[q][row] for row in expected[q]] for q in range(3)])
+    stored[[20, 2999]] = np.nan  # damaged rows: a NaN ...
+    stored[30, 5] = np.inf  # ... or an inf in them
+    norms = np.linalg.norm(stored.astype(np.float32), axis=1)  # NaN and inf there: what an index stores
+    stored[40, 7] = np.nan  # a row damaged after its length was taken: its length does not tell
+    live = np.ones(3000, bool)
+    live[[5, 1000, 2500]] = False  # dead rows (one of the ties among them)
+    for count in (1, 3, 70):
+        expected_scores, expected_rows = brute_force(queries[:count], stored, 10, norms, live)
+        for rows_per_chunk in (3000, 1000, 333, 64):
+            scores, rows = search.top_k(queries[:count], stored, 10, norms=norms, live=live,
+                                        rows_per_chunk=rows_per_chunk)
+            assert rows.tolist() == expected_rows, (count, rows_per_chunk)
+            torch.testing.assert_close(scores, expected_scores, atol=1e-6, rtol=0)
+    _, rows = search.top_k(queries[1:2], stored, 3, norms=norms, live=live, rows_per_chunk=64)
+    assert rows.tolist()[0][:2] == [10, 2000]  # the tie, to the lower row; 1000 is dead
+    assert not {5, 20, 30, 40, 1000, 2500, 2999} & set(search.top_k(queries, stored, 3000, norms=norms,
+                                                                       live=live)[1].flatten().tolist())
+
+
+def test_top_k_returns_every_rankable_row_when_k_is_larger():
+    generator = torch.Generator().manual_seed(1)
+    stored = unit((50, 64), generator).to(torch.float16).numpy()
+    queries = unit((4, 64), generator)
+    stored[3] = np.nan
+    norms = np.linalg.norm(stored.astype(np.float32), axis=1)
+    live = np.arange(50) % 4 != 0  # 37 live rows, one of them damaged: 36 can be ranked
+    for rows_per_chunk in (50, 16, 1):
+        scores, rows = search.top_k(queries, stored, 1000, norms=norms, live=live, rows_per_chunk=rows_per_chunk)
+        expected_scores, expected_rows = brute_force(queries, stored, 1000, norms, live)
+        assert rows.shape == (4, 36) and rows.tolist() == expected_rows
         torch.testing.assert_close(scores, expected_scores, atol=1e-6, rtol=0)
-    scores, rows = search.top_k(queries, stored[:4], 10, norms=norms[:4], live=np.array([True, False, True, True]))
-    assert scores.shape == (3, 3) and all(1 not in query_rows for query_rows in rows.tolist())
+    scores, rows = search.top_k(queries, stored, 5, norms=norms, live=np.zeros(50, bool))
+    assert scores.shape == rows.shape == (4, 0)
+    scores, rows = search.top_k(queries, stored[:0], 5, norms=norms[:0], live=live[:0])
+    assert scores.shape == rows.shape == (4, 0)
+
+
+def test_top_k_rescoring_in_float32_finds_what_the_float16_product_alone_misranks(monkeypatch):
+    """Rows whose cosines differ by less than float16 can tell, half of them leaning towards the side the query
+    loses by its rounding to float16: the float16 product alone ranks them wrongly; top_k ranks them exactly,
+    and would not with no margin around the float16 scores."""
+    generator = torch.Generator().manual_seed(2)
+    query = unit((1, 512), generator)  # (1, E)
+    lost = query.half().float() - query  # what rounding the query to float16 changes
+    lean = torch.nn.functional.normalize(lost - (lost @ query.T) * query, dim=1)  # (1, E), orthogonal to the query
+    other = torch.randn(1, 512, generator=generator)
+    other = torch.nn.functional.normalize(other - (other @ query.T) * query - (other @ lean.T) * lean, dim=1)
+    closeness = 0.6 + 2e-3 * torch.rand(4000, 1, generator=generator)  # cosines 0.6 to 0.602 ...
+    leaning = torch.randint(0, 2, (4000, 1), generator=generator) * 2 - 1  # ... float16 moves by about +-3e-4
+    stored = (closeness * query + leaning * lean + 0.8 * other).to(torch.float16).numpy()  # (N, E), lengths ~1.4
+    norms = np.linalg.norm(stored.astype(np.float32), axis=1)
+    expected_scores, expected_rows = brute_force(query, stored, 10, norms)
+    rough = (torch.from_numpy(stored) @ query.half().T)[:, 0].float() / torch.from_numpy(norms)
+    assert rough.topk(10).indices.tolist() != expected_rows[0]  # float16 alone misranks these rows
+    for rows_per_chunk in (4000, 500):
+        scores, rows = search.top_k(query, stored, 10, norms=norms, rows_per_chunk=rows_per_chunk)
+        assert rows.tolist() == expected_rows
+        torch.testing.assert_close(scores, expected_scores, atol=1e-6, rtol=0)
+    monkeypatch.setattr(search, "_float16_margin", lambda queries: np.zeros(len(queries)))
+    assert search.top_k(query, stored, 10, norms=norms, rows_per_chunk=500)[1].tolist() != expected_rows
+
+
+def test_a_float16_product_sums_in_float32_within_the_margin_top_k_allows():
+    """top_k's margin holds only if torch sums float16 products in float32 on the CPU. Rows built so that a
+    float16 sum would show: a first product of 1, then 511 small ones with bits below float16's step at 1."""
+    generator = torch.Generator().manual_seed(3)
+    for count in (1, 10):
+        rows = torch.rand(4096, 512, generator=generator) * 2 ** -5 - 2 ** -6  # (N, E), products ~2^-13
+        rows[:, 0] = 1
+        queries = torch.rand(count, 512, generator=generator) * 2 - 1  # (Q, E)
+        queries[:, 0] = 1
+        rows, queries = rows.half(), queries.half()
+        exact = rows.double() @ queries.double().T  # (N, Q)
+        product = (rows @ queries.T).double()  # (N, Q): rounded once, to float16, from a float32 sum
+        sum_error = 1.01 * 512 * 2 ** -24 * (rows.double().abs() @ queries.double().abs().T)  # of a float32 sum
+        error = (product - exact).abs() / (exact.abs() * 2 ** -11 + sum_error)  # (N, Q), at most 1
+        assert float(error.max()) <= 1  # a float16 sum would be off by many float16 steps
+    # The margin, for unit rows and queries of this size, covers the query's rounding as well, twice over.
+    unit_queries = unit((5, 512), generator)
+    margin = search._float16_margin(unit_queries)
+    assert margin.shape == (5,) and bool((margin > 2 * (2 * 2 ** -11 + 512 * 2 ** -24)).all())
+    assert search._float16_margin(unit_queries * 3) is None and search._float16_margin(unit_queries * np.nan) is None
+
+
+def test_top_k_scores_in_float32_where_the_float16_margin_does_not_hold():
+    """Without the rows' lengths, or for queries far from unit length, every row is scored in float32 (the path
+    other devices take too); rows of unusual length among unit ones are scored in float32 whatever their
+    float16 score. The same exact answer each way."""
+    generator = torch.Generator().manual_seed(4)
+    stored = unit((300, 32), generator).to(torch.float16).numpy()
+    stored[7] = np.nan
+    queries = unit((3, 32), generator)
+    queries[2] = torch.from_numpy(stored[100]).float()
+    for rows_per_chunk in (300, 13):
+        scores, rows = search.top_k(queries, stored, 10, rows_per_chunk=rows_per_chunk)
+        expected_scores, expected_rows = brute_force(queries, stored, 10)
+        assert rows.tolist() == expected_rows and rows[2, 0] == 100
+        torch.testing.assert_close(scores, expected_scores, atol=1e-6, rtol=0)
+    stored[[50, 60]] *= np.float16(8)  # lengths of 8: outside what the float16 margin covers
+    stored[70] *= np.float16(0.1)
+    norms = np.linalg.norm(stored.astype(np.float32), axis=1)
+    for some_queries in (queries, 3 * queries):  # 3: queries too long for the float16 margin
+        for rows_per_chunk in (300, 13):
+            scores, rows = search.top_k(some_queries, stored, 10, norms=norms, rows_per_chunk=rows_per_chunk)
+            expected_scores, expected_rows = brute_force(some_queries, stored, 10, norms)
+            assert rows.tolist() == expected_rows
+            torch.testing.assert_close(scores, expected_scores, atol=1e-5, rtol=0)
+    _, rows = search.top_k(torch.from_numpy(stored[[50, 70]]).float() / torch.from_numpy(norms[[50, 70], None]), stored,
+                           1, norms=norms)
+    assert rows.tolist() == [[50], [70]]  # each long or short row found by its own direction
 
 
 def test_bf16_precision_indexes_close_to_fp32(test_index, trained, model, tmp_path):
@@ -590,6 +813,40 @@ def test_a_video_query_leaves_the_video_itself_out_and_says_so(test_index, train
     rows = shown.out.strip().splitlines()
     assert len(rows) == len(clips) - 1 and str(clips[0]) not in shown.out
     assert f"the query video itself is left out of the {len(clips) - 1} hits" in shown.err
+
+
+def test_the_search_at_scale_page_runs_as_shown(model, tmp_path, capsys):
+    """docs/search_at_scale.md's code, every block in order, on an index of 3,000 videos made by this test's model
+    (random embeddings): FAISS's IVF and HNSW built from the index's rows, their recall@10 against top_k, and an
+    IVF index answering from disk with the index's paths."""
+    pytest.importorskip("faiss", reason="faiss-cpu is optional (pip install faiss-cpu): the page needs it")
+    index = tmp_path / "my.index"
+    generator = torch.Generator().manual_seed(5)
+    with video_index.IndexWriter(index, search.VideoSearch(model).model_record(), 32) as writer:
+        paths = [f"/videos/{row:04d}.mp4" for row in range(3000)]
+        writer.add(paths, [(1, 1)] * 3000, torch.nn.functional.normalize(torch.randn(3000, 32, generator=generator),
+                                                                         dim=1))
+        writer.sizes[7] = -1  # a dead row
+        writer.finish()
+    page = (REPO / "docs" / "search_at_scale.md").read_text(encoding="utf-8")
+    blocks = [block.split("```", 1)[0] for block in page.split("```python\n")[1:]]
+    assert len(blocks) == 6
+    namespace = {}
+    capsys.readouterr()
+    for block in blocks:
+        block = block.replace("my_videos.index", str(index)).replace("my_videos.ivf", str(tmp_path / "my.ivf"))
+        exec(compile(block, "docs/search_at_scale.md", "exec"), namespace)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("2,999 videos, 32-d float16")
+    recall = {line.split(":")[0]: float(line.split("recall@10 ")[1].split(",")[0]) for line in printed
+              if "recall@10" in line}
+    assert set(recall) == {"IVF, nprobe 1", "IVF, nprobe 4", "IVF, nprobe 16", "IVF, nprobe 64", "IVF, nprobe 256",
+                           "HNSW, efSearch 16", "HNSW, efSearch 64", "HNSW, efSearch 256", "HNSW, efSearch 1024"}
+    assert recall["IVF, nprobe 64"] >= 0.9  # 55 lists: every list searched, so all but float16's near-ties
+    answers = printed[-5:]
+    assert all(line.split()[1] in paths[:7] + paths[8:] for line in answers)  # the index's own paths
+    assert [float(line.split()[0]) for line in answers] == sorted((float(line.split()[0]) for line in answers),
+                                                                  reverse=True)
 
 
 # -- a video has one name; an index stays whole; a model's name stays a name -------------------------------
