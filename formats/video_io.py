@@ -510,7 +510,7 @@ _TRACKER = None  # the resource tracker's Popen, when start_resource_tracker_apa
 
 
 def start_resource_tracker_apart() -> None:
-    """Start multiprocessing's resource tracker, if it is not running yet, in a session of its own.
+    """Start multiprocessing's resource tracker, if it is not running yet, in its own process session.
 
     Worker processes started by a fork server (DataLoader workers, `map_in_processes`) share their queues' locks
     through named POSIX semaphores (/dev/shm/sem.mp-*), which only the resource tracker removes when the program
