@@ -245,8 +245,8 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
 
     `name_or_path`: one of OpenAI's model names (downloaded once, SHA-256 checked), or a weights file or folder
     in any format formats/clip_weights.py reads (OpenAI's release, a state dict, transformers, open_clip); no
-    file runs code. `activation` ("quick_gelu" or "gelu") is for weights without a config (a state dict); a config that
-    names another activation is an error. `sha256`, if given, must be the weights' digest.
+    file runs code. `activation` ("quick_gelu" or "gelu") is for weights without a config (a state dict); a
+    config that names another activation is an error. `sha256`, if given, must be the weights' digest.
 
     The model's `source` says what was loaded, in plain str values that rebuild the same backbone:
         {"clip": the model name, or the absolute path asked for (a file or a folder),
@@ -263,19 +263,17 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
     if sha256 is not None and sha256 != weights.sha256:
         raise WeightsError(f"{weights.path}: SHA-256 {weights.sha256} is not the {sha256} expected (recorded when "
                            f"the checkpoint was trained): these are other weights")
-    config = dict(weights.config)
-    if activation is not None:
-        if config.get("activation", activation) != activation:
-            raise WeightsError(f"{weights.path}: activation {activation!r} was asked for, but "
-                               f"{weights.config_path or 'OpenAI'} says {config['activation']!r}; drop the "
-                               f"activation (it is only for weights that carry no config)")
-        config["activation"] = activation
-    return from_weights(weights, **config).to(device)
+    if activation is not None and weights.config.get("activation", activation) != activation:
+        raise WeightsError(f"{weights.path}: activation {activation!r} was asked for, but "
+                           f"{weights.config_path or 'OpenAI'} says {weights.config['activation']!r}; drop the "
+                           f"activation (it is only for weights that carry no config)")
+    return from_weights(weights, **({"activation": activation} if activation else {})).to(device)
 
 
 def from_weights(weights, **config) -> CLIP:
     """build_model on read weights (formats/clip_weights.py's Weights: tensors under OpenAI's names and where
-    they came from), recording that origin as the model's `source` (see `load`). An error names the file."""
+    they came from), with `config` over the weights' own; the origin is kept as the model's `source` (see
+    `load`). An error names the file."""
     try:
         model = build_model(weights.state_dict, **{**weights.config, **config})
     except WeightsError as error:

@@ -386,8 +386,7 @@ def build_dataset(name: str, root, split: str, num_frames: int = 12, image_size:
     middles + center crop. The synthetic world's augmentation is off by default, because a flip would swap
     "left" and "right" in its captions; `hflip=False` keeps the other augmentation and leaves out the flip
     (train.py --no-flip) for other captions that name directions. `frame_store`: a
-    machinery.frame_store.FrameStore, or None
-    to decode every visit. `len()` needs no decoding.
+    machinery.frame_store.FrameStore, or None to decode every visit. `len()` needs no decoding.
     """
     annotations = read_annotations(name, root, split, video_dir, skip_missing)
     train = (split == "train") if train is None else train
@@ -450,8 +449,9 @@ def make_loader(dataset, batch_size: int, num_workers: int | None = None, **kwar
     num_workers = default_num_workers() if num_workers is None else num_workers
     if num_workers > 0:
         kwargs = {"persistent_workers": True, "prefetch_factor": 2, **kwargs}
-        if worker_start_method() is not None:
-            kwargs.setdefault("multiprocessing_context", worker_start_method())
+        start_method = worker_start_method()
+        if start_method is not None:
+            kwargs.setdefault("multiprocessing_context", start_method)
         start_resource_tracker_apart()
     return _VideoLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         worker_init_fn=functools.partial(worker_init_fn, main_process=os.getpid()), **kwargs)

@@ -27,10 +27,9 @@ import data
 import evaluate
 from machinery import runs
 import train
-from utils.cli import (build_parser, check_config, flag_errors, resolve_device, resolve_precision, run_command)
+from utils.cli import build_parser, check_config, resolve_device, resolve_precision, run_command
 from machinery.figures import draw_comparison
 from utils.files import atomic_write, read_torch_file, temporary_path
-from formats.clip_weights import OPENAI_MODELS
 from formats.video_io import write_video
 from vop import VoP, VoPConfig, parse_video_prompts
 
@@ -249,14 +248,9 @@ def check_settings(config: train.TrainConfig) -> None:
     trained: each flag's value, the video prompts and the model's settings, the device and precision, a
     --clip or --resume that does not exist."""
     check_config(config)
-    with flag_errors(video_prompts="prompts"):
-        VoPConfig(config.prompts, num_frames=config.num_frames, tune=config.tune,
-                  num_text_prompts=config.num_text_prompts, num_visual_prompts=config.num_visual_prompts,
-                  video_prompt_length=config.video_prompt_length, fn_layers=config.fn_layers)
+    train.vop_config(config)
     resolve_precision(config.precision, resolve_device(config.device))
-    for flag, path in (("--clip", config.clip), ("--resume", config.resume)):
-        if path and path != "auto" and path not in OPENAI_MODELS and not Path(path).expanduser().exists():
-            raise FileNotFoundError(f"{flag} {path} does not exist")
+    runs.check_named_files(config.clip, config.resume)
 
 
 def run(overrides: dict, evaluate_before: bool = True) -> dict:

@@ -146,13 +146,18 @@ def training_step(model: VoP, optimizer, scaler, batch: dict, lr: float, grad_cl
     return loss.detach(), grad_norm
 
 
+def vop_config(config: TrainConfig) -> VoPConfig:
+    """What the model computes, from the flags; a bad value is a one-line error naming its flag."""
+    with flag_errors(video_prompts="prompts"):
+        return VoPConfig(config.prompts, num_frames=config.num_frames, tune=config.tune,
+                         num_text_prompts=config.num_text_prompts, num_visual_prompts=config.num_visual_prompts,
+                         video_prompt_length=config.video_prompt_length, fn_layers=config.fn_layers)
+
+
 def train(config: TrainConfig) -> dict:
     """Train, saving and then evaluating after each epoch; return the last evaluation."""
     check_config(config)
-    with flag_errors(video_prompts="prompts"):  # a bad value names its flag
-        model_config = VoPConfig(config.prompts, num_frames=config.num_frames, tune=config.tune,
-                                 num_text_prompts=config.num_text_prompts, num_visual_prompts=config.num_visual_prompts,
-                                 video_prompt_length=config.video_prompt_length, fn_layers=config.fn_layers)
+    model_config = vop_config(config)
     rank, world_size, device = distributed.setup(resolve_device(config.device))  # (0, 1, device) without torchrun
     amp_dtype = resolve_precision(config.precision, device)  # None: float32
     with Run(config, model_config.video_prompts, rank, world_size) as run:  # holds out_dir until the run ends

@@ -253,14 +253,19 @@ def check_flags(config, world_size: int) -> None:
         raise ConfigError(f"--data-root {config.data_root} does not exist: pass {what} (docs/data.md shows each "
                           f"layout); to try VoP with no weights and no data, run the demo: python demo.py --prompts "
                           f"pos,ctx")
-    if str(config.clip) not in OPENAI_MODELS and not Path(config.clip).expanduser().exists():
-        raise FileNotFoundError(f"--clip {config.clip} does not exist: pass a model name "
-                                f"({', '.join(OPENAI_MODELS)}), or a weights file or folder")
-    if config.resume not in (None, "auto") and not Path(config.resume).expanduser().is_file():
-        raise FileNotFoundError(f"--resume {config.resume} does not exist: pass a checkpoint file (a run's last.pt), "
-                                f"or --resume auto for out_dir/last.pt")
+    check_named_files(config.clip, config.resume)
     if config.batch_size % world_size:
         raise ConfigError(f"--batch-size {config.batch_size} must divide evenly over {world_size} processes")
+
+
+def check_named_files(clip, resume) -> None:
+    """A --clip (not an OpenAI model name) or --resume (not auto) that does not exist; None or "" names none."""
+    if clip and str(clip) not in OPENAI_MODELS and not Path(clip).expanduser().exists():
+        raise FileNotFoundError(f"--clip {clip} does not exist: pass a model name ({', '.join(OPENAI_MODELS)}), "
+                                f"or a weights file or folder")
+    if resume and resume != "auto" and not Path(resume).expanduser().is_file():
+        raise FileNotFoundError(f"--resume {resume} does not exist: pass a checkpoint file (a run's last.pt), or "
+                                f"--resume auto for out_dir/last.pt")
 
 
 def check_data(config, trains: bool) -> None:
