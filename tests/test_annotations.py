@@ -172,7 +172,8 @@ def test_csv_with_a_byte_order_mark(tmp_path, tiny_video):
 def test_missing_data_root_is_named_before_anything_else(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         annotations.read_annotations("msrvtt-9k", tmp_path / "nowhere", "train")
-    with pytest.raises(annotations.AnnotationError, match="msrvtt-9k"):  # the unknown name is met with the list of known ones
+    # the unknown name is met with the list of known ones
+    with pytest.raises(annotations.AnnotationError, match="msrvtt-9k"):
         annotations.read_annotations("msr-vtt", tmp_path, "train")
 
 

@@ -171,7 +171,8 @@ def test_source_is_plain_data_that_rebuilds_the_same_model(tmp_path, release_sta
         assert source["format"] == fmt and source["path"] == str(Path(name).absolute())
         assert source["sha256"] == clip_weights.file_sha256(Path(name))
         again = load(source["clip"], activation=source["activation"], sha256=source["sha256"])
-        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+        pairs = zip(model.state_dict().values(), again.state_dict().values(), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_other_weights_than_recorded_are_refused(tmp_path):

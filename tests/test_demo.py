@@ -26,7 +26,8 @@ def test_demo_runs_end_to_end_and_caches_its_clip(tmp_path, monkeypatch, capsys)
     assert f"wrote {tmp_path / 'run' / 'curves.png'}" in output or "matplotlib is not installed" in output
     assert demo.clip_model.load(link).config.vision_width == 128
 
-    demo.run({"prompts": "fn", "out_dir": str(tmp_path / "run2")}, evaluate_before=False)  # the second run reuses the pretrained tiny CLIP
+    # the second run reuses the pretrained tiny CLIP
+    demo.run({"prompts": "fn", "out_dir": str(tmp_path / "run2")}, evaluate_before=False)
     assert "using the tiny CLIP pretrained earlier" in capsys.readouterr().out
 
 

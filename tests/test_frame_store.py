@@ -337,7 +337,8 @@ frame_store.decode_frames = lambda *args, **kwargs: decoded.append(args[0]) or r
 dataset = data.build_dataset("csv", {str(tmp_path / "d.csv")!r}, "train", train=True, num_frames=4, image_size=32)
 resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
 try:
-    frame_store.FrameStore({str(tmp_path / "store")!r}, data.FRAME_RULE).build(dataset, num_workers=0, log=lambda line: None)
+    frame_store.FrameStore({str(tmp_path / "store")!r}, data.FRAME_RULE).build(dataset, num_workers=0,
+                                                                              log=lambda line: None)
 except frame_store.FrameStoreError as error:
     print(error)
 print(len(decoded))

@@ -1018,7 +1018,8 @@ def test_a_named_pipe_among_the_videos_is_listed_as_unreadable_and_never_waited_
     copy_clips(trained[1], folder, 2)
     os.mkfifo(folder / "pipe.mp4")  # opening it would wait for a writer for ever
     index = tmp_path / "x.index"
-    code = (f"import search; from utils import cli; cli.run_command(search.main, ['index', {str(folder)!r}, '--checkpoint', "
+    code = (f"import search; from utils import cli; "
+            f"cli.run_command(search.main, ['index', {str(folder)!r}, '--checkpoint', "
             f"{str(trained[0])!r}, '--index', {str(index)!r}, '--num-workers', '0'], 'search.py')")
     running = start_python(code, REPO)
     try:
