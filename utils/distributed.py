@@ -6,6 +6,7 @@ is the paper's path stays in train.py: `gather_with_grad` (the loss contrasts th
 gradient is summed. One process per GPU; the process group serves CPU tensors with gloo and CUDA tensors
 with NCCL, so a collective never fails on which device a small bookkeeping tensor lives on.
 """
+import atexit
 import os
 from datetime import timedelta
 
@@ -32,10 +33,18 @@ def setup(device: torch.device) -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         # A generous timeout: rank 0 may probe videos or build the frame store while the others wait.
         dist.init_process_group(backend_for(device), timeout=timedelta(hours=2))
+        # Left to the interpreter's exit, the group's threads can be torn down while still joinable, which
+        # aborts the process (SIGABRT, "terminate called without an active exception") after its work is done.
+        atexit.register(_leave_process_group)
     if device.type == "cuda":
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _leave_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_and_world_size() -> tuple[int, int]:
