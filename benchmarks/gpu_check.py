@@ -107,6 +107,7 @@ def _record():
         if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
             record["backend"] = str(torch.distributed.get_backend())
             record["world_size"] = torch.distributed.get_world_size()
+        record.update(_group)  # a group left before this ran (utils/distributed.py leaves it at exit)
     except Exception as error:  # noqa: BLE001 -- a measurement must never change how the command ends
         record["error"] = repr(error)
     folder = os.environ.get("GPU_CHECK_MEMORY_DIR")
@@ -115,7 +116,27 @@ def _record():
             json.dump(record, handle)
 
 
+_group = {}
+
+
+def _remember_the_group():
+    """The project leaves its process group at exit, before `_record` runs: note its backend then."""
+    import torch.distributed as dist
+    leave = dist.destroy_process_group
+
+    def remembered(*args, **kwargs):
+        if dist.is_initialized():
+            _group.update(backend=str(dist.get_backend()), world_size=dist.get_world_size())
+        return leave(*args, **kwargs)
+    dist.destroy_process_group = remembered
+
+
 atexit.register(_record)
+if sys.argv and os.path.basename(sys.argv[0]) in ("train.py", "evaluate.py", "search.py"):
+    try:
+        _remember_the_group()
+    except Exception:  # noqa: BLE001 -- a measurement must never change how the command runs
+        pass
 _here = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.machinery.PathFinder.find_spec(
     "sitecustomize", [p for p in sys.path if os.path.abspath(p or ".") != _here])
