@@ -27,7 +27,7 @@ import data
 import evaluate
 from machinery import runs
 import train
-from utils.cli import build_parser, check_config, resolve_device, resolve_precision, run_command
+from utils.cli import build_parser, resolve_device, resolve_precision, run_command
 from machinery.figures import draw_comparison
 from utils.files import atomic_write, read_torch_file, temporary_path
 from formats.video_io import write_video
@@ -245,9 +245,8 @@ def link_tiny_clip(path: Path) -> Path:
 
 def check_settings(config: train.TrainConfig) -> None:
     """What train.py would refuse in the demo's settings, refused before the world is built or anything is
-    trained: each flag's value, the video prompts and the model's settings, the device and precision, a
-    --clip or --resume that does not exist."""
-    check_config(config)
+    trained: the video prompts and the model's settings, the device and precision, a --clip or --resume that
+    does not exist (each flag's own check runs as the TrainConfig is made)."""
     train.vop_config(config)
     resolve_precision(config.precision, resolve_device(config.device))
     runs.check_named_files(config.clip, config.resume)

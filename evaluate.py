@@ -44,8 +44,8 @@ from formats import clip_weights
 import data
 from utils import distributed
 from formats.annotations import DATASET_NAMES
-from utils.cli import (PRECISIONS, ConfigError, at_least, greater_than, option, parse_config, resolve_device,
-                 resolve_precision, run_command)
+from utils.cli import (PRECISIONS, ConfigError, Options, at_least, greater_than, option, parse_config,
+                       resolve_device, resolve_precision, run_command)
 from machinery.figures import draw_examples
 from machinery.frame_store import FrameStore
 from utils.progress import Progress
@@ -387,7 +387,7 @@ def load_model_from_checkpoint(path, device="cpu", clip=None) -> tuple[VoP, dict
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Options):
     """Everything evaluate.py's command line can set; each field is the flag --field-name."""
     checkpoint: str | None = option(None, "a train.py checkpoint (e.g. runs/msrvtt-9k/vop/last.pt), or the authors' "
                                           "released model folder (configuration.json + VoP_msrvtt9k.pth)")

@@ -52,8 +52,8 @@ import data
 from utils import distributed
 import evaluate
 from formats.annotations import VIDEO_SUFFIXES, walk_folders
-from utils.cli import (PRECISIONS, ConfigError, at_least, option, parse_config, resolve_device, resolve_precision,
-                       run_command)
+from utils.cli import (PRECISIONS, ConfigError, Options, at_least, option, parse_config, resolve_device,
+                       resolve_precision, run_command)
 from utils.errors import Stopped, UserError
 from utils.files import atomic_write, printable
 from utils.progress import Progress
@@ -635,7 +635,7 @@ def check_page_path(path, index=None) -> None:
 
 
 @dataclass
-class ModelOptions:
+class ModelOptions(Options):
     """The flags both commands share: the model, and where and how it runs."""
     checkpoint: str | None = option(None, "the model: a train.py checkpoint (e.g. runs/demo/last.pt); for query, "
                                           "if not the one the index recorded")

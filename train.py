@@ -25,8 +25,8 @@ import torch.nn.functional as F
 import data
 from utils import distributed
 from formats.annotations import DATASET_NAMES
-from utils.cli import (PRECISIONS, at_least, between, check_config, flag_errors, greater_than, option, parse_config,
-                 resolve_device, resolve_precision, run_command)
+from utils.cli import (PRECISIONS, Options, at_least, between, flag_errors, greater_than, option, parse_config,
+                       resolve_device, resolve_precision, run_command)
 from clip_model import load as load_clip
 from evaluate import evaluate, format_results
 from utils.errors import TrainingDiverged
@@ -40,7 +40,7 @@ DEFAULT_LR = {"prompts": 1e-3, "full": 1e-6, "partial": 1e-5, "bias": 1e-4, "pro
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Options):
     """Everything train.py's command line can set; each field is the flag --field-name. Defaults: the paper's."""
     clip: str = option("ViT-B/32", "CLIP: an OpenAI name (ViT-B/32, ViT-B/16, ViT-L/14, ...) or a weights file/folder "
                        "(OpenAI release, state dict, Hugging Face transformers folder, open_clip checkpoint)")
@@ -156,8 +156,7 @@ def vop_config(config: TrainConfig) -> VoPConfig:
 
 def train(config: TrainConfig) -> dict:
     """Train, saving and then evaluating after each epoch; return the last evaluation."""
-    check_config(config)
-    model_config = vop_config(config)
+    model_config = vop_config(config)  # each flag's own check ran as `config` was made (utils.cli.Options)
     rank, world_size, device = distributed.setup(resolve_device(config.device))  # (0, 1, device) without torchrun
     amp_dtype = resolve_precision(config.precision, device)  # None: float32
     with Run(config, model_config.video_prompts, rank, world_size) as run:  # holds out_dir until the run ends

@@ -38,9 +38,9 @@ class Run:
 
     def __init__(self, config, video_prompts: tuple = (), rank: int = 0, world_size: int = 1):
         self.config, self.rank, self.world_size = config, rank, world_size
+        self.out_dir = Path(config.out_dir or default_out_dir(config.data, config.tune, video_prompts))
         check_flags(config, world_size)  # before any folder is made or anything downloaded
         check_data(config, self.trains)  # before an earlier run's files are deleted (--overwrite)
-        self.out_dir = Path(config.out_dir or default_out_dir(config.data, config.tune, video_prompts))
         self.checkpoint_path = self.out_dir / "last.pt"
         self.num_workers = config.num_workers if config.num_workers is not None else video_io.default_num_workers(
             distributed.processes_per_machine())

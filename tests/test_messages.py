@@ -142,6 +142,24 @@ def test_video_prompts_on_a_baseline_name_the_flags():
     assert "--prompts: pos need tune 'prompts', not 'full'" in line
 
 
+def test_a_bad_value_is_refused_as_the_config_is_made_naming_its_flag(capsys):
+    # In Python (the API, the demo) as on the command line: a config that exists holds valid values.
+    with pytest.raises(cli.ConfigError, match=r"^--epochs: must be >= 0, got -1$"):
+        train.TrainConfig(epochs=-1)
+    with pytest.raises(cli.ConfigError, match=r"^--data: must be one of .*got 'kinetics'$"):
+        train.TrainConfig(data="kinetics")
+    with pytest.raises(cli.ConfigError, match="--eval-batch-size"):
+        dataclasses.replace(train.TrainConfig(), eval_batch_size=0)
+    with pytest.raises(cli.ConfigError, match="--batch-size"):
+        evaluate.EvalConfig(batch_size=0)
+    with pytest.raises(cli.ConfigError, match="^-+k: must be >= 1"):
+        search.QueryConfig(k=0)
+    with pytest.raises(SystemExit) as stopped:
+        train.parse_train_config(["--warmup", "2"])
+    assert stopped.value.code == 2 and "--warmup: must be between 0 and 1, got 2.0" in capsys.readouterr().err
+    assert train.TrainConfig(lr=None, num_workers=None).lr is None  # None means "the default": not checked
+
+
 def test_the_eta_does_not_wrap_after_a_day():
     assert progress.format_duration(59) == "00:00:59"
     assert progress.format_duration(25 * 3600) == "1d 01:00:00"

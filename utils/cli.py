@@ -1,9 +1,9 @@
 """Command-line plumbing for the scripts: a config dataclass becomes argparse flags, every flag is checked before
 any work starts, and expected user errors print as one line instead of a traceback.
 
-Skip on a first reading. Each config field is declared with `option(default, help, check=..., choices=...)`;
-`parse_config` builds the parser, parses, and refuses a bad value with argparse's one-line error naming the
-flag (exit status 2). `run_command` runs a script's main() and turns the errors a user can fix (errors.UserError
+Skip on a first reading. Each config field is declared with `option(default, help, check=..., choices=...)` in a
+dataclass derived from `Options`, which checks every value as the config is made; `parse_config` builds the
+parser, parses, and refuses a bad value with argparse's one-line error naming the flag (exit status 2). `run_command` runs a script's main() and turns the errors a user can fix (errors.UserError
 and the file errors: a missing file, a wrong format, a mismatched checkpoint, a busy folder) into one line
 naming the thing and the fix; anything else keeps its traceback, since that is a bug to report. Ctrl-C and
 SIGTERM stop a program with one line too (what was saved, how to continue), exit status 130 / 143.
@@ -119,16 +119,23 @@ def parse_config(config_class, argv=None, description: str = "", prog: str | Non
             raise ConfigError(f"unrecognized arguments: {' '.join(extra)}; a text of several words goes in quotes, "
                               f"as one argument: \"{quoted}\"")
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    config = config_class(**vars(namespace))
     try:
-        check_config(config)
-    except ConfigError as error:
+        return config_class(**vars(namespace))
+    except ConfigError as error:  # a field's check (Options): argparse's one-line error, exit status 2
         parser.error(str(error))
-    return config
+
+
+class Options:
+    """The base of each script's config dataclass: a value that fails its field's check, or is not one of its
+    choices, is refused as the config is made, from the command line or in Python alike, so a config that exists
+    holds valid values."""
+
+    def __post_init__(self):
+        check_config(self)
 
 
 def check_config(config) -> None:
-    """The same checks for a config built in Python (tests, the demo): a ConfigError naming the field."""
+    """Each field's check and choices (`option`): a ConfigError naming the flag of the first that fails."""
     for f in dataclasses.fields(config):
         problem = _check_value(getattr(config, f.name), f.metadata.get("check"))
         if problem:
