@@ -204,9 +204,8 @@ class VoP(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, 77 - P) -> (B, E), L2-normalised
         clip, blocks = self.clip, self.clip.transformer.resblocks
-        tokens = self._cut_padding(tokens)  # (B, L), L = the batch's last [EOT] + 1 <= 77 - P
         B, P = len(tokens), self.text_prompts.num_tokens
-        x = clip.token_embedding(tokens)  # (B, L, D)
+        x = clip.token_embedding(self._cut_padding(tokens))  # (B, L, D), L = the batch's last [EOT] + 1 <= 77 - P
         # Layer 0: the prompts enter after [SOS], *before* the positional embedding: 77 positions in all.
         x = insert_prompts(x, self.text_prompts(0).expand(B, -1, -1), after=1)  # (B, P + L, D)
         x = x + clip.positional_embedding[: x.shape[1]].to(x.dtype)
