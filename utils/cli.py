@@ -3,10 +3,11 @@ any work starts, and expected user errors print as one line instead of a traceba
 
 Skip on a first reading. Each config field is declared with `option(default, help, check=..., choices=...)` in a
 dataclass derived from `Options`, which checks every value as the config is made; `parse_config` builds the
-parser, parses, and refuses a bad value with argparse's one-line error naming the flag (exit status 2). `run_command` runs a script's main() and turns the errors a user can fix (errors.UserError
-and the file errors: a missing file, a wrong format, a mismatched checkpoint, a busy folder) into one line
-naming the thing and the fix; anything else keeps its traceback, since that is a bug to report. Ctrl-C and
-SIGTERM stop a program with one line too (what was saved, how to continue), exit status 130 / 143.
+parser, parses, and refuses a bad value with argparse's one-line error naming the flag (exit status 2).
+`run_command` runs a script's main() and turns the errors a user can fix (errors.UserError and the file errors:
+a missing file, a wrong format, a mismatched checkpoint, a busy folder) into one line naming the thing and the
+fix; anything else keeps its traceback, since that is a bug to report. Ctrl-C and SIGTERM stop a program with
+one line too (what was saved, how to continue), exit status 130 / 143.
 """
 import argparse
 import contextlib
