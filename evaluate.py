@@ -288,7 +288,7 @@ def _score_device(score_device, embeddings: torch.Tensor) -> torch.device:
 
 
 def score_chunks(queries: torch.Tensor, candidates: torch.Tensor, chunk_size: int | None = None,
-                      dsl: bool = False, temperature: float = 100.0, score_device=None):
+                 dsl: bool = False, temperature: float = 100.0, score_device=None):
     """Yield (start, scores (rows, C)) for consecutive chunks of at most `chunk_size` query rows (default: about
     SCORES_PER_CHUNK scores a chunk): cosine similarities, or with `dsl` the dual-softmax scores
     sims * softmax(sims * temperature, over all Q queries). The chunks are computed on `score_device`
