@@ -448,10 +448,10 @@ def main():
         print("\n3. bf16 autocast against fp32", flush=True)
         precisions(Path(args.checkpoint) if args.checkpoint else demo_checkpoint(out), out)
     if "4" in args.parts:
-        for data in args.at_scale.split(","):
-            print(f"\n4. past an exact scan: docs/search_at_scale.md on {args.rows:,} synthetic videos ({data})",
+        for collection in args.at_scale.split(","):
+            print(f"\n4. past an exact scan: docs/search_at_scale.md on {args.rows:,} synthetic videos ({collection})",
                   flush=True)
-            search_at_scale(out, args.rows, data == "topics")
+            search_at_scale(out, args.rows, collection == "topics")
 
 
 if __name__ == "__main__":
